@@ -1,0 +1,141 @@
+"""The one place that touches a Hugging Face model: run layers i..j for some positions, and heads.
+
+Uses only the model's public submodules (embeddings, decoder layers, rotary embedding, final norm,
+LM head). No modeling code is copied and nothing on the model is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .cache import LayeredKVCache
+from .errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+class LayerModel(Protocol):
+    """What the decode loop needs from a model."""
+
+    num_layers: int
+    vocab_size: int
+
+    def new_cache(self, max_length: int) -> LayeredKVCache: ...
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, start: int, cache: LayeredKVCache) -> torch.Tensor: ...
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor: ...
+
+
+class HFCausalLM:
+    """LayerModel over a transformers *ForCausalLM of a supported architecture (decoder-only, RoPE)."""
+
+    def __init__(self, model: torch.nn.Module, exit_head=None) -> None:
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(
+                f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model
+        self.config = config
+        body = model.model
+        self._embed = body.embed_tokens
+        self._layers = list(body.layers)
+        self._norm = body.norm
+        self._rotary = body.rotary_emb
+        self._lm_head = model.lm_head
+        self.num_layers = len(self._layers)
+        self.vocab_size = int(config.vocab_size)
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+        self._exit_head = exit_head
+        layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
+        window = getattr(config, "sliding_window", None)
+        self._layer_types = list(layer_types)
+        if model_type == "mistral":  # one window for every layer
+            self._windows = [window] * self.num_layers
+        else:
+            self._windows = [window if t == "sliding_attention" else None for t in self._layer_types]
+        self._rope_per_type = model_type == "gemma3_text"
+        self._rope: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_length = 0
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # -- positions -------------------------------------------------------------------------------
+
+    def _rope_table(self, layer_type, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if end > self._rope_length:
+            length = max(end, 2 * self._rope_length, 256)
+            positions = torch.arange(length, device=self.device)[None]
+            probe = torch.empty(1, 1, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                for t in set(self._layer_types):
+                    if self._rope_per_type:
+                        self._rope[t] = self._rotary(probe, positions, t)
+                    else:
+                        self._rope[t] = self._rotary(probe, positions)
+            self._rope_length = length
+        return self._rope[layer_type]
+
+    def _mask(self, start: int, k: int, window: int | None) -> torch.Tensor | None:
+        """Causal (and sliding-window) mask for queries start..start+k-1 over keys 0..start+k-1."""
+        if window is None and (k == 1 or start == 0) and self._sdpa:
+            return None  # plain decode step or prefill: the same path generate() takes
+        q = torch.arange(start, start + k, device=self.device)[:, None]
+        kv = torch.arange(start + k, device=self.device)[None, :]
+        allowed = kv <= q
+        if window is not None:
+            allowed = allowed & (kv > q - window)
+        if self._sdpa:
+            return allowed[None, None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    # -- LayerModel ------------------------------------------------------------------------------
+
+    def new_cache(self, max_length: int) -> LayeredKVCache:
+        return LayeredKVCache(self.num_layers, max_length)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(token_ids.view(1, -1).to(self.device))
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, start: int, cache: LayeredKVCache) -> torch.Tensor:
+        """Run decoder layer `layer` (0-based) over positions start..start+k-1 given as hidden [1, k, H]."""
+        k = hidden.shape[1]
+        end = start + k
+        layer_type = self._layer_types[layer]
+        cos, sin = self._rope_table(layer_type, end)
+        position_ids = torch.arange(start, end, device=self.device)[None]
+        return self._layers[layer](
+            hidden,
+            attention_mask=self._mask(start, k, self._windows[layer]),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            position_embeddings=(cos[:, start:end], sin[:, start:end]),
+        )
+
+    def _head(self, normed: torch.Tensor) -> torch.Tensor:
+        logits = self._lm_head(normed)
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own head: final norm, LM head, soft-capping. hidden [1, k, H] -> [k, V]."""
+        return self._head(self._norm(hidden))[0]
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Draft logits of layer `layer` (1-based): the model's head, after a fitted map if any."""
+        if self._exit_head is not None:
+            return self._exit_head(self, hidden, layer)
+        return self.final_logits(hidden)

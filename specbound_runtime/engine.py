@@ -1,0 +1,235 @@
+"""The decode loop: draft, verify in one parallel pass, keep the longest agreeing prefix.
+
+A `Sequence` holds one generation's state. Positions not yet run through every layer are
+"pending"; each keeps its hidden state at its current depth (the hidden-state cache). Depth never
+increases along the pending positions, so at any layer the positions still to run form one
+contiguous block, and each layer's KV cache is a prefix of the sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from .acceptance import Acceptance, accept
+from .adapter import LayerModel
+from .policy import ExitPolicy, decide_exit
+
+
+class Sequence:
+    """One generation: committed tokens, the layered KV cache and the pending positions."""
+
+    def __init__(self, lm: LayerModel, prompt_ids: list[int], max_length: int) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt needs at least one token")
+        self.lm = lm
+        self.tokens = list(prompt_ids)  # committed tokens (prompt and accepted output)
+        self.cache = lm.new_cache(max_length)
+        self.pending_start = 0  # position of the first pending token
+        self.pending_hidden = lm.embed(torch.tensor(prompt_ids))
+        self.pending_depth = [0] * len(prompt_ids)
+        self.drafts: list[int] = []
+        self.draft_exit_layers: list[int] = []
+
+    @property
+    def frontier_depth(self) -> int:
+        return self.pending_depth[-1]
+
+    def advance_to(self, depth: int) -> None:
+        """Run every pending position up to `depth` layers, each from where it stands."""
+        depths = self.pending_depth
+        while depths[-1] < depth:
+            layer = depths[-1]
+            first = len(depths) - 1
+            while first > 0 and depths[first - 1] == layer:
+                first -= 1
+            block = self.pending_hidden[:, first:]
+            out = self.lm.run_layer(layer, block, self.pending_start + first, self.cache)
+            self.pending_hidden[:, first:] = out
+            for i in range(first, len(depths)):
+                depths[i] = layer + 1
+
+    def frontier_hidden(self) -> torch.Tensor:
+        return self.pending_hidden[:, -1:]
+
+    def push_draft(self, token: int, exit_layer: int) -> None:
+        self.drafts.append(token)
+        self.draft_exit_layers.append(exit_layer)
+        hidden = self.lm.embed(torch.tensor([token]))
+        self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
+        self.pending_depth.append(0)
+
+    def discard_drafts(self) -> None:
+        """Drop every draft and every layer's work on pending positions; start them from depth 0."""
+        self.cache.truncate(self.pending_start)
+        self.drafts.clear()
+        self.draft_exit_layers.clear()
+        ids = self.tokens[self.pending_start :]
+        self.pending_hidden = self.lm.embed(torch.tensor(ids))
+        self.pending_depth = [0] * len(ids)
+
+    def verify_logits(self) -> torch.Tensor:
+        """Finish every pending position in one pass; the full model's logits for the draft slots."""
+        self.advance_to(self.lm.num_layers)
+        k = len(self.drafts)
+        return self.lm.final_logits(self.pending_hidden[:, -(k + 1) :])
+
+    def commit(self, acceptance: Acceptance) -> list[int]:
+        """Keep the accepted drafts and the full model's token; roll the rest back everywhere."""
+        new = self.drafts[: acceptance.accepted_length] + [acceptance.next_token]
+        last_kept = self.pending_start + (len(self.pending_depth) - len(self.drafts) - 1) + acceptance.accepted_length
+        self.cache.truncate(last_kept + 1)
+        self.tokens.extend(new)
+        self.pending_start = last_kept + 1
+        self.pending_hidden = self.lm.embed(torch.tensor([acceptance.next_token]))
+        self.pending_depth = [0]
+        self.drafts = []
+        self.draft_exit_layers = []
+        return new
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens onto a sequence, and learns from what was accepted."""
+
+    def draft(self, seq: Sequence, budget: int) -> None: ...
+
+    def observe(self, acceptance: Acceptance) -> None: ...
+
+
+class NoDrafter:
+    """Plain autoregressive decoding through the same engine: the fair baseline."""
+
+    def draft(self, seq: Sequence, budget: int) -> None:
+        return None
+
+    def observe(self, acceptance: Acceptance) -> None:
+        return None
+
+
+@dataclass
+class EarlyExitDrafter:
+    """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
+    threshold; stop at the first hard token (depth bound reached) or at the width bound."""
+
+    policy: ExitPolicy
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def draft(self, seq: Sequence, budget: int) -> None:
+        policy = self.policy
+        checks = policy.active_checks
+        for _ in range(min(budget, policy.w_max)):
+            for layer, temperature, threshold in checks:
+                seq.advance_to(layer)
+                logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]
+                decision = decide_exit(logits, temperature, threshold)
+                if decision.exits:
+                    break
+            else:
+                seq.advance_to(policy.d_max)  # a hard token: drafting stops here
+                return
+            seq.push_draft(decision.token, layer)
+            if decision.token in self.eos_token_ids:
+                return
+
+    def observe(self, acceptance: Acceptance) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # generated tokens only
+    accept_lengths: tuple[int, ...]  # per verification pass; the full model's own token counts
+    exit_layers: tuple[int, ...]  # exit layer of every drafted token
+    drafted: int
+    accepted: int
+    fallbacks: int  # passes redone at full depth because of non-finite values
+    wall_time_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def verify_passes(self) -> int:
+        return len(self.accept_lengths)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return sum(self.accept_lengths) / max(1, len(self.accept_lengths))
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+
+def generate(
+    lm: LayerModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    drafter: Drafter,
+    eos_token_ids: Iterable[int] = (),
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """Greedy decoding with speculation; token-identical to plain greedy decoding."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    eos = frozenset(eos_token_ids)
+    started = time.perf_counter()
+    out: list[int] = []
+    accept_lengths: list[int] = []
+    exit_layers: list[int] = []
+    drafted = accepted = fallbacks = 0
+    with torch.inference_mode():
+        seq = Sequence(lm, prompt_ids, len(prompt_ids) + max_new_tokens)
+        first = True
+        while True:
+            if not first:
+                budget = max_new_tokens - len(out) - 1
+                if budget > 0:
+                    drafter.draft(seq, budget)
+            first = False
+            logits = seq.verify_logits()
+            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), logits)
+            if not torch.isfinite(logits[: acceptance.accepted_length + 1]).all():
+                # Never trust a token chosen from non-finite values: redo this step at full depth.
+                fallbacks += 1
+                seq.discard_drafts()
+                logits = seq.verify_logits()
+                acceptance = accept(torch.tensor([], dtype=torch.long), logits)
+            exit_layers.extend(seq.draft_exit_layers)
+            drafted += len(seq.drafts)
+            accepted += acceptance.accepted_length
+            drafter.observe(acceptance)
+            new = seq.commit(acceptance)
+            accept_lengths.append(acceptance.tokens_emitted)
+            stop = False
+            for i, token in enumerate(new):
+                if len(out) == max_new_tokens:
+                    new, stop = new[:i], True
+                    break
+                out.append(token)
+                if token in eos:
+                    new, stop = new[: i + 1], True
+                    break
+            if on_tokens is not None and new:
+                on_tokens(new)
+            if stop or len(out) >= max_new_tokens:
+                break
+    return GenerationResult(
+        prompt_ids=tuple(prompt_ids),
+        token_ids=tuple(out),
+        accept_lengths=tuple(accept_lengths),
+        exit_layers=tuple(exit_layers),
+        drafted=drafted,
+        accepted=accepted,
+        fallbacks=fallbacks,
+        wall_time_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,123 @@
+"""The paper's exit rule as pure math: temperature schedule, exit threshold, depth and width bounds.
+
+Layers are numbered as the paper numbers them: layer l of L is the output of the l-th decoder
+layer (1 <= l <= L), so "exit at layer l" means the token's hidden state after l layers is turned
+into a draft through the final norm and the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Documented defaults when no artifact is given (see README, "Default schedule").
+PAPER_ALPHA = 1.0
+PAPER_THRESHOLD = 0.9
+PAPER_CHECK_FRACTIONS = (0.5, 0.625, 0.75, 0.875)
+PAPER_W_MAX = 4
+
+
+def paper_temperatures(alpha: float, check_layers: tuple[int, ...], num_layers: int) -> tuple[float, ...]:
+    """The paper's annealing T_l = 1 + alpha * (1 - l/L): hotter (less confident) when shallower."""
+    return tuple(1.0 + alpha * (1.0 - layer / num_layers) for layer in check_layers)
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """When a drafted token exits early, and when drafting stops.
+
+    check_layers: layers (1..L-1, increasing) where a token's confidence is checked.
+    temperatures, thresholds: one per check layer; exit when max softmax(z_l / T_l) >= threshold_l.
+    d_max: depth bound; a token that reaches it without exiting is a hard token and ends drafting.
+    w_max: width bound; drafting stops when this many drafts exist.
+    """
+
+    num_layers: int
+    check_layers: tuple[int, ...]
+    temperatures: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    d_max: int
+    w_max: int
+
+    def __post_init__(self) -> None:
+        L = self.num_layers
+        if L < 2:
+            raise ValueError(f"a model needs at least 2 layers to exit early, got {L}")
+        layers = self.check_layers
+        if not layers:
+            raise ValueError("at least one check layer is needed")
+        if list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= L:
+            raise ValueError(f"check layers must be increasing and within 1..{L - 1}, got {list(layers)}")
+        if len(self.temperatures) != len(layers) or len(self.thresholds) != len(layers):
+            raise ValueError("need exactly one temperature and one threshold per check layer")
+        for t in self.temperatures:
+            if not (t > 0 and t < float("inf")):
+                raise ValueError(f"temperatures must be finite and > 0, got {t}")
+        for p in self.thresholds:
+            if not (0.0 <= p <= 1.0):
+                raise ValueError(f"thresholds must lie in [0, 1], got {p}")
+        if not (1 <= self.d_max <= L):
+            raise ValueError(f"d_max must lie in 1..{L}, got {self.d_max}")
+        if self.w_max < 1:
+            raise ValueError(f"w_max must be >= 1, got {self.w_max}")
+
+    @property
+    def active_checks(self) -> tuple[tuple[int, float, float], ...]:
+        """(layer, temperature, threshold) for the check layers within the depth bound."""
+        return tuple(
+            (l, t, p)
+            for l, t, p in zip(self.check_layers, self.temperatures, self.thresholds)
+            if l <= self.d_max
+        )
+
+    @classmethod
+    def paper_default(
+        cls,
+        num_layers: int,
+        alpha: float = PAPER_ALPHA,
+        threshold: float = PAPER_THRESHOLD,
+        check_layers: tuple[int, ...] | None = None,
+        d_max: int | None = None,
+        w_max: int = PAPER_W_MAX,
+    ) -> "ExitPolicy":
+        if check_layers is None:
+            check_layers = default_check_layers(num_layers)
+        return cls(
+            num_layers=num_layers,
+            check_layers=tuple(check_layers),
+            temperatures=paper_temperatures(alpha, tuple(check_layers), num_layers),
+            thresholds=(threshold,) * len(check_layers),
+            d_max=check_layers[-1] if d_max is None else d_max,
+            w_max=w_max,
+        )
+
+
+def default_check_layers(num_layers: int) -> tuple[int, ...]:
+    layers = sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in PAPER_CHECK_FRACTIONS})
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    confidence: float
+    token: int
+    exits: bool
+
+
+def exit_confidence(logits: torch.Tensor, temperature: float) -> tuple[float, int]:
+    """max softmax(z / T) and its argmax, for one position's logits (shape [V])."""
+    z = logits.float() / temperature
+    top, token = z.max(dim=-1)
+    # max softmax = 1 / sum(exp(z - max)); logsumexp keeps it stable.
+    confidence = torch.exp(top - torch.logsumexp(z, dim=-1))
+    return float(confidence), int(token)
+
+
+def decide_exit(logits: torch.Tensor, temperature: float, threshold: float) -> ExitDecision:
+    confidence, token = exit_confidence(logits, temperature)
+    # NaN or +inf never produces a draft: the token goes on to the depth bound. (-inf is a
+    # legitimate "impossible token", e.g. outside a fitted vocabulary short-list.)
+    broken = bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+    exits = not broken and confidence >= threshold
+    return ExitDecision(confidence=confidence, token=token, exits=exits)
