@@ -1,0 +1,104 @@
+"""The pure core: acceptance and the exit rule, tested by properties."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specbound_runtime.acceptance import accept
+from specbound_runtime.policy import ExitPolicy, decide_exit, exit_confidence, paper_temperatures
+
+
+def _logits_for(tokens, vocab=10):
+    out = torch.full((len(tokens), vocab), -1.0)
+    for i, t in enumerate(tokens):
+        out[i, t] = 1.0
+    return out
+
+
+@pytest.mark.parametrize(
+    "drafts,targets,n",
+    [([], [4], 0), ([1, 2, 3], [1, 2, 3, 9], 3), ([1, 2, 3], [1, 5, 3, 9], 1), ([1], [2, 7], 0)],
+)
+def test_accept_keeps_longest_agreeing_prefix_and_full_model_token(drafts, targets, n):
+    a = accept(torch.tensor(drafts, dtype=torch.long), _logits_for(targets))
+    assert a.accepted_length == n
+    assert a.next_token == targets[n]
+    assert a.tokens_emitted == n + 1
+    assert a.drafted == len(drafts)
+
+
+def test_accept_rejects_wrong_number_of_rows():
+    with pytest.raises(ValueError):
+        accept(torch.tensor([1, 2]), _logits_for([1, 2]))
+
+
+def test_paper_schedule_anneals_towards_one_at_the_last_layer():
+    temps = paper_temperatures(0.8, (1, 10, 20, 30), 30)
+    assert temps[0] > temps[1] > temps[2] > temps[3] == 1.0
+    assert temps[1] == pytest.approx(1 + 0.8 * (1 - 10 / 30))
+
+
+def test_confidence_is_max_softmax_and_temperature_only_lowers_it():
+    torch.manual_seed(0)
+    z = torch.randn(50) * 3
+    conf, token = exit_confidence(z, 1.0)
+    assert conf == pytest.approx(float(torch.softmax(z, -1).max()), rel=1e-6)
+    assert token == int(z.argmax())
+    hotter, same_token = exit_confidence(z, 2.5)
+    assert hotter < conf and same_token == token
+
+
+def test_nan_logits_never_exit_but_minus_inf_is_allowed():
+    z = torch.tensor([0.0, 10.0, float("-inf")])
+    assert decide_exit(z, 1.0, 0.5).exits
+    assert not decide_exit(torch.tensor([0.0, float("nan"), 10.0]), 1.0, 0.0).exits
+    assert not decide_exit(torch.tensor([0.0, float("inf")]), 1.0, 0.0).exits
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(check_layers=()),
+        dict(check_layers=(3, 2)),
+        dict(check_layers=(0, 2)),
+        dict(check_layers=(2, 6)),
+        dict(temperatures=(0.0, 1.0)),
+        dict(temperatures=(float("nan"), 1.0)),
+        dict(thresholds=(1.5, 0.5)),
+        dict(d_max=0),
+        dict(w_max=0),
+    ],
+)
+def test_exit_policy_rejects_impossible_values(kwargs):
+    base = dict(num_layers=6, check_layers=(2, 4), temperatures=(1.0, 1.0), thresholds=(0.5, 0.5), d_max=4, w_max=2)
+    base.update(kwargs)
+    if "check_layers" in kwargs and len(kwargs["check_layers"]) != 2:
+        n = len(kwargs["check_layers"])
+        base["temperatures"], base["thresholds"] = (1.0,) * n, (0.5,) * n
+    with pytest.raises(ValueError):
+        ExitPolicy(**base)
+
+
+def test_paper_default_policy_is_valid_for_many_depths():
+    for layers in (2, 4, 6, 12, 30, 80):
+        p = ExitPolicy.paper_default(layers)
+        assert p.d_max == p.check_layers[-1] < layers
+        assert p.temperatures[0] >= p.temperatures[-1] >= 1.0
+
+
+def test_runtime_imports_no_calibration_dependencies():
+    code = (
+        "import sys, specbound_runtime, specbound_runtime.engine, specbound_runtime.adapter, "
+        "specbound_runtime.policy, specbound_runtime.acceptance\n"
+        "import importlib, pkgutil\n"
+        "for m in pkgutil.iter_modules(specbound_runtime.__path__):\n"
+        "    importlib.import_module('specbound_runtime.' + m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('optuna', 'sklearn', 'datasets'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
