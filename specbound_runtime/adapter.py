@@ -32,11 +32,13 @@ class LayerModel(Protocol):
 
     def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor: ...
 
+    def exit_token(self, index: int) -> int: ...
+
 
 class HFCausalLM:
     """LayerModel over a transformers *ForCausalLM of a supported architecture (decoder-only, RoPE)."""
 
-    def __init__(self, model: torch.nn.Module, exit_head=None) -> None:
+    def __init__(self, model: torch.nn.Module, exit_weights=None) -> None:
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -55,7 +57,13 @@ class HFCausalLM:
         self.vocab_size = int(config.vocab_size)
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
-        self._exit_head = exit_head
+        self._exit_head = None
+        self._exit_tokens = None
+        if exit_weights is not None:
+            from .exit_head import FittedExitHead
+
+            self._exit_head = FittedExitHead(exit_weights, self._norm, self._lm_head.weight, self._softcap)
+            self._exit_tokens = self._exit_head.token_ids
         layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self._layer_types = list(layer_types)
@@ -135,7 +143,11 @@ class HFCausalLM:
         return self._head(self._norm(hidden))[0]
 
     def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Draft logits of layer `layer` (1-based): the model's head, after a fitted map if any."""
+        """Draft logits at check layer `layer` (1-based): the model's own head, or a fitted exit
+        head (see exit_head.py). Column i stands for token `exit_token(i)`."""
         if self._exit_head is not None:
-            return self._exit_head(self, hidden, layer)
+            return self._exit_head(hidden, layer)
         return self.final_logits(hidden)
+
+    def exit_token(self, index: int) -> int:
+        return index if self._exit_tokens is None else int(self._exit_tokens[index])

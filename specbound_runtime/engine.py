@@ -130,8 +130,9 @@ class EarlyExitDrafter:
             else:
                 seq.advance_to(policy.d_max)  # a hard token: drafting stops here
                 return
-            seq.push_draft(decision.token, layer)
-            if decision.token in self.eos_token_ids:
+            token = seq.lm.exit_token(decision.token)
+            seq.push_draft(token, layer)
+            if token in self.eos_token_ids:
                 return
 
     def observe(self, acceptance: Acceptance) -> None:

@@ -1,0 +1,157 @@
+"""A simulator of the decode loop over recorded per-layer statistics, under a measured cost model.
+
+Pure numpy. It replays the exact policy of the runtime's EarlyExitDrafter (first check layer whose
+confidence passes its threshold; a hard token at the depth bound ends drafting; the width bound;
+catch-up of earlier drafts to the frontier's depth; one verification pass from each position's
+depth) over the model's own greedy sequences, and charges each layer call, exit check and LM-head
+product what it costs on this machine. The one approximation: after a wrong draft, later drafts
+of the same round are charged with the statistics of the true context (they are rejected anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .fit import confidence_at
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Milliseconds, measured by calibrate.costs on this machine for this model."""
+
+    num_layers: int
+    layer_base: float  # one decoder-layer call over one position
+    layer_extra: float  # each further position in the same call
+    head_base: float  # the full LM head over one position
+    head_extra: float  # each further position
+    check: float  # one exit check (exit head over one position, confidence)
+    round_overhead: float  # fixed cost of a verification round (embedding, acceptance, bookkeeping)
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if k != "num_layers" and not (v >= 0 and np.isfinite(v)):
+                raise ValueError(f"cost {k} must be finite and >= 0, got {v}")
+
+    @property
+    def ar_token(self) -> float:
+        """One token of plain greedy decoding through the engine."""
+        return self.num_layers * self.layer_base + self.head_base + self.round_overhead
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Exits:
+    """Per recorded position: exit layer (-1 for a hard token), whether its draft is right, and
+    how many exit checks it costs."""
+
+    layer: np.ndarray
+    right: np.ndarray
+    checks: np.ndarray
+
+
+@dataclass(frozen=True)
+class SimResult:
+    speedup: float
+    mean_accepted_length: float
+    acceptance_rate: float
+    waste: float  # rejected drafts per emitted token
+    tokens: int
+    rounds: int
+    drafted: int
+    accepted: int
+    cost_ms: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def decide_exits(
+    conf_grid: np.ndarray,
+    right: np.ndarray,
+    columns: list[int],
+    layers: list[int],
+    temperatures: list[float],
+    thresholds: list[float],
+) -> Exits:
+    """Apply the exit rule to recorded data. conf_grid [N, C, G], right [N, C]; `columns` index the
+    candidate layers that are check layers (within the depth bound), in increasing depth."""
+    n = conf_grid.shape[0]
+    if not columns:
+        return Exits(np.full(n, -1), np.zeros(n, bool), np.zeros(n, np.int64))
+    conf = np.stack([confidence_at(conf_grid[:, c], t) for c, t in zip(columns, temperatures)], axis=1)
+    passes = conf >= np.asarray(thresholds)[None, :]
+    return _first_pass(passes, right[:, columns], layers)
+
+
+def oracle_exits(right: np.ndarray, columns: list[int], layers: list[int]) -> Exits:
+    """Every exit decided perfectly: a token exits at the first check layer whose draft is right."""
+    return _first_pass(right[:, columns], right[:, columns], layers)
+
+
+def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exits:
+    has = passes.any(axis=1)
+    first = passes.argmax(axis=1)
+    layer = np.where(has, np.asarray(layers)[first], -1)
+    ok = has & right[np.arange(len(first)), first]
+    checks = np.where(has, first + 1, passes.shape[1])
+    return Exits(layer=layer, right=ok, checks=checks)
+
+
+def simulate(exits: Exits, bounds: list[tuple[int, int]], cost: CostModel, d_max: int, w_max: int) -> SimResult:
+    """Replay the decode loop over sequences [start, end) of recorded positions."""
+    L = cost.num_layers
+    layer = exits.layer.tolist()
+    right = exits.right.tolist()
+    checks = exits.checks.tolist()
+    base, extra, check = cost.layer_base, cost.layer_extra, cost.check
+    total = 0.0
+    tokens = rounds = drafted = accepted = 0
+    for start, end in bounds:
+        t = start
+        while t < end:
+            limit = min(w_max, end - 1 - t)
+            depths = []
+            j = t
+            while len(depths) < limit and layer[j] >= 0:
+                depths.append(layer[j])
+                j += 1
+            k = len(depths)
+            hard = k < limit
+            frontier = d_max if hard else 0
+            n_checks = sum(checks[t : t + k]) + (checks[j] if hard else 0)
+            a = 0
+            while a < k and right[t + a]:
+                a += 1
+            # Every pending position runs all L layers exactly once (drafting, catch-up, verification);
+            # the layer calls are the frontier's climbs plus one verification pass.
+            calls = sum(depths) + L
+            position_layers = (k + 1) * L
+            total += (
+                base * calls
+                + extra * (position_layers - calls)
+                + check * n_checks
+                + cost.head_base
+                + cost.head_extra * k
+                + cost.round_overhead
+            )
+            tokens += a + 1
+            rounds += 1
+            drafted += k
+            accepted += a
+            t += a + 1
+    ar = cost.ar_token * tokens
+    return SimResult(
+        speedup=ar / total if total > 0 else 0.0,
+        mean_accepted_length=tokens / rounds if rounds else 0.0,
+        acceptance_rate=accepted / drafted if drafted else 0.0,
+        waste=(drafted - accepted) / tokens if tokens else 0.0,
+        tokens=tokens,
+        rounds=rounds,
+        drafted=drafted,
+        accepted=accepted,
+        cost_ms=total,
+    )

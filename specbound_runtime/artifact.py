@@ -1,0 +1,260 @@
+"""The artifact: one safetensors file with the calibrated policy, the exit head, and metadata.
+
+This module is the only one that opens an artifact file. Artifacts are data: tensors and string
+metadata, parsed with json and checked field by field; nothing in them is ever executed or
+evaluated. The file is written by hand in the safetensors layout with sorted keys, because the
+safetensors writer orders its metadata map differently from run to run, and an artifact must be
+byte-identical for the same inputs and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ArtifactError
+from .exit_head import ExitHeadWeights
+from .policy import ExitPolicy
+
+SCHEMA_VERSION = 1
+KIND = "specbound-artifact"
+
+_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float64: "F64", torch.int32: "I32"}
+_FROM_DTYPE = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    policy: ExitPolicy
+    exit_weights: ExitHeadWeights | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def meta_json(self, key: str):
+        value = self.metadata.get(key)
+        return None if value is None else json.loads(value)
+
+
+def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
+    return {
+        "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
+        "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
+        "policy.thresholds": torch.tensor(policy.thresholds, dtype=torch.float64),
+        "policy.bounds": torch.tensor([policy.d_max, policy.w_max], dtype=torch.int64),
+    }
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(metadata):
+        if k != "checksum":
+            h.update(f"{k}={metadata[k]}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{_DTYPES[t.dtype]}:{list(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+
+
+def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> Path:
+    """Write atomically (temporary file, then rename). Refuses to replace a file unless force."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ArtifactError(f"{path} already exists; pass --force to replace it or choose another --out")
+    tensors = _policy_tensors(artifact.policy)
+    if artifact.exit_weights is not None:
+        if artifact.exit_weights.shortlist is not None:
+            tensors["head.shortlist"] = artifact.exit_weights.shortlist.to(torch.int64)
+        for layer, (w, b) in sorted(artifact.exit_weights.lens.items()):
+            tensors[f"lens.{layer}.weight"] = w.to(torch.float32)
+            tensors[f"lens.{layer}.bias"] = b.to(torch.float32)
+    metadata = {k: str(v) for k, v in artifact.metadata.items()}
+    metadata["kind"] = KIND
+    metadata["schema_version"] = str(SCHEMA_VERSION)
+    metadata["checksum"] = _checksum(metadata, tensors)
+    blob = _serialize(tensors, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Parse the safetensors layout strictly: any inconsistency is a corrupt file."""
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {path}; run `specbound calibrate` to make one")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not an artifact file")
+    data = path.read_bytes()
+    bad = f"{path} is not a valid SpecBound artifact"
+    if len(data) < 8:
+        raise ArtifactError(f"{bad}: file is too short; recalibrate or restore it")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100_000_000:
+        raise ArtifactError(f"{bad}: header claims {n} bytes, the file holds {len(data) - 8}; it is truncated or corrupt")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{bad}: unreadable header ({e.__class__.__name__}); it is corrupt") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{bad}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ArtifactError(f"{bad}: metadata must map strings to strings")
+    body = data[8 + n :]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        try:
+            dtype = _FROM_DTYPE[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{bad}: tensor {name!r} has an unsupported or malformed entry") from None
+        count = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not (0 <= start <= end <= len(body)) or end - start != count * itemsize:
+            raise ArtifactError(
+                f"{bad}: tensor {name!r} claims bytes {start}..{end}, the data section holds {len(body)}; "
+                "it is truncated or corrupt"
+            )
+        tensors[name] = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).reshape(shape) if count else torch.empty(shape, dtype=dtype)
+    return metadata, tensors
+
+
+def _require(tensors, name, ndim, dtype_kind, path):
+    t = tensors.get(name)
+    if t is None:
+        raise ArtifactError(f"{path}: required tensor {name!r} is missing; recalibrate")
+    if t.ndim != ndim:
+        raise ArtifactError(f"{path}: tensor {name!r} must be {ndim}-D, got shape {list(t.shape)}")
+    if dtype_kind == "int" and t.dtype not in (torch.int64, torch.int32):
+        raise ArtifactError(f"{path}: tensor {name!r} must hold integers, got {t.dtype}")
+    if dtype_kind == "float":
+        if not t.dtype.is_floating_point:
+            raise ArtifactError(f"{path}: tensor {name!r} must hold floats, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{path}: tensor {name!r} contains NaN or Inf; recalibrate")
+    return t
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Read and validate an artifact without a model (for `inspect`)."""
+    path = Path(path)
+    metadata, tensors = _read(path)
+    if metadata.get("kind") != KIND:
+        raise ArtifactError(f"{path} is a safetensors file but not a SpecBound artifact (no kind={KIND})")
+    try:
+        version = int(metadata.get("schema_version", ""))
+    except ValueError:
+        raise ArtifactError(f"{path}: schema_version is missing or not an integer") from None
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact schema v{version}, newer than this SpecBound reads (v{SCHEMA_VERSION}); "
+            "upgrade specbound or recalibrate with this version"
+        )
+    if metadata.get("checksum") != _checksum(metadata, tensors):
+        raise ArtifactError(f"{path}: checksum mismatch, the file was altered or corrupted; recalibrate or restore it")
+    try:
+        num_layers = int(json.loads(metadata["model_fingerprint"])["num_layers"])
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: metadata model_fingerprint is missing or malformed; recalibrate") from None
+    layers = _require(tensors, "policy.check_layers", 1, "int", path)
+    temps = _require(tensors, "policy.temperatures", 1, "float", path)
+    thresholds = _require(tensors, "policy.thresholds", 1, "float", path)
+    bounds = _require(tensors, "policy.bounds", 1, "int", path)
+    if bounds.numel() != 2:
+        raise ArtifactError(f"{path}: policy.bounds must hold [d_max, w_max], got {bounds.numel()} values")
+    try:
+        policy = ExitPolicy(
+            num_layers=num_layers,
+            check_layers=tuple(int(x) for x in layers),
+            temperatures=tuple(float(x) for x in temps),
+            thresholds=tuple(float(x) for x in thresholds),
+            d_max=int(bounds[0]),
+            w_max=int(bounds[1]),
+        )
+    except ValueError as e:
+        raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None
+    shortlist = tensors.get("head.shortlist")
+    if shortlist is not None:
+        shortlist = _require(tensors, "head.shortlist", 1, "int", path)
+    lens = {}
+    for name in tensors:
+        if name.startswith("lens.") and name.endswith(".weight"):
+            layer = name.split(".")[1]
+            if not layer.isdigit() or not (1 <= int(layer) < num_layers):
+                raise ArtifactError(f"{path}: lens layer {layer!r} is outside 1..{num_layers - 1}")
+            w = _require(tensors, name, 2, "float", path)
+            b = _require(tensors, f"lens.{layer}.bias", 1, "float", path)
+            lens[int(layer)] = (w, b)
+    weights = None
+    if shortlist is not None or lens:
+        try:
+            weights = ExitHeadWeights(shortlist=shortlist, lens=lens)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: invalid exit head: {e}") from None
+    return Artifact(policy=policy, exit_weights=weights, metadata=metadata)
+
+
+def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: str | None = None) -> Artifact:
+    """Read an artifact and refuse it unless it was fitted for this model and tokenizer."""
+    artifact = read_artifact(path)
+    theirs = artifact.meta_json("model_fingerprint")
+    ours = model_fingerprint.to_dict()
+    if theirs != ours:
+        from .models import ModelFingerprint
+
+        try:
+            their_desc = ModelFingerprint.from_dict(theirs).short()
+        except Exception:
+            their_desc = str(theirs)
+        raise ArtifactError(
+            f"{path} was fitted for model [{their_desc}], not this model [{model_fingerprint.short()}]; "
+            "recalibrate for this model"
+        )
+    their_tok = artifact.metadata.get("tokenizer_fingerprint")
+    if tokenizer_fingerprint is not None and their_tok != tokenizer_fingerprint:
+        raise ArtifactError(
+            f"{path} was fitted with tokenizer {str(their_tok)[:12]}, this model's is {tokenizer_fingerprint[:12]}; "
+            "recalibrate for this tokenizer"
+        )
+    hidden = ours.get("hidden_size")
+    if artifact.exit_weights is not None:
+        for layer, (w, b) in artifact.exit_weights.lens.items():
+            if hidden is not None and w.shape[0] != hidden:
+                raise ArtifactError(f"{path}: lens for layer {layer} is {w.shape[0]}-wide, the model's hidden size is {hidden}")
+        sl = artifact.exit_weights.shortlist
+        if sl is not None and (int(sl.min()) < 0 or int(sl.max()) >= ours.get("vocab_size", 1 << 62)):
+            raise ArtifactError(f"{path}: short-list token ids fall outside the model's vocabulary")
+    return artifact

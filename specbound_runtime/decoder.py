@@ -1,0 +1,99 @@
+"""A loaded model, its exit policy and its tokenizer, ready to decode prompts."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import HFCausalLM
+from .engine import EarlyExitDrafter, GenerationResult, NoDrafter, generate
+from .errors import InputError
+from .policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: tuple[int, ...]
+    max_new_tokens: int  # after clamping to the model's context
+    clamped: bool
+
+
+class Decoder:
+    def __init__(self, model, tokenizer, eos_token_ids, policy: ExitPolicy | None = None, exit_weights=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lm = HFCausalLM(model, exit_weights=exit_weights)
+        self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, messages: list[dict], chat: bool, max_new_tokens: int) -> Encoded:
+        """Token ids of a conversation (chat template) or of raw text (the last message alone)."""
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if not messages or not messages[-1]["content"].strip():
+            raise InputError("the prompt is empty; give some text")
+        if chat:
+            if not self.has_chat_template:
+                raise InputError("this tokenizer has no chat template; use --no-chat")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = self.tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InputError("the prompt encodes to no tokens; give some text")
+        clamped = False
+        if self.context is not None:
+            if len(ids) >= self.context:
+                raise InputError(
+                    f"the prompt is {len(ids)} tokens, the model's context is {self.context}; shorten it"
+                )
+            if len(ids) + max_new_tokens > self.context:
+                max_new_tokens, clamped = self.context - len(ids), True
+        return Encoded(ids=tuple(ids), max_new_tokens=max_new_tokens, clamped=clamped)
+
+    def generate(self, encoded: Encoded, speculation: bool = True, on_tokens=None) -> GenerationResult:
+        drafter = EarlyExitDrafter(self.policy, frozenset(self.eos_token_ids)) if speculation else NoDrafter()
+        return generate(
+            self.lm, list(encoded.ids), encoded.max_new_tokens, drafter, self.eos_token_ids, on_tokens
+        )
+
+
+class TextStream:
+    """Decodes a growing list of token ids and writes only the new text (UTF-8 safe)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, new_ids: list[int]) -> None:
+        self.ids.extend(new_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[len(self.printed) :] + "\n")
+        self.out.flush()
+        return text
+
+
+def exit_layer_histogram(exit_layers) -> dict[int, int]:
+    hist: dict[int, int] = {}
+    for layer in exit_layers:
+        hist[layer] = hist.get(layer, 0) + 1
+    return dict(sorted(hist.items()))

@@ -1,0 +1,66 @@
+"""The ground truth: transformers' own greedy decoding, and where another output departs from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=()) -> list[int]:
+    """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly."""
+    ids = torch.tensor([prompt_ids])
+    eos = list(eos_token_ids) or None
+    pad = eos[0] if eos else 0
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """First position where two generations differ, and how close the call was there."""
+
+    position: int
+    ours: int | None
+    reference: int | None
+    margin: float | None  # reference token's logit minus ours, under the full model
+
+    def describe(self) -> str:
+        margin = "n/a" if self.margin is None else f"{self.margin:.3g}"
+        return (
+            f"first divergence at generated position {self.position}: ours {self.ours}, "
+            f"reference {self.reference}, logit margin {margin}"
+        )
+
+
+def first_divergence(ours: list[int], reference: list[int]) -> int | None:
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        if a != b:
+            return i
+    if len(ours) != len(reference):
+        return min(len(ours), len(reference))
+    return None
+
+
+def divergence(model, prompt_ids: list[int], ours: list[int], reference: list[int]) -> Divergence | None:
+    """None when identical; otherwise the first divergent position and the logit margin there."""
+    pos = first_divergence(ours, reference)
+    if pos is None:
+        return None
+    a = ours[pos] if pos < len(ours) else None
+    b = reference[pos] if pos < len(reference) else None
+    margin = None
+    if a is not None and b is not None:
+        ids = torch.tensor([list(prompt_ids) + list(reference[:pos])])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, -1]
+        margin = float(logits[b] - logits[a])
+    return Divergence(position=pos, ours=a, reference=b, margin=margin)

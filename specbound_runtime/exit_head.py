@@ -1,0 +1,74 @@
+"""Draft heads: how a shallow hidden state becomes draft logits at an exit-check layer.
+
+The plain head is the model's own (final norm, LM head, soft-capping), over the full vocabulary:
+the paper's logit lens. A fitted head adds, per check layer, an affine map of the normalised
+state towards the final normalised state (closed-form ridge, fitted by `calibrate`), and scores
+only a short-list of the vocabulary, which makes an exit check ~10x cheaper than a full LM-head
+product. Both maps fold into one matrix per layer at load time, so the map costs nothing extra.
+Drafts need not be right: verification decides. A head only changes speed, never the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExitHeadWeights:
+    """What an artifact stores. lens[l] = (W [H, H], b [H]) maps norm(h_l) towards norm(h_L)."""
+
+    shortlist: torch.Tensor | None  # [S] token ids, or None for the full vocabulary
+    lens: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        if self.shortlist is not None:
+            if self.shortlist.ndim != 1 or self.shortlist.numel() == 0:
+                raise ValueError("shortlist must be a non-empty 1-D tensor of token ids")
+            if self.shortlist.dtype not in (torch.int32, torch.int64):
+                raise ValueError("shortlist must hold integer token ids")
+        for layer, (w, b) in self.lens.items():
+            if w.ndim != 2 or w.shape[0] != w.shape[1] or b.shape != (w.shape[0],):
+                raise ValueError(f"lens for layer {layer} must be W [H, H] and b [H]")
+
+
+class FittedExitHead:
+    """Callable exit head bound to one model: (hidden [1, k, H], layer) -> logits [k, S]."""
+
+    def __init__(self, weights: ExitHeadWeights, final_norm, lm_head_weight: torch.Tensor, softcap=None):
+        self.final_norm = final_norm
+        self.softcap = softcap
+        vocab = lm_head_weight.shape[0]
+        if weights.shortlist is not None:
+            ids = weights.shortlist.long()
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                raise ValueError(f"shortlist token ids must lie in 0..{vocab - 1}")
+            self.token_ids = ids
+            rows = lm_head_weight[ids]
+        else:
+            self.token_ids = None
+            rows = lm_head_weight
+        rows = rows.detach()
+        self._plain = rows.t().contiguous()  # [H, S]
+        self._per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, (w, b) in weights.lens.items():
+            w = w.to(rows.dtype)
+            b = b.to(rows.dtype)
+            # logits = (x W + b) rows^T = x (W rows^T) + (b rows^T)
+            self._per_layer[layer] = ((w @ rows.t()).contiguous(), (b @ rows.t()).contiguous())
+
+    def logits(self, normed: torch.Tensor, layer: int) -> torch.Tensor:
+        """normed [..., H] (already through the final norm) -> logits [..., S]."""
+        fitted = self._per_layer.get(layer)
+        if fitted is None:
+            out = normed @ self._plain
+        else:
+            out = torch.addmm(fitted[1], normed.reshape(-1, normed.shape[-1]), fitted[0])
+            out = out.reshape(*normed.shape[:-1], -1)
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def __call__(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.logits(self.final_norm(hidden), layer)[0]
