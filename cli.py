@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, SpecBoundError, UsageError
+from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, SpecBoundError, UsageError
 
 app = typer.Typer(
     help="Lossless self-speculative decoding with calibrated early exits.\n\n" + EXIT_CODES_HELP,
@@ -50,6 +50,13 @@ def _one_error_path():
     except KeyboardInterrupt:
         _err("Error: interrupted; work already written to disk is kept, rerun to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # a bug, not a user error: say so, keep the traceback behind --debug
+        if _state["debug"]:
+            raise
+        _err(f"Error: internal error ({type(e).__name__}: {e}); rerun with --debug and report the traceback")
+        raise typer.Exit(EXIT_INTERNAL)
 
 
 def _load_decoder(model: str, artifact: Optional[Path]):
@@ -162,6 +169,141 @@ def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, ch
             + ("" if not check_exact else f" | exact: {'yes' if not failed else 'NO'}")
         )
     return failed
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def calibrate(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Local HF folder, .gguf file, or built-in name smollm2-135m."),
+    corpus: str = typer.Option("default", "--corpus", help="`default` (built-in essays, Wikipedia and chat prompts) or local .txt/.jsonl/.json/.parquet files, comma-separated; rows with `text` (human text) and/or `prompt` (answered by the model)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact path (default artifacts/<model>.safetensors)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tuning sampler and of the prompt draw."),
+    trials: int = typer.Option(200, "--trials", help="Optuna trials against the simulator (milliseconds each)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file in the work folder; a study resumes)."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default derived from model and seed)."),
+    multi_objective: bool = typer.Option(False, "--multi-objective", help="Tune speed vs waste; writes the Pareto front as JSON and PNG."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Folder for answers, shards and the study (default runs/calibrate-...); rerun to resume."),
+    prompts: int = typer.Option(40, "--prompts", help="Prompts whose greedy answers are recorded (20% held out)."),
+    documents: int = typer.Option(48, "--documents", help="Human-text documents recorded (20% held out)."),
+    answer_tokens: int = typer.Option(128, "--answer-tokens", help="Tokens of each recorded answer."),
+    shortlist_size: int = typer.Option(4096, "--shortlist-size", help="Vocabulary short-list of the exit head."),
+    measure_prompts: int = typer.Option(6, "--measure-prompts", help="Held-out prompts decoded for real at the end (0: skip)."),
+    measure_tokens: int = typer.Option(128, "--measure-tokens", help="New tokens per measured prompt."),
+    remeasure_costs: bool = typer.Option(False, "--remeasure-costs", help="Measure the cost model again instead of using the cached one."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Fit temperatures, thresholds and bounds for a model; export one safetensors artifact.
+
+    Collect per-layer statistics over a corpus (resumable Arrow shards), fit per-layer temperatures
+    and a ridge lens, tune the policy with Optuna against a simulator of the decode loop under a
+    cost model measured on this machine, export, then decode held-out prompts for real."""
+    with _one_error_path():
+        from calibrate.pipeline import CalibrateOptions, run_calibration
+
+        opts = CalibrateOptions(
+            model=model, corpus=corpus, out=out, seed=seed, trials=trials, storage=storage,
+            study_name=study_name, multi_objective=multi_objective, force=force, work_dir=work_dir,
+            prompts=prompts, documents=documents, answer_tokens=answer_tokens,
+            shortlist_size=shortlist_size, measure_prompts=measure_prompts,
+            measure_tokens=measure_tokens, remeasure_costs=remeasure_costs,
+        )
+        outcome = run_calibration(opts)
+        report = outcome.report
+        if as_json:
+            typer.echo(json.dumps(report, sort_keys=True))
+            return
+        typer.echo(_calibration_summary(report))
+
+
+def _calibration_summary(report: dict) -> str:
+    pol = report["policy"]
+    sim = report["simulated"]
+    lines = [
+        f"artifact: {report['artifact']}",
+        f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
+        f"policy: head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']}",
+        f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
+    ]
+    if sim.get("held_out"):
+        lines.append(
+            f"simulated speedup (held-out): tuned {sim['held_out']['speedup']:.3f}x, paper defaults "
+            f"{sim['held_out_paper_defaults']['speedup']:.3f}x, oracle {sim['held_out_oracle']['speedup']:.3f}x; "
+            f"mean accepted length {sim['held_out']['mean_accepted_length']:.2f}"
+        )
+    for head, rep in report["calibration"].items():
+        fitted = [r["fitted"]["ece"] for r in rep["layers"] if r["fitted"]["ece"] is not None]
+        paper = [r["paper"]["ece"] for r in rep["layers"] if r["paper"]["ece"] is not None]
+        if fitted and paper:
+            lines.append(f"held-out ECE ({head} head, mean over layers): fitted {sum(fitted)/len(fitted):.4f} vs paper schedule {sum(paper)/len(paper):.4f}")
+    if "measured" in report:
+        m = report["measured"]
+        lines.append(
+            f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, paper defaults "
+            f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
+            f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
+        )
+    lines.append(f"report: {report['report_json']}; reliability diagram: {report['reliability_png']}")
+    return "\n".join(lines)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact file."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+):
+    """Show what an artifact holds: policy, exit head, fingerprints, predictions."""
+    with _one_error_path():
+        from specbound_runtime.artifact import read_artifact
+
+        art = read_artifact(artifact)
+        p = art.policy
+        info = {
+            "path": str(artifact),
+            "policy": {
+                "check_layers": list(p.check_layers),
+                "temperatures": list(p.temperatures),
+                "thresholds": list(p.thresholds),
+                "d_max": p.d_max,
+                "w_max": p.w_max,
+                "num_layers": p.num_layers,
+            },
+            "exit_head": None
+            if art.exit_weights is None
+            else {
+                "shortlist": None if art.exit_weights.shortlist is None else int(art.exit_weights.shortlist.numel()),
+                "lens_layers": sorted(art.exit_weights.lens),
+            },
+            "metadata": {k: _maybe_json(v) for k, v in sorted(art.metadata.items())},
+        }
+        sidecar = artifact.with_suffix(".report.json")
+        if sidecar.exists():
+            try:
+                info["measured"] = json.loads(sidecar.read_text()).get("measured")
+            except ValueError:
+                pass
+        if as_json:
+            typer.echo(json.dumps(info, sort_keys=True))
+            return
+        typer.echo(f"artifact {artifact} (schema v{art.metadata.get('schema_version')}, specbound {art.metadata.get('package_version')})")
+        fp = info["metadata"].get("model_fingerprint")
+        if isinstance(fp, dict):
+            typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max}")
+        if info["exit_head"]:
+            typer.echo(f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}")
+        for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
+            if key in art.metadata:
+                typer.echo(f"{key}: {art.metadata[key]}")
+        if info.get("measured"):
+            m = info["measured"]
+            typer.echo(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x, paper defaults {m.get('speedup_paper')}x, exact {m.get('exact')}")
+
+
+def _maybe_json(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def main() -> None:

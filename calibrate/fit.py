@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-TEMPERATURE_GRID = np.geomspace(0.25, 16.0, 13)
+TEMPERATURE_GRID = np.geomspace(0.05, 20.0, 17)
 LOG_T_BOUNDS = (float(np.log(TEMPERATURE_GRID[0])), float(np.log(TEMPERATURE_GRID[-1])))
 _EPS = 1e-6
 

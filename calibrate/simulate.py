@@ -102,7 +102,8 @@ def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exi
 
 
 def simulate(exits: Exits, bounds: list[tuple[int, int]], cost: CostModel, d_max: int, w_max: int) -> SimResult:
-    """Replay the decode loop over sequences [start, end) of recorded positions."""
+    """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
+    is the last prompt token (its hidden state predicts the first generated token)."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
@@ -113,7 +114,9 @@ def simulate(exits: Exits, bounds: list[tuple[int, int]], cost: CostModel, d_max
     for start, end in bounds:
         t = start
         while t < end:
-            limit = min(w_max, end - 1 - t)
+            # the first position is the prompt's last token: its round is the prefill, which the
+            # engine runs without drafting
+            limit = min(w_max, end - 1 - t) if t > start else 0
             depths = []
             j = t
             while len(depths) < limit and layer[j] >= 0:

@@ -132,6 +132,31 @@ class HFCausalLM:
             position_embeddings=(cos[:, start:end], sin[:, start:end]),
         )
 
+    def layer_states(self, token_ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Teacher-forced pass over a whole sequence through the same layer path as decoding.
+
+        Returns the hidden state after each layer l = 1..L ([k, H] each, before the final norm)
+        and the full model's logits [k, V]."""
+        cache = self.new_cache(len(token_ids))
+        hidden = self.embed(torch.tensor(token_ids))
+        states = []
+        for layer in range(self.num_layers):
+            hidden = self.run_layer(layer, hidden, 0, cache)
+            states.append(hidden[0])
+        return states, self.final_logits(hidden)
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm, as the model applies it before the LM head."""
+        return self._norm(hidden)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._lm_head.weight
+
+    @property
+    def softcap(self) -> float | None:
+        return self._softcap
+
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self._lm_head(normed)
         if self._softcap is not None:

@@ -1,0 +1,279 @@
+"""Collect: run the model over a corpus and record, per position and candidate layer, what fitting
+and simulation need. Streams to Arrow shards; an interrupted run resumes where it stopped.
+
+What a record keeps, per position and candidate exit layer, for two draft heads (the plain
+short-list head, and the short-list head after the fitted ridge lens):
+  - right: whether the head's short-list argmax equals the full model's argmax (the final token);
+  - conf: max softmax(z / T) at each temperature of fit.TEMPERATURE_GRID, computed exactly.
+Plus the sequence id, held-out flag, whether the text is the model's own greedy output, and the
+final token. What it loses: the logits themselves (30 layers x 49,152 floats a token), so a new
+head or a temperature outside the grid's range needs a new collection.
+
+Two passes: pass A accumulates, over fitting sequences only, the Gram matrices of the ridge lens
+([x 1]^T [x 1] and [x 1]^T y, float64) and the counts of the final tokens (for the short-list);
+pass B records. Fitting never sees the held-out split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from specbound_runtime.adapter import HFCausalLM
+from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
+
+from .fit import TEMPERATURE_GRID, ridge_lens
+
+HEADS = ("plain", "lens")
+
+
+@dataclass(frozen=True)
+class Sequence:
+    id: str
+    held_out: bool
+    own: bool  # the model's own greedy answer (its decode trajectory), else human text
+    ids: tuple[int, ...]
+    record_from: int  # first position recorded (own answers: the last prompt token)
+
+    @property
+    def recorded(self) -> int:
+        return len(self.ids) - self.record_from
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    candidate_layers: tuple[int, ...]
+    shortlist_size: int
+    ridge_lambda: float = 1.0
+    sequences_per_shard: int = 8
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fingerprint_sequences(sequences: list[Sequence]) -> str:
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(f"{s.id}|{int(s.held_out)}|{int(s.own)}|{s.record_from}|".encode())
+        h.update(np.asarray(s.ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+# -- pass A: lens Gram matrices and short-list counts ------------------------------------------
+
+
+def accumulate(lm: HFCausalLM, sequences: list[Sequence], settings: CollectSettings, state_path: Path, progress: Callable[[int], None]):
+    """Gram matrices per candidate layer and final-token counts over the fitting sequences."""
+    fitting = [s for s in sequences if not s.held_out]
+    H = lm.lm_head_weight.shape[1]
+    C = len(settings.candidate_layers)
+    done = 0
+    gram = np.zeros((C, H + 1, H + 1))
+    cross = np.zeros((C, H + 1, H))
+    counts = np.zeros(lm.vocab_size, dtype=np.int64)
+    if state_path.exists():
+        saved = np.load(state_path)
+        if saved["gram"].shape == gram.shape:
+            done, gram, cross, counts = int(saved["done"]), saved["gram"], saved["cross"], saved["counts"]
+            progress(sum(s.recorded for s in fitting[:done]))
+    with torch.inference_mode():
+        for i in range(done, len(fitting)):
+            seq = fitting[i]
+            states, logits = lm.layer_states(list(seq.ids))
+            rows = slice(seq.record_from, len(seq.ids))
+            final = logits[rows].argmax(-1)
+            counts += np.bincount(final.numpy(), minlength=lm.vocab_size)
+            y = lm.normed(states[-1][rows]).double().numpy()
+            for c, layer in enumerate(settings.candidate_layers):
+                x = lm.normed(states[layer - 1][rows]).double().numpy()
+                x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+                gram[c] += x1.T @ x1
+                cross[c] += x1.T @ y
+            progress(seq.recorded)
+            if (i + 1) % 8 == 0 or i + 1 == len(fitting):
+                _save_state(state_path, i + 1, gram, cross, counts)
+    return gram, cross, counts
+
+
+def _save_state(path: Path, done: int, gram, cross, counts) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, done=np.int64(done), gram=gram, cross=cross, counts=counts)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def fit_exit_head(lm: HFCausalLM, gram, cross, counts, settings: CollectSettings, eos_ids) -> ExitHeadWeights:
+    """The ridge lens per candidate layer and the short-list: the most frequent final tokens."""
+    lens = {}
+    for c, layer in enumerate(settings.candidate_layers):
+        w, b = ridge_lens(gram[c], cross[c], settings.ridge_lambda)
+        lens[layer] = (torch.from_numpy(w).float(), torch.from_numpy(b).float())
+    size = min(settings.shortlist_size, lm.vocab_size)
+    # most frequent first; ties by token id, so the choice is deterministic
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    chosen = set(int(t) for t in order[:size])
+    chosen.update(int(e) for e in eos_ids if 0 <= int(e) < lm.vocab_size)
+    shortlist = torch.tensor(sorted(chosen), dtype=torch.int64)
+    return ExitHeadWeights(shortlist=shortlist, lens=lens)
+
+
+def shortlist_coverage(counts: np.ndarray, shortlist: torch.Tensor) -> float:
+    total = counts.sum()
+    return float(counts[shortlist.numpy()].sum() / total) if total else 0.0
+
+
+# -- pass B: records ------------------------------------------------------------------------------
+
+
+def _confidences(z: torch.Tensor) -> torch.Tensor:
+    """max softmax(z / T) for every T of the grid: [k, S] -> [k, G]."""
+    top = z.max(dim=-1, keepdim=True).values
+    out = []
+    for t in TEMPERATURE_GRID:
+        out.append(torch.exp(-torch.logsumexp((z - top) / float(t), dim=-1)))
+    return torch.stack(out, dim=-1)
+
+
+@torch.inference_mode()
+def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Sequence, layers) -> dict[str, np.ndarray]:
+    states, logits = lm.layer_states(list(seq.ids))
+    rows = slice(seq.record_from, len(seq.ids))
+    final = logits[rows].argmax(-1)
+    k = final.shape[0]
+    right = np.zeros((k, len(HEADS), len(layers)), dtype=bool)
+    conf = np.zeros((k, len(HEADS), len(layers), len(TEMPERATURE_GRID)), dtype=np.float32)
+    for c, layer in enumerate(layers):
+        normed = lm.normed(states[layer - 1][rows])
+        for h, name in enumerate(HEADS):
+            head = heads[name]
+            z = head.logits(normed, layer)
+            draft = head.token_ids[z.argmax(-1)]
+            right[:, h, c] = (draft == final).numpy()
+            conf[:, h, c] = _confidences(z.float()).numpy()
+    return {"final": final.numpy().astype(np.int32), "right": right, "conf": conf}
+
+
+def write_records(
+    lm: HFCausalLM,
+    weights: ExitHeadWeights,
+    sequences: list[Sequence],
+    settings: CollectSettings,
+    shard_dir: Path,
+    progress: Callable[[int], None],
+) -> list[Path]:
+    """Record every sequence into Arrow shards; shards already on disk are kept (resume)."""
+    import pyarrow as pa
+
+    heads = {
+        "plain": FittedExitHead(ExitHeadWeights(weights.shortlist, {}), lm.normed, lm.lm_head_weight, lm.softcap),
+        "lens": FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap),
+    }
+    layers = settings.candidate_layers
+    per = settings.sequences_per_shard
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with torch.inference_mode():
+        for first in range(0, len(sequences), per):
+            path = shard_dir / f"shard-{first // per:05d}.arrow"
+            paths.append(path)
+            group = sequences[first : first + per]
+            if path.exists():
+                progress(sum(s.recorded for s in group))
+                continue
+            columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf")}
+            for index, seq in enumerate(group, start=first):
+                rec = record_sequence(lm, heads, seq, layers)
+                k = len(rec["final"])
+                columns["seq"].append(np.full(k, index, dtype=np.int32))
+                columns["held_out"].append(np.full(k, seq.held_out))
+                columns["own"].append(np.full(k, seq.own))
+                columns["final"].append(rec["final"])
+                columns["right"].append(rec["right"].reshape(k, -1))
+                columns["conf"].append(rec["conf"].reshape(k, -1))
+                progress(seq.recorded)
+            table = pa.table(
+                {
+                    "seq": pa.array(np.concatenate(columns["seq"])),
+                    "held_out": pa.array(np.concatenate(columns["held_out"])),
+                    "own": pa.array(np.concatenate(columns["own"])),
+                    "final": pa.array(np.concatenate(columns["final"])),
+                    "right": _fixed_list(np.concatenate(columns["right"])),
+                    "conf": _fixed_list(np.concatenate(columns["conf"])),
+                }
+            )
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return paths
+
+
+def _fixed_list(matrix: np.ndarray):
+    import pyarrow as pa
+
+    flat = pa.array(matrix.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+@dataclass(frozen=True)
+class Records:
+    """All recorded positions, as arrays (shapes: right [N, heads, C], conf [N, heads, C, G])."""
+
+    seq: np.ndarray
+    held_out: np.ndarray
+    own: np.ndarray
+    final: np.ndarray
+    right: np.ndarray
+    conf: np.ndarray
+    layers: tuple[int, ...]
+
+    def select(self, mask: np.ndarray) -> "Records":
+        return Records(self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask], self.conf[mask], self.layers)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each sequence (records are stored sequence by sequence)."""
+        if len(self.seq) == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(self.seq)) + 1
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [len(self.seq)]])
+        return list(zip(starts.tolist(), ends.tolist()))
+
+
+def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
+    """Read the shards back with `datasets` (memory-mapped Arrow)."""
+    from datasets import Dataset, concatenate_datasets
+
+    ds = concatenate_datasets([Dataset.from_file(str(p)) for p in paths]).with_format("numpy")
+    n = len(ds)
+    C, G = len(layers), len(TEMPERATURE_GRID)
+    right = np.asarray(ds["right"]).reshape(n, len(HEADS), C)
+    conf = np.asarray(ds["conf"]).reshape(n, len(HEADS), C, G)
+    return Records(
+        seq=np.asarray(ds["seq"]),
+        held_out=np.asarray(ds["held_out"]).astype(bool),
+        own=np.asarray(ds["own"]).astype(bool),
+        final=np.asarray(ds["final"]),
+        right=right.astype(bool),
+        conf=conf,
+        layers=tuple(layers),
+    )

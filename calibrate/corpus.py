@@ -1,0 +1,108 @@
+"""What calibration reads: human text and prompts whose greedy answers are the model's own text.
+
+`default` is the built-in corpus (data/tasks.py): essays and Wikipedia paragraphs, plus chat
+prompts built from calibration-side items. Any other value is a list of local files (text, JSONL,
+JSON or Parquet), read offline with `datasets`: a row's `text` is human text, a row's `prompt` is
+a prompt whose answer the model writes itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from specbound_runtime.errors import InputError
+
+_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class CorpusItem:
+    id: str
+    held_out: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    documents: tuple[CorpusItem, ...]
+    prompts: tuple[CorpusItem, ...]
+
+
+def load_corpus(spec: str, n_prompts: int, n_documents: int, held_out_fraction: float, seed: int) -> Corpus:
+    if spec == "default":
+        return _default(n_prompts, n_documents, held_out_fraction, seed)
+    return _files([p for p in spec.split(",") if p], held_out_fraction, n_prompts, n_documents)
+
+
+def _default(n_prompts, n_documents, fraction, seed) -> Corpus:
+    from data.tasks import calibration_chat_prompts, calibration_documents, is_held_out
+
+    n_eval = max(2, round(n_prompts * 0.2))
+    fit = calibration_chat_prompts(n_prompts - n_eval, seed=seed, held_out=False, fraction=fraction)
+    held = calibration_chat_prompts(n_eval, seed=seed, held_out=True, fraction=fraction)
+    prompts = [CorpusItem(p.id, False, p.text) for p in fit] + [CorpusItem(p.id, True, p.text) for p in held]
+    docs = []
+    # interleave essays and Wikipedia paragraphs deterministically, fitting then held-out
+    fit_docs = _interleave(calibration_documents(held_out=False, fraction=fraction))
+    held_docs = _interleave(calibration_documents(held_out=True, fraction=fraction))
+    n_held = max(1, round(n_documents * 0.2))
+    docs += [CorpusItem(d.id, False, d.text) for d in fit_docs[: n_documents - n_held]]
+    docs += [CorpusItem(d.id, True, d.text) for d in held_docs[:n_held]]
+    return Corpus("default", tuple(docs), tuple(prompts))
+
+
+def _interleave(docs) -> list:
+    by_source: dict[str, list] = {}
+    for d in docs:
+        by_source.setdefault(d.source, []).append(d)
+    out = []
+    queues = [by_source[k] for k in sorted(by_source)]
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def _unit_hash(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) -> Corpus:
+    if not paths:
+        raise InputError("--corpus is empty; give `default` or one or more files separated by commas")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+
+    docs, prompts = [], []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"corpus file {path} does not exist; give a local text, JSONL, JSON or Parquet file")
+        if path.is_dir():
+            raise InputError(f"corpus path {path} is a directory; list its files separated by commas")
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(
+                f"cannot read corpus file {path}: unknown format {path.suffix or '(none)'}; use .txt, .jsonl, .json or .parquet"
+            )
+        try:
+            kwargs = {"sample_by": "document"} if fmt == "text" else {}
+            ds = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise InputError(f"cannot read corpus file {path} as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if "text" not in ds.column_names and "prompt" not in ds.column_names:
+            raise InputError(f"corpus file {path} has no `text` or `prompt` column (found: {', '.join(ds.column_names)})")
+        for i, row in enumerate(ds):
+            for field, sink in (("text", docs), ("prompt", prompts)):
+                value = row.get(field)
+                if isinstance(value, str) and value.strip():
+                    item_id = f"{path.name}:{i}:{field}"
+                    sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, value))
+    if not docs and not prompts:
+        raise InputError(f"the corpus {', '.join(paths)} holds no text; give files with non-empty `text` or `prompt`")
+    return Corpus(",".join(paths), tuple(docs[:n_documents] if n_documents else docs), tuple(prompts[:n_prompts] if n_prompts else prompts))

@@ -1,0 +1,184 @@
+"""Calibration: fitting math by properties, the simulator against the real engine, and the whole
+pipeline on a tiny model (byte-identical artifacts, resume after interruption)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from calibrate import collect as C
+from calibrate.fit import TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, ridge_lens
+from calibrate.simulate import CostModel, Exits, decide_exits, simulate
+
+COST = CostModel(num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5)
+
+
+def _grid_conf(logits: torch.Tensor) -> np.ndarray:
+    return C._confidences(logits).numpy()
+
+
+def test_confidence_interpolation_is_exact_on_the_grid_and_monotone():
+    torch.manual_seed(0)
+    grid = _grid_conf(torch.randn(200, 50) * 3)
+    for i, t in enumerate(TEMPERATURE_GRID):
+        assert np.allclose(confidence_at(grid, float(t)), grid[:, i], rtol=1e-5)
+    values = [confidence_at(grid, t).mean() for t in np.geomspace(0.06, 19, 40)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    logits = torch.randn(6000, 40) * 2.5
+    grid = _grid_conf(logits)
+    true_t = 2.7
+    y = rng.random(6000) < confidence_at(grid, true_t)
+    fitted = fit_temperature(grid, y)
+    assert fitted > 0
+    assert abs(np.log(fitted) - np.log(true_t)) < 0.15
+    # no worse than T = 1 on the data it was fitted to, and better calibrated
+    assert binary_nll(confidence_at(grid, fitted), y) <= binary_nll(confidence_at(grid, 1.0), y)
+    assert expected_calibration_error(confidence_at(grid, fitted), y) < expected_calibration_error(confidence_at(grid, 1.0), y)
+
+
+def test_ridge_lens_recovers_a_linear_map():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 8))
+    w, b = rng.normal(size=(8, 8)), rng.normal(size=8)
+    y = x @ w + b
+    x1 = np.concatenate([x, np.ones((2000, 1))], axis=1)
+    w_hat, b_hat = ridge_lens(x1.T @ x1, x1.T @ y, lam=1e-6)
+    assert np.allclose(w_hat, w, atol=1e-5) and np.allclose(b_hat, b, atol=1e-5)
+
+
+def test_simulator_without_exits_is_plain_decoding_plus_checks():
+    n = 50
+    exits = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.full(n, 2))
+    r = simulate(exits, [(0, n)], COST, d_max=4, w_max=4)
+    assert r.tokens == n and r.rounds == n and r.mean_accepted_length == 1.0 and r.drafted == 0
+    # every round but the prefill and the last pays two failed checks for its hard token
+    assert r.cost_ms == pytest.approx(COST.ar_token * n + 2 * COST.check * (n - 2))
+    assert r.speedup < 1.0
+
+
+def test_simulator_with_perfect_shallow_drafts_accepts_full_width():
+    n = 41
+    exits = Exits(layer=np.full(n, 2), right=np.ones(n, bool), checks=np.ones(n, int))
+    r = simulate(exits, [(0, n)], COST, d_max=2, w_max=4)
+    # the prefill, then eight rounds of four accepted drafts plus the full model's token
+    assert r.rounds == 1 + 8 and r.tokens == n
+    assert r.mean_accepted_length == pytest.approx(41 / 9)
+    assert r.acceptance_rate == 1.0 and r.waste == 0.0
+    assert r.speedup > 1.5
+
+
+def test_simulator_matches_the_engine_round_by_round():
+    """Replaying recorded statistics gives the same accepted lengths as decoding for real."""
+    from specbound_runtime.adapter import HFCausalLM
+    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from specbound_runtime.exit_head import ExitHeadWeights
+    from specbound_runtime.policy import ExitPolicy
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    lm_plain = HFCausalLM(model)
+    layers = (2, 3, 4)
+    weights = ExitHeadWeights(shortlist=torch.arange(lm_plain.vocab_size), lens={})
+    lm = HFCausalLM(model, exit_weights=weights)
+    t = float(TEMPERATURE_GRID[8])
+    policy = ExitPolicy(6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3)
+    settings = C.CollectSettings(candidate_layers=layers, shortlist_size=lm.vocab_size)
+    heads = {name: C.FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap) for name in C.HEADS}
+    simulated, real = [], []
+    for p, prompt in enumerate(([5, 9, 20], [40, 41, 42, 43], [7])):
+        answer = list(generate(lm_plain, prompt, 40, NoDrafter()).token_ids)
+        seq = C.Sequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
+        rec = C.record_sequence(lm, heads, seq, layers)
+        exits = decide_exits(rec["conf"][:, 0], rec["right"][:, 0], [0, 1, 2], list(layers), [t] * 3, [0.08] * 3)
+        sim = simulate(exits, [(0, len(answer))], COST, policy.d_max, policy.w_max)
+        result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+        assert list(result.token_ids) == answer
+        simulated.append(sim)
+        real.append(result)
+    assert sum(r.drafted for r in real) > 10
+    for sim, result in zip(simulated, real):
+        assert sim.rounds == result.verify_passes
+        assert sim.accepted == result.accepted
+        # drafts after a wrong one are charged from the true context (the documented approximation)
+        assert abs(sim.drafted - result.drafted) <= 0.15 * result.drafted
+
+
+# -- the whole pipeline on a tiny model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from helpers import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("calib")
+    model = make_tiny_model_folder(root / "model", vocab_size=64, num_layers=4, seed=0)
+    rng = random.Random(0)
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(30):
+            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(50))}) + "\n")
+        for _ in range(16):
+            f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(6))}) + "\n")
+    cost = CostModel(num_layers=4, layer_base=0.2, layer_extra=0.01, head_base=0.05, head_extra=0.01, check=0.02, round_overhead=0.3)
+    return root, model, corpus, cost
+
+
+def _calibrate(root, model, corpus, cost, name, monkeypatch, **kw):
+    from calibrate import pipeline
+
+    monkeypatch.setattr(pipeline, "cached_cost", lambda *a, **k: cost)
+    opts = pipeline.CalibrateOptions(
+        model=str(model), corpus=str(corpus), out=root / f"{name}.safetensors", work_dir=root / f"work-{name}",
+        trials=25, answer_tokens=12, measure_prompts=0, **kw,
+    )
+    return pipeline.run_calibration(opts)
+
+
+def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch):
+    from specbound_runtime.artifact import load_artifact
+    from specbound_runtime.decoder import Decoder
+    from specbound_runtime.models import eos_token_ids, resolve_model
+
+    root, model, corpus, cost = tiny_setup
+    a = _calibrate(root, model, corpus, cost, "a", monkeypatch)
+    b = _calibrate(root, model, corpus, cost, "b", monkeypatch)
+    assert a.artifact.read_bytes() == b.artifact.read_bytes()
+    report = a.report
+    assert report["simulated"]["fit"]["speedup"] >= report["simulated"]["fit_paper_defaults"]["speedup"]
+    loaded = resolve_model(str(model))
+    art = load_artifact(a.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
+    assert art.metadata["seed"] == "0" and "cost_model" in art.metadata
+    eos = eos_token_ids(loaded)
+    tuned = Decoder(loaded.model, loaded.tokenizer, eos, art.policy, art.exit_weights)
+    plain = Decoder(loaded.model, loaded.tokenizer, eos)
+    for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
+        enc = tuned.encode([{"role": "user", "content": text}], True, 24)
+        assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids
+
+
+def test_interrupted_collection_resumes_to_the_same_artifact(tiny_setup, monkeypatch):
+    root, model, corpus, cost = tiny_setup
+    ref = _calibrate(root, model, corpus, cost, "ref", monkeypatch)
+    work = root / "work-ref"
+    # as if killed mid-way: the last answers line cut short, a shard missing, pass A half done,
+    # and a study that never ran
+    answers = (work / "answers.jsonl").read_text().splitlines()
+    (work / "answers.jsonl").write_text("\n".join(answers[:5]) + "\n" + answers[5][:10])
+    shards = sorted((work / "shards").glob("*.arrow"))
+    shards[-1].unlink()
+    (work / "pass_a.npz").unlink()
+    (work / "study.db").unlink()
+    ref_bytes = ref.artifact.read_bytes()
+    ref.artifact.unlink()
+    again = _calibrate(root, model, corpus, cost, "ref", monkeypatch)
+    assert again.artifact.read_bytes() == ref_bytes
