@@ -9,9 +9,14 @@ Plus the sequence id, held-out flag, whether the text is the model's own greedy 
 final token. What it loses: the logits themselves (30 layers x 49,152 floats a token), so a new
 head or a temperature outside the grid's range needs a new collection.
 
-Two passes: pass A accumulates, over fitting sequences only, the Gram matrices of the ridge lens
+Three disjoint splits, by sha256 of the sequence id: the held-out split (evaluation only); of
+the rest, half fits the lens and the short-list ("lens" split) and half fits temperatures and
+tunes the policy ("calibration" split). Fitting a temperature on the data its lens was fitted to
+makes it overconfident: the lens looks better there than anywhere else.
+
+Two passes: pass A accumulates, over the lens split only, the Gram matrices of the ridge lens
 ([x 1]^T [x 1] and [x 1]^T y, float64) and the counts of the final tokens (for the short-list);
-pass B records. Fitting never sees the held-out split.
+pass B records the calibration and held-out splits.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class Sequence:
     own: bool  # the model's own greedy answer (its decode trajectory), else human text
     ids: tuple[int, ...]
     record_from: int  # first position recorded (own answers: the last prompt token)
+
+    @property
+    def lens_split(self) -> bool:
+        """Fits the lens and short-list (half of the non-held-out sequences, by hashed id)."""
+        digest = hashlib.sha256(f"lens-split:{self.id}".encode()).digest()
+        return not self.held_out and digest[0] < 128
 
     @property
     def recorded(self) -> int:
@@ -81,8 +92,8 @@ def fingerprint_sequences(sequences: list[Sequence]) -> str:
 
 
 def accumulate(lm: HFCausalLM, sequences: list[Sequence], settings: CollectSettings, state_path: Path, progress: Callable[[int], None]):
-    """Gram matrices per candidate layer and final-token counts over the fitting sequences."""
-    fitting = [s for s in sequences if not s.held_out]
+    """Gram matrices per candidate layer and final-token counts over the lens split."""
+    fitting = [s for s in sequences if s.lens_split]
     H = lm.lm_head_weight.shape[1]
     C = len(settings.candidate_layers)
     done = 0
@@ -180,7 +191,8 @@ def write_records(
     shard_dir: Path,
     progress: Callable[[int], None],
 ) -> list[Path]:
-    """Record every sequence into Arrow shards; shards already on disk are kept (resume)."""
+    """Record the calibration and held-out sequences into Arrow shards; shards already on disk
+    are kept (resume)."""
     import pyarrow as pa
 
     heads = {
@@ -189,6 +201,7 @@ def write_records(
     }
     layers = settings.candidate_layers
     per = settings.sequences_per_shard
+    sequences = [s for s in sequences if not s.lens_split]
     shard_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     with torch.inference_mode():

@@ -3,6 +3,7 @@ so an interrupted run resumes where it stopped and reproduces the same artifact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -37,8 +38,8 @@ class CalibrateOptions:
     multi_objective: bool = False
     force: bool = False
     work_dir: Path | None = None
-    prompts: int = 40
-    documents: int = 48
+    prompts: int = 64
+    documents: int = 64
     answer_tokens: int = 128
     chunk_tokens: int = 256
     shortlist_size: int = 4096
@@ -144,8 +145,8 @@ def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[
         ids = [int(i) for i in tok(d.text)["input_ids"]][:chunk_tokens]
         if len(ids) >= 2:
             sequences.append(C.Sequence(d.id, d.held_out, False, tuple(ids), 0))
-    # fitting sequences first, then held-out; stable within each
-    return sorted(sequences, key=lambda s: s.held_out)
+    # lens split first, then calibration, then held-out; stable within each
+    return sorted(sequences, key=lambda s: (s.held_out, not s.lens_split))
 
 
 def _library_versions() -> dict[str, str]:
@@ -259,7 +260,10 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         raise UsageError(f"candidate layers must lie in 1..{L - 1}")
     corpus = load_corpus(opts.corpus, opts.prompts, opts.documents, opts.held_out_fraction, opts.seed)
     tag = f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}-seed{opts.seed}"
-    work = opts.work_dir or Path("runs") / f"calibrate-{tag}"
+    data_key = json.dumps(
+        [opts.corpus, opts.prompts, opts.documents, opts.answer_tokens, opts.chunk_tokens, opts.shortlist_size, list(layers)]
+    )
+    work = opts.work_dir or Path("runs") / f"calibrate-{tag}-{hashlib.sha256(data_key.encode()).hexdigest()[:8]}"
     out = opts.out or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
     if out.exists() and not opts.force:
         raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -271,11 +275,12 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     # 1. collect
     answers = own_answers(loaded, corpus.prompts, eos, opts.answer_tokens, work / "answers.jsonl")
     sequences = build_sequences(loaded, corpus, answers, opts.chunk_tokens)
-    n_fit = sum(s.recorded for s in sequences if not s.held_out)
-    if n_fit < MIN_FIT_POSITIONS:
+    n_lens = sum(s.recorded for s in sequences if s.lens_split)
+    n_fit = sum(s.recorded for s in sequences if not s.held_out and not s.lens_split)
+    if min(n_lens, n_fit) < MIN_FIT_POSITIONS:
         raise InputError(
-            f"the corpus gives {n_fit} fitting positions; at least {MIN_FIT_POSITIONS} are needed "
-            "(add text or prompts)"
+            f"the corpus gives {n_lens} lens-fitting and {n_fit} calibration positions; at least "
+            f"{MIN_FIT_POSITIONS} of each are needed (add text or prompts)"
         )
     corpus_fp = C.fingerprint_sequences(sequences)
     settings = C.CollectSettings(candidate_layers=tuple(layers), shortlist_size=opts.shortlist_size)
@@ -285,12 +290,12 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
     C.atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
 
-    bar = _bar(n_fit, "pass A: lens Gram matrices", "tok")
+    bar = _bar(n_lens, "pass A: lens Gram matrices", "tok")
     gram, cross, counts = C.accumulate(lm, sequences, settings, work / "pass_a.npz", bar.update)
     bar.close()
     weights = C.fit_exit_head(lm, gram, cross, counts, settings, eos)
     coverage = C.shortlist_coverage(counts, weights.shortlist)
-    total = sum(s.recorded for s in sequences)
+    total = sum(s.recorded for s in sequences if not s.lens_split)
     bar = _bar(total, "pass B: per-layer records", "tok")
     shards = C.write_records(lm, weights, sequences, settings, work / "shards", bar.update)
     bar.close()
@@ -356,7 +361,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         "artifact": str(path),
         "work_dir": str(work),
         "model": fp.short(),
-        "positions": {"fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
+        "positions": {"lens": n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
         "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(coverage, 4)},
         "policy": _jsonable(best),
         "cost_model_ms": cost.to_dict(),
