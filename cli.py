@@ -306,6 +306,40 @@ def _maybe_json(value: str):
         return value
 
 
+@app.command(epilog=EXIT_CODES_HELP)
+def bench(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Local HF folder, .gguf file, or built-in name smollm2-135m."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Calibrated artifact; needed by the specbound and oracle methods (skipped without it)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks (default all): mt-bench, code, summarization, qa, rag, math."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per answer at most."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (always runs: the reference), ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed repeats per answer (speedup: ratio of medians); hf-early-exit runs once."),
+    prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 22 min on 2 cores."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout instead of the Markdown table."),
+):
+    """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
+
+    Reports per task and overall: tokens/s, speedup over hf-greedy, mean accepted length,
+    acceptance rate and exactness against hf-greedy; and the simulator's oracle bound. Writes
+    results.json, table.md, speedup.png and Spec-Bench-style <method>.jsonl into --out."""
+    with _one_error_path():
+        import shlex
+
+        from calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
+        from data.tasks import TASKS
+
+        opts = BenchOptions(
+            model=model, artifact=artifact, tasks=parse_names(tasks, TASKS, "--tasks"),
+            methods=parse_names(methods, METHODS, "--methods"), max_new_tokens=max_new_tokens,
+            repeats=repeats, prompts_per_task=prompts_per_task, out=out,
+            command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        )
+        outcome = run_bench(opts)
+        typer.echo(json.dumps(outcome.results, sort_keys=True) if as_json else outcome.table, nl=as_json)
+        _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
+
+
 def main() -> None:
     app()
 
