@@ -8,7 +8,9 @@ a prompt whose answer the model writes itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +92,14 @@ def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) 
             raise InputError(
                 f"cannot read corpus file {path}: unknown format {path.suffix or '(none)'}; use .txt, .jsonl, .json or .parquet"
             )
+        if path.stat().st_size == 0:
+            raise InputError(f"corpus file {path} is empty; give files with non-empty `text` or `prompt`")
         try:
             kwargs = {"sample_by": "document"} if fmt == "text" else {}
-            ds = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+            with _quiet_datasets():
+                ds = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
         except Exception as e:  # datasets raises many types for unreadable files
-            raise InputError(f"cannot read corpus file {path} as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise InputError(f"cannot read corpus file {path} as {fmt}: {_why_unreadable(path, e)}") from None
         if "text" not in ds.column_names and "prompt" not in ds.column_names:
             raise InputError(f"corpus file {path} has no `text` or `prompt` column (found: {', '.join(ds.column_names)})")
         for i, row in enumerate(ds):
@@ -106,3 +111,53 @@ def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) 
     if not docs and not prompts:
         raise InputError(f"the corpus {', '.join(paths)} holds no text; give files with non-empty `text` or `prompt`")
     return Corpus(",".join(paths), tuple(docs[:n_documents] if n_documents else docs), tuple(prompts[:n_prompts] if n_prompts else prompts))
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence datasets' own logging and progress bars while it reads a file: a file it cannot
+    read is reported once, as our one-line error, not also as its log lines and tracebacks."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    verbosity = datasets_logging.get_verbosity()
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """One line on why `datasets` could not read a file: the first bad line of a JSON Lines file,
+    else the first specific message in the exception chain (datasets wraps the real one in a
+    generic "An error occurred while generating the dataset")."""
+    if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"line {number} is not valid UTF-8; re-save the file as UTF-8"
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {number} is not valid JSON ({e.msg}); write one JSON object per line"
+                if not isinstance(row, dict):
+                    return f"line {number} is not a JSON object; write one object with `text` or `prompt` per line"
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for e in chain:
+        text = str(e).strip()
+        if text and type(e).__name__ != "DatasetGenerationError":
+            return text.splitlines()[0]
+    return type(error).__name__

@@ -48,6 +48,7 @@ def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
         "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
         "policy.thresholds": torch.tensor(policy.thresholds, dtype=torch.float64),
         "policy.bounds": torch.tensor([policy.d_max, policy.w_max], dtype=torch.int64),
+        "policy.lookup": torch.tensor([policy.lookup_ngram, policy.lookup_max], dtype=torch.int64),
     }
 
 
@@ -95,17 +96,24 @@ def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> 
     metadata["schema_version"] = str(SCHEMA_VERSION)
     metadata["checksum"] = _checksum(metadata, tensors)
     blob = _serialize(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk is not a bug: say so, and that nothing changed
+            raise ArtifactError(
+                f"cannot write {path} ({e.strerror or e}); nothing was written there; free disk space or choose another --out"
+            ) from None
         raise
     return path
 
@@ -116,7 +124,10 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise ArtifactError(f"no artifact at {path}; run `specbound calibrate` to make one")
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory, not an artifact file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact {path} ({e.strerror or e}); check its permissions") from None
     bad = f"{path} is not a valid SpecBound artifact"
     if len(data) < 8:
         raise ArtifactError(f"{bad}: file is too short; recalibrate or restore it")
@@ -195,6 +206,11 @@ def read_artifact(path: str | Path) -> Artifact:
     bounds = _require(tensors, "policy.bounds", 1, "int", path)
     if bounds.numel() != 2:
         raise ArtifactError(f"{path}: policy.bounds must hold [d_max, w_max], got {bounds.numel()} values")
+    lookup = tensors.get("policy.lookup")
+    if lookup is not None:
+        lookup = _require(tensors, "policy.lookup", 1, "int", path)
+        if lookup.numel() != 2:
+            raise ArtifactError(f"{path}: policy.lookup must hold [ngram, max_tokens], got {lookup.numel()} values")
     try:
         policy = ExitPolicy(
             num_layers=num_layers,
@@ -203,6 +219,8 @@ def read_artifact(path: str | Path) -> Artifact:
             thresholds=tuple(float(x) for x in thresholds),
             d_max=int(bounds[0]),
             w_max=int(bounds[1]),
+            lookup_ngram=0 if lookup is None else int(lookup[0]),
+            lookup_max=0 if lookup is None else int(lookup[1]),
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None

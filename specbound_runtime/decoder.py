@@ -70,9 +70,10 @@ class Decoder:
 class TextStream:
     """Decodes a growing list of token ids and writes only the new text (UTF-8 safe)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer, out=None):
         self.tokenizer = tokenizer
-        self.out = out
+        # Looked up per stream, not bound at import: whoever replaced sys.stdout since gets the text.
+        self.out = sys.stdout if out is None else out
         self.ids: list[int] = []
         self.printed = ""
 
