@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +42,10 @@ def _one_error_path():
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, timeout, a cancelled job) ends the run like Ctrl-C: cleanly, work kept
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     except SpecBoundError as e:
@@ -57,6 +63,13 @@ def _one_error_path():
             raise
         _err(f"Error: internal error ({type(e).__name__}: {e}); rerun with --debug and report the traceback")
         raise typer.Exit(EXIT_INTERNAL)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _load_decoder(model: str, artifact: Optional[Path]):
@@ -221,7 +234,7 @@ def _calibration_summary(report: dict) -> str:
     lines = [
         f"artifact: {report['artifact']}",
         f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
-        f"policy: head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']}",
+        f"policy: head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']} lookup={pol['lookup_ngram']}-gram x{pol['lookup_max']}",
         f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
     ]
     if sim.get("held_out"):
@@ -265,6 +278,8 @@ def inspect(
                 "thresholds": list(p.thresholds),
                 "d_max": p.d_max,
                 "w_max": p.w_max,
+                "lookup_ngram": p.lookup_ngram,
+                "lookup_max": p.lookup_max,
                 "num_layers": p.num_layers,
             },
             "exit_head": None
@@ -288,7 +303,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max}")
         if info["exit_head"]:
             typer.echo(f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}")
         for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):

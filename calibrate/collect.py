@@ -258,12 +258,24 @@ class Records:
     right: np.ndarray
     conf: np.ndarray
     layers: tuple[int, ...]
+    lookup_proposed: np.ndarray | None = None  # [N, ngrams]: prompt lookup per n-gram size 1..
+    lookup_right: np.ndarray | None = None
 
     def select(self, mask: np.ndarray) -> "Records":
-        return Records(self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask], self.conf[mask], self.layers)
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return Records(
+            self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask],
+            self.conf[mask], self.layers, pick(self.lookup_proposed), pick(self.lookup_right),
+        )
 
     def bounds(self) -> list[tuple[int, int]]:
-        """[start, end) of each sequence (records are stored sequence by sequence)."""
+        """[start, end) of each sequence's decode trajectory (records are stored sequence by
+        sequence). A sequence's last row predicts a token past its end, never generated: it
+        counts for calibration but is not replayed."""
+        return [(a, b - 1) for a, b in self.blocks()]
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """[start, end) of each sequence's rows."""
         if len(self.seq) == 0:
             return []
         cuts = np.flatnonzero(np.diff(self.seq)) + 1
@@ -289,4 +301,40 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
         right=right.astype(bool),
         conf=conf,
         layers=tuple(layers),
+    )
+
+
+LOOKUP_NGRAMS = (1, 2, 3)
+LOOKUP_MAX = 10
+
+
+def with_lookups(records: Records, recorded: list[Sequence]) -> Records:
+    """Add, per recorded position, what prompt lookup proposes from the true context (as
+    specbound_runtime.policy.lookup_continuation does) and how much of it is right.
+    `recorded` are the sequences in the order write_records stored them."""
+    n = len(records.seq)
+    proposed = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)
+    right = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)
+    for start, end in records.blocks():
+        seq = recorded[int(records.seq[start])]
+        ids = list(seq.ids)
+        for g, size in enumerate(LOOKUP_NGRAMS):
+            last_end: dict[tuple, int] = {}
+            for p in range(len(ids)):
+                tail = tuple(ids[p - size + 1 : p + 1]) if p >= size - 1 else None
+                row = start + p - seq.record_from
+                if tail is not None and start <= row < end and tail in last_end:
+                    q = last_end[tail]
+                    cont = ids[q + 1 : min(p + 1, q + 1 + LOOKUP_MAX)]
+                    proposed[row, g] = len(cont)
+                    truth = ids[p + 1 : p + 1 + len(cont)]
+                    k = 0
+                    while k < len(truth) and cont[k] == truth[k]:
+                        k += 1
+                    right[row, g] = k
+                if tail is not None:
+                    last_end[tail] = p
+    return Records(
+        records.seq, records.held_out, records.own, records.final, records.right, records.conf,
+        records.layers, proposed, right,
     )

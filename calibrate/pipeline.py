@@ -105,10 +105,9 @@ def own_answers(loaded, prompts, eos_ids, max_new_tokens: int, path: Path, batch
     todo = [p for p in prompts if p.id not in done]
     model, tok = loaded.model, loaded.tokenizer
     pad = eos_ids[0] if eos_ids else 0
-    bar = _bar(len(prompts), "own answers", "prompt")
-    bar.update(len(prompts) - len(todo))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f, torch.inference_mode():
+    with _bar(len(prompts), "own answers", "prompt") as bar, open(path, "a") as f, torch.inference_mode():
+        bar.update(len(prompts) - len(todo))
         for i in range(0, len(todo), batch_size):
             group = todo[i : i + batch_size]
             encoded = [_chat_ids(tok, p.text) for p in group]
@@ -129,7 +128,6 @@ def own_answers(loaded, prompts, eos_ids, max_new_tokens: int, path: Path, batch
                 f.write(json.dumps({"id": p.id, "answer": answer}) + "\n")
                 f.flush()
             bar.update(len(group))
-    bar.close()
     return done
 
 
@@ -290,16 +288,14 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
     C.atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
 
-    bar = _bar(n_lens, "pass A: lens Gram matrices", "tok")
-    gram, cross, counts = C.accumulate(lm, sequences, settings, work / "pass_a.npz", bar.update)
-    bar.close()
+    with _bar(n_lens, "pass A: lens Gram matrices", "tok") as bar:
+        gram, cross, counts = C.accumulate(lm, sequences, settings, work / "pass_a.npz", bar.update)
     weights = C.fit_exit_head(lm, gram, cross, counts, settings, eos)
     coverage = C.shortlist_coverage(counts, weights.shortlist)
     total = sum(s.recorded for s in sequences if not s.lens_split)
-    bar = _bar(total, "pass B: per-layer records", "tok")
-    shards = C.write_records(lm, weights, sequences, settings, work / "shards", bar.update)
-    bar.close()
-    records = C.load_records(shards, tuple(layers))
+    with _bar(total, "pass B: per-layer records", "tok") as bar:
+        shards = C.write_records(lm, weights, sequences, settings, work / "shards", bar.update)
+    records = C.with_lookups(C.load_records(shards, tuple(layers)), [s for s in sequences if not s.lens_split])
 
     # 2. fit
     schedules, calibration = fit_schedules(records, L)
@@ -310,9 +306,8 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     own = records.own if records.own.any() else np.ones_like(records.own)
     fit_traj = records.select(own & ~records.held_out)
     held_traj = records.select(own & records.held_out)
-    bar = _bar(opts.trials, "tuning (simulated)", "trial")
-    result = tune(fit_traj, schedules, cost, opts.trials, opts.seed, storage, study_name, opts.multi_objective, bar.update)
-    bar.close()
+    with _bar(opts.trials, "tuning (simulated)", "trial") as bar:
+        result = tune(fit_traj, schedules, cost, opts.trials, opts.seed, storage, study_name, opts.multi_objective, bar.update)
     best = result.best
     policy = best.policy(schedules)
     held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
@@ -390,6 +385,8 @@ def _jsonable(candidate) -> dict:
         "check_layers": list(candidate.checks),
         "d_max": candidate.d_max,
         "w_max": candidate.w_max,
+        "lookup_ngram": candidate.lookup_ngram,
+        "lookup_max": candidate.lookup_max,
     }
 
 
@@ -413,20 +410,19 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int) -> dict:
     tokens = {"plain": 0, "paper": 0, "tuned": 0}
     accept = {"paper": [], "tuned": []}
     exact = True
-    bar = _bar(len(prompts), "measuring held-out decode", "prompt")
-    for p in prompts:
-        enc = plain.encode([{"role": "user", "content": p.text}], plain.has_chat_template, max_new_tokens)
-        ref = plain.generate(enc, speculation=False)
-        a = plain.generate(enc, speculation=True)  # paper default policy, full-vocabulary head
-        b = tuned.generate(enc, speculation=True)
-        exact &= a.token_ids == ref.token_ids == b.token_ids
-        for k, r in (("plain", ref), ("paper", a), ("tuned", b)):
-            times[k] += r.wall_time_s
-            tokens[k] += r.new_tokens
-        accept["paper"].extend(a.accept_lengths)
-        accept["tuned"].extend(b.accept_lengths)
-        bar.update(1)
-    bar.close()
+    with _bar(len(prompts), "measuring held-out decode", "prompt") as bar:
+        for p in prompts:
+            enc = plain.encode([{"role": "user", "content": p.text}], plain.has_chat_template, max_new_tokens)
+            ref = plain.generate(enc, speculation=False)
+            a = plain.generate(enc, speculation=True)  # paper default policy, full-vocabulary head
+            b = tuned.generate(enc, speculation=True)
+            exact &= a.token_ids == ref.token_ids == b.token_ids
+            for k, r in (("plain", ref), ("paper", a), ("tuned", b)):
+                times[k] += r.wall_time_s
+                tokens[k] += r.new_tokens
+            accept["paper"].extend(a.accept_lengths)
+            accept["tuned"].extend(b.accept_lengths)
+            bar.update(1)
     tps = {k: tokens[k] / times[k] if times[k] else 0.0 for k in times}
     return {
         "prompts": len(prompts),

@@ -101,13 +101,33 @@ def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exi
     return Exits(layer=layer, right=ok, checks=checks)
 
 
-def simulate(exits: Exits, bounds: list[tuple[int, int]], cost: CostModel, d_max: int, w_max: int) -> SimResult:
+@dataclass(frozen=True)
+class Lookups:
+    """Prompt lookup per recorded position, from the true context: how many tokens it proposes
+    (capped at lookup_max) and how many of those lead the true continuation."""
+
+    proposed: np.ndarray
+    right: np.ndarray
+
+
+def simulate(
+    exits: Exits,
+    bounds: list[tuple[int, int]],
+    cost: CostModel,
+    d_max: int,
+    w_max: int,
+    lookups: Lookups | None = None,
+    lookup_max: int = 0,
+) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
     is the last prompt token (its hidden state predicts the first generated token)."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
     checks = exits.checks.tolist()
+    use_lookup = lookups is not None and lookup_max > 0
+    proposed = np.minimum(lookups.proposed, lookup_max).tolist() if use_lookup else None
+    proposed_right = lookups.right.tolist() if use_lookup else None
     base, extra, check = cost.layer_base, cost.layer_extra, cost.check
     total = 0.0
     tokens = rounds = drafted = accepted = 0
@@ -117,17 +137,26 @@ def simulate(exits: Exits, bounds: list[tuple[int, int]], cost: CostModel, d_max
             # the first position is the prompt's last token: its round is the prefill, which the
             # engine runs without drafting
             limit = min(w_max, end - 1 - t) if t > start else 0
-            depths = []
+            depths: list[int] = []
+            good: list[bool] = []
+            n_checks = 0
             j = t
-            while len(depths) < limit and layer[j] >= 0:
+            while len(depths) < limit:
+                m = min(proposed[j], limit - len(depths)) if use_lookup else 0
+                if m:  # prompt lookup: drafts at depth 0, no layer or check cost
+                    depths.extend([0] * m)
+                    good.extend(i < proposed_right[j] for i in range(m))
+                    j += m
+                    continue
+                n_checks += checks[j]
+                if layer[j] < 0:  # a hard token: drafting stops
+                    break
                 depths.append(layer[j])
+                good.append(right[j])
                 j += 1
             k = len(depths)
-            hard = k < limit
-            frontier = d_max if hard else 0
-            n_checks = sum(checks[t : t + k]) + (checks[j] if hard else 0)
             a = 0
-            while a < k and right[t + a]:
+            while a < k and good[a]:
                 a += 1
             # Every pending position runs all L layers exactly once (drafting, catch-up, verification);
             # the layer calls are the frontier's climbs plus one verification pass.

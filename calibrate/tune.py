@@ -16,9 +16,9 @@ import numpy as np
 from specbound_runtime.errors import UsageError
 from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers
 
-from .collect import HEADS, Records
+from .collect import HEADS, LOOKUP_MAX, LOOKUP_NGRAMS, Records
 from .fit import paper_schedule
-from .simulate import CostModel, SimResult, decide_exits, oracle_exits, simulate
+from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
 _STORAGE = re.compile(r"^(sqlite|postgresql|postgres|mysql)(\+\w+)?://")
@@ -59,6 +59,8 @@ class Candidate:
     checks: tuple[int, ...]
     d_max: int
     w_max: int
+    lookup_ngram: int = 0
+    lookup_max: int = 0
 
     def policy(self, schedules: Schedules) -> ExitPolicy:
         temps = dict(zip(schedules.layers, schedules.temperatures(self.head, self.schedule)))
@@ -69,12 +71,21 @@ class Candidate:
             thresholds=(self.threshold,) * len(self.checks),
             d_max=self.d_max,
             w_max=self.w_max,
+            lookup_ngram=self.lookup_ngram,
+            lookup_max=self.lookup_max,
         )
 
 
 def paper_candidate(layers: tuple[int, ...], num_layers: int) -> Candidate:
     checks = tuple(l for l in default_check_layers(num_layers) if l in layers)
     return Candidate("plain", "paper", PAPER_THRESHOLD, checks, checks[-1], PAPER_W_MAX)
+
+
+def _lookups(records: Records, candidate: Candidate) -> Lookups | None:
+    if not candidate.lookup_ngram or records.lookup_proposed is None:
+        return None
+    g = LOOKUP_NGRAMS.index(candidate.lookup_ngram)
+    return Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g])
 
 
 def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
@@ -84,7 +95,9 @@ def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost:
     exits = decide_exits(
         records.conf[:, h], records.right[:, h], columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
-    return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max)
+    return simulate(
+        exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max
+    )
 
 
 def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> SimResult:
@@ -92,7 +105,9 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     h = HEADS.index(candidate.head)
     columns = [records.layers.index(l) for l in candidate.checks]
     exits = oracle_exits(records.right[:, h], columns, list(candidate.checks))
-    return simulate(exits, records.bounds(), cost, candidate.d_max, candidate.w_max)
+    return simulate(
+        exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max
+    )
 
 
 def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate | None:
@@ -101,17 +116,20 @@ def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate | Non
     threshold = trial.suggest_float("threshold", 0.2, 0.995)
     use = [trial.suggest_categorical(f"check_{l}", [True, False]) for l in layers]
     d_max = trial.suggest_categorical("d_max", list(layers))
-    w_max = trial.suggest_int("w_max", 1, 10)
+    w_max = trial.suggest_int("w_max", 1, 12)
+    lookup_ngram = trial.suggest_categorical("lookup_ngram", [0, *LOOKUP_NGRAMS])
+    lookup_max = trial.suggest_int("lookup_max", 1, LOOKUP_MAX)
     checks = tuple(l for l, u in zip(layers, use) if u and l <= d_max)
     if not checks:
         return None
-    return Candidate(head, schedule, threshold, checks, checks[-1], w_max)
+    return Candidate(head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max if lookup_ngram else 0)
 
 
 def _params(candidate: Candidate, layers: tuple[int, ...]) -> dict:
     params = {"head": candidate.head, "schedule": candidate.schedule, "threshold": candidate.threshold}
     params.update({f"check_{l}": l in candidate.checks for l in layers})
     params.update({"d_max": candidate.d_max, "w_max": candidate.w_max})
+    params.update({"lookup_ngram": candidate.lookup_ngram, "lookup_max": max(1, candidate.lookup_max)})
     return params
 
 
@@ -138,24 +156,31 @@ def tune(
 ) -> TuneResult:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     layers = records.layers
     L = schedules.num_layers
     paper = paper_candidate(layers, L)
-    if multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(seed=seed)
-        directions = ["maximize", "minimize"]
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        directions = ["maximize"]
+    directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
+
+    def sampler_for(n_complete: int):
+        # Reseeded before each trial from (seed, trials done): a study resumed after an
+        # interruption suggests exactly what an uninterrupted one would have.
+        s = seed * 1_000_003 + n_complete
+        return optuna.samplers.NSGAIISampler(seed=s) if multi_objective else optuna.samplers.TPESampler(seed=s)
+
     study = optuna.create_study(
-        storage=storage, study_name=study_name, sampler=sampler, directions=directions, load_if_exists=True
+        storage=storage, study_name=study_name, sampler=sampler_for(0), directions=directions, load_if_exists=True
     )
     if len(study.directions) != len(directions):
         raise UsageError(f"study {study_name!r} in {storage} was made with other objectives; use another --study-name")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not study.trials:
-        study.enqueue_trial(_params(paper, layers))
+    paper_params = _params(paper, layers)
+    if not any(
+        t.params == paper_params or t.system_attrs.get("fixed_params") == paper_params
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+    ):
+        study.enqueue_trial(paper_params)
 
     def objective(trial):
         candidate = _suggest(trial, layers, L)
@@ -170,11 +195,13 @@ def tune(
             progress(1)
         return (result.speedup, result.waste) if multi_objective else result.speedup
 
-    remaining = max(0, n_trials - len(finished))
     if progress is not None and finished:
         progress(min(len(finished), n_trials))
-    if remaining:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=False)
+    done = len(finished)
+    while done < n_trials:
+        study.sampler = sampler_for(done)
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     complete = [
         t for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE and any(t.params.get(f"check_{l}") for l in layers if l <= t.params["d_max"])
@@ -203,4 +230,8 @@ def tune(
 
 def _candidate_from_params(params: dict, layers: tuple[int, ...]) -> Candidate:
     checks = tuple(l for l in layers if params[f"check_{l}"] and l <= params["d_max"])
-    return Candidate(params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]))
+    ngram = int(params.get("lookup_ngram", 0))
+    return Candidate(
+        params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]),
+        ngram, int(params.get("lookup_max", 0)) if ngram else 0,
+    )

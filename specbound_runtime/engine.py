@@ -16,7 +16,7 @@ import torch
 
 from .acceptance import Acceptance, accept
 from .adapter import LayerModel
-from .policy import ExitPolicy, decide_exit
+from .policy import ExitPolicy, decide_exit, lookup_continuation
 
 
 class Sequence:
@@ -112,7 +112,9 @@ class NoDrafter:
 @dataclass
 class EarlyExitDrafter:
     """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
-    threshold; stop at the first hard token (depth bound reached) or at the width bound."""
+    threshold; stop at the first hard token (depth bound reached) or at the width bound. With
+    prompt lookup on (policy.lookup_ngram), a continuation found earlier in the context is drafted
+    first, at depth 0 (exit layer 0 in the statistics)."""
 
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
@@ -120,7 +122,18 @@ class EarlyExitDrafter:
     def draft(self, seq: Sequence, budget: int) -> None:
         policy = self.policy
         checks = policy.active_checks
-        for _ in range(min(budget, policy.w_max)):
+        limit = min(budget, policy.w_max)
+        while len(seq.drafts) < limit:
+            if policy.lookup_ngram:
+                found = lookup_continuation(
+                    seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit - len(seq.drafts))
+                )
+                for token in found:
+                    seq.push_draft(token, 0)
+                    if token in self.eos_token_ids:
+                        return
+                if found:
+                    continue
             for layer, temperature, threshold in checks:
                 seq.advance_to(layer)
                 logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]

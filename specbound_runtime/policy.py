@@ -31,6 +31,9 @@ class ExitPolicy:
     temperatures, thresholds: one per check layer; exit when max softmax(z_l / T_l) >= threshold_l.
     d_max: depth bound; a token that reaches it without exiting is a hard token and ends drafting.
     w_max: width bound; drafting stops when this many drafts exist.
+    lookup_ngram, lookup_max: our addition to the paper. When the last lookup_ngram tokens occurred
+      earlier in the context, up to lookup_max tokens that followed them are drafted at depth 0,
+      at no layer cost (prompt lookup); early-exit drafting goes on from there. 0 turns it off.
     """
 
     num_layers: int
@@ -39,6 +42,8 @@ class ExitPolicy:
     thresholds: tuple[float, ...]
     d_max: int
     w_max: int
+    lookup_ngram: int = 0
+    lookup_max: int = 0
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -61,6 +66,10 @@ class ExitPolicy:
             raise ValueError(f"d_max must lie in 1..{L}, got {self.d_max}")
         if self.w_max < 1:
             raise ValueError(f"w_max must be >= 1, got {self.w_max}")
+        if self.lookup_ngram < 0 or self.lookup_max < 0 or (self.lookup_ngram == 0) != (self.lookup_max == 0):
+            raise ValueError(
+                f"lookup_ngram and lookup_max must both be 0 (off) or both >= 1, got {self.lookup_ngram}, {self.lookup_max}"
+            )
 
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:
@@ -121,3 +130,17 @@ def decide_exit(logits: torch.Tensor, temperature: float, threshold: float) -> E
     broken = bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
     exits = not broken and confidence >= threshold
     return ExitDecision(confidence=confidence, token=token, exits=exits)
+
+
+def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:
+    """Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
+    `ngram` tokens (at most max_tokens of them); [] when there is none."""
+    n = len(tokens)
+    if ngram < 1 or max_tokens < 1 or n <= ngram:
+        return []
+    tail = tokens[n - ngram :]
+    last = tail[-1]
+    for end in range(n - 2, ngram - 2, -1):  # `end`: index of the match's last token
+        if tokens[end] == last and tokens[end - ngram + 1 : end + 1] == tail:
+            return tokens[end + 1 : min(n, end + 1 + max_tokens)]
+    return []

@@ -13,7 +13,7 @@ import torch
 
 from calibrate import collect as C
 from calibrate.fit import TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, ridge_lens
-from calibrate.simulate import CostModel, Exits, decide_exits, simulate
+from calibrate.simulate import CostModel, Exits, Lookups, decide_exits, simulate
 
 COST = CostModel(num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5)
 
@@ -77,7 +77,8 @@ def test_simulator_with_perfect_shallow_drafts_accepts_full_width():
     assert r.speedup > 1.5
 
 
-def test_simulator_matches_the_engine_round_by_round():
+@pytest.mark.parametrize("lookup", [0, 1, 2], ids=["no-lookup", "unigram-lookup", "bigram-lookup"])
+def test_simulator_matches_the_engine_round_by_round(lookup):
     """Replaying recorded statistics gives the same accepted lengths as decoding for real."""
     from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
@@ -91,7 +92,7 @@ def test_simulator_matches_the_engine_round_by_round():
     weights = ExitHeadWeights(shortlist=torch.arange(lm_plain.vocab_size), lens={})
     lm = HFCausalLM(model, exit_weights=weights)
     t = float(TEMPERATURE_GRID[8])
-    policy = ExitPolicy(6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3)
+    policy = ExitPolicy(6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup, lookup_max=3 if lookup else 0)
     settings = C.CollectSettings(candidate_layers=layers, shortlist_size=lm.vocab_size)
     heads = {name: C.FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap) for name in C.HEADS}
     simulated, real = [], []
@@ -99,8 +100,14 @@ def test_simulator_matches_the_engine_round_by_round():
         answer = list(generate(lm_plain, prompt, 40, NoDrafter()).token_ids)
         seq = C.Sequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
         rec = C.record_sequence(lm, heads, seq, layers)
+        k = len(rec["final"])
+        records = C.with_lookups(
+            C.Records(np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], layers),
+            [seq],
+        )
         exits = decide_exits(rec["conf"][:, 0], rec["right"][:, 0], [0, 1, 2], list(layers), [t] * 3, [0.08] * 3)
-        sim = simulate(exits, [(0, len(answer))], COST, policy.d_max, policy.w_max)
+        lookups = Lookups(records.lookup_proposed[:, lookup - 1], records.lookup_right[:, lookup - 1]) if lookup else None
+        sim = simulate(exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max)
         result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
         assert list(result.token_ids) == answer
         simulated.append(sim)

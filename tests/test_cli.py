@@ -111,6 +111,7 @@ def test_inspect_json_shows_policy_exit_head_and_fingerprints(tiny, tmp_path):
     info = json.loads(result.stdout)
     assert info["policy"] == {
         "check_layers": [1, 3], "temperatures": [1.5, 1.25], "thresholds": [0.8, 0.7], "d_max": 3, "w_max": 5, "num_layers": 4,
+        "lookup_ngram": 0, "lookup_max": 0,
     }
     assert info["exit_head"] == {"shortlist": 32, "lens_layers": [3]}
     assert info["metadata"]["model_fingerprint"] == loaded.fingerprint.to_dict()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specbound_runtime.acceptance import accept
-from specbound_runtime.policy import ExitPolicy, decide_exit, exit_confidence, paper_temperatures
+from specbound_runtime.policy import ExitPolicy, decide_exit, exit_confidence, lookup_continuation, paper_temperatures
 
 
 def _logits_for(tokens, vocab=10):
@@ -102,3 +102,26 @@ def test_runtime_imports_no_calibration_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "tokens,ngram,m,expected",
+    [
+        ([1, 2, 3, 9, 1, 2], 2, 3, [3, 9, 1]),  # most recent earlier "1 2" is followed by 3 9 1
+        ([1, 2, 3, 1, 2, 4, 1, 2], 2, 2, [4, 1]),  # the most recent occurrence wins
+        ([5, 6, 7], 2, 3, []),  # no earlier occurrence
+        ([7, 7, 7], 1, 4, [7]),  # overlapping: only tokens that exist
+        ([1, 2], 2, 3, []),  # nothing before the tail
+        ([4, 1, 2, 4], 1, 0, []),
+    ],
+)
+def test_lookup_continuation(tokens, ngram, m, expected):
+    assert lookup_continuation(tokens, ngram, m) == expected
+
+
+def test_lookup_settings_are_both_on_or_both_off():
+    base = dict(num_layers=6, check_layers=(2,), temperatures=(1.0,), thresholds=(0.5,), d_max=2, w_max=2)
+    ExitPolicy(**base, lookup_ngram=2, lookup_max=4)
+    for bad in ((2, 0), (0, 3), (-1, 2)):
+        with pytest.raises(ValueError):
+            ExitPolicy(**base, lookup_ngram=bad[0], lookup_max=bad[1])

@@ -614,7 +614,7 @@ def _trials(storage: str, state: str | None = None):
     return [t for t in trials if state is None or t.state.name == state]
 
 
-PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4}
+PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4, "lookup_ngram": 0, "lookup_max": 1}
 
 
 def test_interrupted_tuning_resumes_from_its_storage(tmp_path):
@@ -646,7 +646,6 @@ _TUNE_FIX = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_TUNE_FIX)
 def test_resumed_tuning_makes_the_same_choices_as_an_uninterrupted_one(tmp_path):
     clean, broken = f"sqlite:///{tmp_path / 'clean.db'}", f"sqlite:///{tmp_path / 'broken.db'}"
     best = _tune(clean, 10).best
@@ -656,13 +655,6 @@ def test_resumed_tuning_makes_the_same_choices_as_an_uninterrupted_one(tmp_path)
     assert [t.params for t in _trials(broken, "COMPLETE")] == [t.params for t in _trials(clean)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="calibrate/tune.py enqueues the paper's defaults only into an empty study, so a study "
-    "interrupted during that first trial never evaluates them; fix: enqueue them unless a COMPLETE or "
-    "WAITING trial already has their params: `if not any(t.params == _params(paper, layers) for t in "
-    "study.trials if t.state in (COMPLETE, WAITING)): study.enqueue_trial(...)`",
-)
 def test_tuning_interrupted_in_its_first_trial_still_tries_the_paper_defaults(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     with pytest.raises(KeyboardInterrupt):
@@ -671,12 +663,6 @@ def test_tuning_interrupted_in_its_first_trial_still_tries_the_paper_defaults(tm
     assert any(t.params == PAPER_PARAMS for t in _trials(storage, "COMPLETE"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="calibrate/tune.py sets optuna's verbosity to WARNING, and optuna logs a trial interrupted by "
-    "Ctrl-C as a warning with its traceback, so `specbound calibrate` interrupted while tuning prints a "
-    "traceback above `Error: interrupted`; fix: optuna.logging.set_verbosity(optuna.logging.ERROR) in tune()",
-)
 def test_interrupted_tuning_prints_no_traceback(tmp_path):
     import logging
 
@@ -746,14 +732,6 @@ def test_sigint_during_calibration_exits_130_and_a_rerun_gives_the_clean_artifac
     assert out.read_bytes() == (tmp_path / "clean.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py handles Ctrl-C (KeyboardInterrupt) but not SIGTERM (timeout, CI cancel, kill), which "
-    "ends the process silently with -15; fix: in _one_error_path, before `yield`, "
-    "`previous = signal.signal(signal.SIGTERM, _terminate)` with `def _terminate(signum, frame): raise "
-    "KeyboardInterrupt`, restored in a `finally` (only when threading.current_thread() is "
-    "threading.main_thread())",
-)
 def test_sigterm_during_calibration_is_an_interruption_too(tiny, corpus, tmp_path, cache):
     work = tmp_path / "work"
     args = ["--corpus", str(corpus), "--out", str(tmp_path / "out.safetensors"), "--work-dir", str(work), *CALIBRATE_FLAGS]
@@ -761,12 +739,6 @@ def test_sigterm_during_calibration_is_an_interruption_too(tiny, corpus, tmp_pat
     assert code == EXIT_INTERRUPTED and "Error: interrupted" in stderr, (code, stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="calibrate/pipeline.py leaves its tqdm bar open when interrupted, so `Error: interrupted` is "
-    "glued to the end of the bar's line; fix: open every bar with `with _bar(...) as bar:` (own_answers, "
-    "pass A, pass B, tuning) instead of bar = _bar(...) ... bar.close()",
-)
 def test_interrupted_calibration_prints_its_error_on_a_line_of_its_own(tiny, corpus, tmp_path, cache, monkeypatch):
     from calibrate import pipeline
 

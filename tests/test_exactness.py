@@ -45,10 +45,10 @@ class ScriptedDrafter:
         pass
 
 
-def _policy(num_layers, threshold, d_max, w_max, temperatures=None):
+def _policy(num_layers, threshold, d_max, w_max, temperatures=None, lookup=(0, 0)):
     layers = tuple(range(1, num_layers))
     temps = temperatures or (1.0,) * len(layers)
-    return ExitPolicy(num_layers, layers, temps, (threshold,) * len(layers), d_max, w_max)
+    return ExitPolicy(num_layers, layers, temps, (threshold,) * len(layers), d_max, w_max, *lookup)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -100,6 +100,22 @@ def test_scripted_drafts_at_random_depths_match_generate(arch, prompt, right_rat
         assert result.mean_accepted_length > 1.0
     if right_rate == 0.0:
         assert result.accepted == 0 and result.drafted > 0
+
+
+@pytest.mark.parametrize("lookup", [(1, 3), (2, 8), (3, 1)], ids=["n1-m3", "n2-m8", "n3-m1"])
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 0.3])
+def test_prompt_lookup_with_early_exit_matches_generate(arch, lookup, threshold):
+    model, lm, refs = arch
+    policy = _policy(lm.num_layers, threshold, 4, 8, lookup=lookup)
+    looked_up = 0
+    repetitive = [9, 10, 11, 12, 13, 9, 10, 11]  # "9 10 11" recurs: lookup proposes 12 13 ...
+    for prompt in (*PROMPTS, repetitive):
+        ref = refs.get(tuple(prompt)) or greedy_reference(model, prompt, NEW_TOKENS, eos_token_id=None)
+        result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy))
+        assert list(result.token_ids) == ref
+        looked_up += result.exit_layers.count(0)
+    if lookup[0] == 1:  # any repeated token triggers a unigram lookup
+        assert looked_up > 0
 
 
 def test_random_temperatures_and_thresholds_match_generate(arch):
