@@ -159,6 +159,7 @@ def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, ch
         "verify_passes": result.verify_passes,
         "fallbacks": result.fallbacks,
         "clamped": encoded.clamped,
+        "rss_mb": _rss_mb(),  # resident memory after this prompt: flat across prompts
     }
     failed = 0
     if check_exact:
@@ -353,6 +354,17 @@ def bench(
         outcome = run_bench(opts)
         typer.echo(json.dumps(outcome.results, sort_keys=True) if as_json else outcome.table, nl=as_json)
         _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def main() -> None:

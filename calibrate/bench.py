@@ -73,9 +73,10 @@ import torch
 
 from data.tasks import TASKS, TaskPrompt, task_prompts, task_size
 from specbound_runtime.errors import UsageError
+from specbound_runtime.files import atomic_write_bytes
 
 from . import collect as C
-from .simulate import CostModel, decide_exits, oracle_exits, simulate
+from .simulate import CostModel, Lookups, decide_exits, oracle_exits, simulate
 
 METHODS = ("hf-greedy", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle")
 REFERENCE = "hf-greedy"
@@ -330,6 +331,8 @@ class _OracleSetup:
     d_max: int
     w_max: int
     cost: CostModel
+    lookup_ngram: int = 0
+    lookup_max: int = 0
 
 
 def _oracle_setup(loaded, artifact) -> _OracleSetup | None:
@@ -361,6 +364,8 @@ def _oracle_setup(loaded, artifact) -> _OracleSetup | None:
         d_max=artifact.policy.d_max,
         w_max=artifact.policy.w_max,
         cost=cost,
+        lookup_ngram=artifact.policy.lookup_ngram,
+        lookup_max=artifact.policy.lookup_max,
     )
 
 
@@ -368,7 +373,14 @@ def _oracle_record(setup: _OracleSetup, prompt_ids, answer_ids) -> dict:
     seq = C.Sequence("bench", False, True, tuple(prompt_ids) + tuple(answer_ids), len(prompt_ids) - 1)
     rec = C.record_sequence(setup.lm, setup.heads, seq, setup.layers)
     h = C.HEADS.index("lens")
-    return {"conf": rec["conf"][:, h], "right": rec["right"][:, h], "tokens": len(answer_ids)}
+    out = {"conf": rec["conf"][:, h], "right": rec["right"][:, h], "tokens": len(answer_ids)}
+    if setup.lookup_ngram:
+        k = len(rec["final"])
+        rows = C.Records(np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], setup.layers)
+        rows = C.with_lookups(rows, [seq])
+        g = C.LOOKUP_NGRAMS.index(setup.lookup_ngram)
+        out["lookup_proposed"], out["lookup_right"] = rows.lookup_proposed[:, g], rows.lookup_right[:, g]
+    return out
 
 
 def _oracle_simulate(setup: _OracleSetup, recs: list[dict]) -> dict | None:
@@ -385,9 +397,15 @@ def _oracle_simulate(setup: _OracleSetup, recs: list[dict]) -> dict | None:
     layers = list(setup.layers)
     policy = decide_exits(conf, right, columns, layers, list(setup.temperatures), list(setup.thresholds))
     oracle = oracle_exits(right, columns, layers)
+    lookups = None
+    if setup.lookup_ngram:
+        lookups = Lookups(
+            np.concatenate([r["lookup_proposed"] for r in recs]), np.concatenate([r["lookup_right"] for r in recs])
+        )
+    sim = dict(lookups=lookups, lookup_max=setup.lookup_max)
     return {
-        "predicted": simulate(policy, bounds, setup.cost, setup.d_max, setup.w_max).to_dict(),
-        "oracle": simulate(oracle, bounds, setup.cost, setup.d_max, setup.w_max).to_dict(),
+        "predicted": simulate(policy, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
+        "oracle": simulate(oracle, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
     }
 
 
@@ -407,15 +425,9 @@ def _sha256_file(path: Path) -> str:
 
 
 def _library_versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from .pipeline import library_versions
 
-    out = {}
-    for name in ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return library_versions(("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"))
 
 
 def _machine() -> dict:
@@ -781,10 +793,10 @@ def write_outputs(out_dir: Path, results: dict, table: str, answers, runs, repor
     for m, name in reported.items():
         path = out_dir / f"{m}.jsonl"
         lines = [json.dumps(r, ensure_ascii=False) for r in _spec_bench_records(answers, runs[name], tokenizer)]
-        C.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         files.append(path)
-    C.atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=1, sort_keys=True).encode())
-    C.atomic_write_bytes(out_dir / "table.md", table.encode())
+    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(out_dir / "table.md", table.encode())
     speedup_png(results, out_dir / "speedup.png")
     files += [out_dir / "results.json", out_dir / "table.md", out_dir / "speedup.png"]
     return files

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 from specbound_runtime.adapter import HFCausalLM
+from specbound_runtime.files import atomic_write_bytes
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 
 from .fit import TEMPERATURE_GRID, ridge_lens
@@ -65,19 +64,6 @@ class CollectSettings:
     shortlist_size: int
     ridge_lambda: float = 1.0
     sequences_per_shard: int = 8
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def fingerprint_sequences(sequences: list[Sequence]) -> str:

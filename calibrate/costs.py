@@ -20,7 +20,7 @@ from specbound_runtime.engine import NoDrafter, generate
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 from specbound_runtime.policy import decide_exit
 
-from .collect import atomic_write_bytes
+from specbound_runtime.files import atomic_write_bytes
 from .simulate import CostModel
 
 

@@ -15,6 +15,7 @@ import torch
 
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.errors import InputError, UsageError
+from specbound_runtime.files import atomic_write_bytes
 from specbound_runtime.policy import default_check_layers
 
 from . import collect as C
@@ -147,11 +148,11 @@ def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[
     return sorted(sequences, key=lambda s: (s.held_out, not s.lens_split))
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions(names=("specbound", "torch", "transformers", "safetensors", "optuna", "numpy", "scipy", "datasets")) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "safetensors", "optuna", "numpy", "scipy", "datasets", "scikit-learn"):
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -286,7 +287,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     want = {"corpus": corpus_fp, "layers": list(layers), "shortlist": opts.shortlist_size, "model": fp.weights_sha256}
     if manifest.exists() and json.loads(manifest.read_text()) != want:
         raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
-    C.atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
+    atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
 
     with _bar(n_lens, "pass A: lens Gram matrices", "tok") as bar:
         gram, cross, counts = C.accumulate(lm, sequences, settings, work / "pass_a.npz", bar.update)
@@ -349,7 +350,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         "calibration": json.dumps(calibration, sort_keys=True),
         "shortlist_coverage": f"{coverage:.4f}",
         "candidate_layers": json.dumps(list(layers)),
-        "library_versions": json.dumps(_library_versions(), sort_keys=True),
+        "library_versions": json.dumps(library_versions(), sort_keys=True),
     }
     path = save_artifact(out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     report = {
@@ -372,7 +373,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         report["measured_speedup"] = m["speedup_tuned"]
         report["prediction_gap"] = round(m["speedup_tuned"] / predicted - 1.0, 4) if predicted else None
     sidecar = path.with_suffix(".report.json")
-    C.atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
     report["report_json"] = str(sidecar)
     return CalibrationOutcome(artifact=path, report=report)
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from .errors import ArtifactError
 from .exit_head import ExitHeadWeights
+from .files import atomic_write_bytes
 from .policy import ExitPolicy
 
 SCHEMA_VERSION = 1
@@ -97,24 +97,11 @@ def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> 
     metadata["checksum"] = _checksum(metadata, tensors)
     blob = _serialize(tensors, metadata)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise ArtifactError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk is not a bug: say so, and that nothing changed
-            raise ArtifactError(
-                f"cannot write {path} ({e.strerror or e}); nothing was written there; free disk space or choose another --out"
-            ) from None
-        raise
+        atomic_write_bytes(path, blob)
+    except OSError as e:  # a full disk is not a bug: say so, and that nothing changed
+        raise ArtifactError(
+            f"cannot write {path} ({e.strerror or e}); nothing was written there; free disk space or choose another --out"
+        ) from None
     return path
 
 

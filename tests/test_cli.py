@@ -19,15 +19,7 @@ RECORD_FIELDS = (
     "prompt_index", "text", "token_ids", "new_tokens", "wall_time_s", "accept_lengths", "exit_layers", "verify_passes"
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is 10-50x faster than threads
-    that fight over the cores with other jobs. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +122,15 @@ def test_help_of_every_command_lists_the_exit_codes(command):
     result = invoke(*([command] if command else []), "--help")
     assert result.exit_code == 0, result.stderr
     assert "Exit codes" in result.stdout and "130 interrupted" in " ".join(result.stdout.split())
+
+
+def test_cli_reference_in_docs_matches_help():
+    """docs/cli.md is generated from --help; regenerate with scripts/cli_reference.py."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("cli_reference", root / "scripts" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "cli.md").read_text() == module.render()

@@ -46,15 +46,7 @@ from specbound_runtime.policy import ExitPolicy
 
 NAN, INF = float("nan"), float("inf")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is 10-50x faster than threads
-    that fight over the cores with other jobs. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
