@@ -256,6 +256,9 @@ def _calibration_summary(report: dict) -> str:
             f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
             f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
         )
+    tput = report.get("collection_tokens_per_s") or {}
+    if tput:
+        lines.append(f"collection: {tput['recording']} tok/s recording vs {tput['plain_forward']} tok/s plain forward")
     lines.append(f"report: {report['report_json']}; reliability diagram: {report['reliability_png']}")
     return "\n".join(lines)
 

@@ -173,12 +173,19 @@ def fit_schedules(records: C.Records, num_layers: int) -> tuple[Schedules, dict]
         fitted[head], alpha[head] = temps, a
         paper_t = paper_schedule(a, layers, num_layers)
         rows = []
+        n = len(fit.seq)
         for c, layer in enumerate(layers):
             y = held.right[:, h, c]
+            # how many positions are enough: the same fit on the first quarter and half
+            stability = {
+                str(m): round(fit_temperature(fit.conf[:m, h, c], fit.right[:m, h, c]), 4) for m in (n // 4, n // 2) if m
+            }
+            stability[str(n)] = round(temps[c], 4)
             rows.append(
                 {
                     "layer": layer,
                     "temperature": round(temps[c], 6),
+                    "temperature_by_positions": stability,
                     "paper_temperature": round(float(paper_t[c]), 6),
                     "raw": metrics(confidence_at(held.conf[:, h, c], 1.0), y).to_dict(),
                     "paper": metrics(confidence_at(held.conf[:, h, c], float(paper_t[c])), y).to_dict(),
@@ -297,6 +304,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     with _bar(total, "pass B: per-layer records", "tok") as bar:
         shards = C.write_records(lm, weights, sequences, settings, work / "shards", bar.update)
     records = C.with_lookups(C.load_records(shards, tuple(layers)), [s for s in sequences if not s.lens_split])
+    throughput = collection_throughput(lm, weights, [s for s in sequences if not s.lens_split][:2], settings)
 
     # 2. fit
     schedules, calibration = fit_schedules(records, L)
@@ -359,6 +367,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
         "model": fp.short(),
         "positions": {"lens": n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
         "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(coverage, 4)},
+        "collection_tokens_per_s": throughput,
         "policy": _jsonable(best),
         "cost_model_ms": cost.to_dict(),
         "simulated": json.loads(metadata["simulation"]),
@@ -376,6 +385,31 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
     report["report_json"] = str(sidecar)
     return CalibrationOutcome(artifact=path, report=report)
+
+
+def collection_throughput(lm, weights, sample, settings) -> dict:
+    """Tokens/s of recording (pass B) beside a plain teacher-forced forward, on a few sequences."""
+    import time
+
+    from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
+
+    heads = {
+        "plain": FittedExitHead(ExitHeadWeights(weights.shortlist, {}), lm.normed, lm.lm_head_weight, lm.softcap),
+        "lens": FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap),
+    }
+    tokens = sum(len(s.ids) for s in sample)
+    if not tokens:
+        return {}
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for s in sample:
+            lm.layer_states(list(s.ids))
+        forward = time.perf_counter() - started
+        started = time.perf_counter()
+        for s in sample:
+            C.record_sequence(lm, heads, s, settings.candidate_layers)
+        record = time.perf_counter() - started
+    return {"plain_forward": round(tokens / forward, 1), "recording": round(tokens / record, 1), "tokens": tokens}
 
 
 def _jsonable(candidate) -> dict:

@@ -137,30 +137,28 @@ def simulate(
             # the first position is the prompt's last token: its round is the prefill, which the
             # engine runs without drafting
             limit = min(w_max, end - 1 - t) if t > start else 0
-            depths: list[int] = []
-            good: list[bool] = []
-            n_checks = 0
+            # k drafts so far, a of them accepted (the leading right ones), their exit depths summed
+            k = a = depth_sum = n_checks = 0
             j = t
-            while len(depths) < limit:
-                m = min(proposed[j], limit - len(depths)) if use_lookup else 0
+            while k < limit:
+                m = min(proposed[j], limit - k) if use_lookup else 0
                 if m:  # prompt lookup: drafts at depth 0, no layer or check cost
-                    depths.extend([0] * m)
-                    good.extend(i < proposed_right[j] for i in range(m))
+                    if a == k:
+                        a += min(m, proposed_right[j])
+                    k += m
                     j += m
                     continue
                 n_checks += checks[j]
                 if layer[j] < 0:  # a hard token: drafting stops
                     break
-                depths.append(layer[j])
-                good.append(right[j])
+                depth_sum += layer[j]
+                if a == k and right[j]:
+                    a += 1
+                k += 1
                 j += 1
-            k = len(depths)
-            a = 0
-            while a < k and good[a]:
-                a += 1
             # Every pending position runs all L layers exactly once (drafting, catch-up, verification);
             # the layer calls are the frontier's climbs plus one verification pass.
-            calls = sum(depths) + L
+            calls = depth_sum + L
             position_layers = (k + 1) * L
             total += (
                 base * calls

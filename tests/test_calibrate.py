@@ -189,3 +189,15 @@ def test_interrupted_collection_resumes_to_the_same_artifact(tiny_setup, monkeyp
     ref.artifact.unlink()
     again = _calibrate(root, model, corpus, cost, "ref", monkeypatch)
     assert again.artifact.read_bytes() == ref_bytes
+
+
+def test_multi_objective_tuning_writes_the_pareto_front(tiny_setup, monkeypatch):
+    root, model, corpus, cost = tiny_setup
+    out = _calibrate(root, model, corpus, cost, "pareto", monkeypatch, multi_objective=True)
+    front = json.loads((root / "work-pareto" / "pareto.json").read_text())
+    assert front and all({"speedup", "waste", "params"} <= set(p) for p in front)
+    # a front: no point is beaten on both objectives by another
+    for p in front:
+        assert not any(q["speedup"] > p["speedup"] and q["waste"] < p["waste"] for q in front)
+    assert (root / "work-pareto" / "pareto.png").stat().st_size > 0
+    assert out.artifact.exists()
