@@ -1,0 +1,59 @@
+"""Where decoding time goes: cProfile over SpecBound decoding MT-Bench prompts with an artifact.
+    .venv/bin/python scripts/profile_decode.py artifacts/smollm2-135m.safetensors [N_PROMPTS=4] [TOKENS=128]
+Prints the share of wall time in drafting (shallow layers, exit checks, lookup), verification
+(the remaining layers and the full LM head), and the rest; and the matmul share overall.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+
+
+def main(artifact: str, n: int, tokens: int) -> None:
+    from data.tasks import task_prompts
+    from specbound_runtime.artifact import load_artifact
+    from specbound_runtime.decoder import Decoder
+    from specbound_runtime.models import eos_token_ids, resolve_model
+
+    loaded = resolve_model("smollm2-135m")
+    art = load_artifact(artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
+    decoder = Decoder(loaded.model, loaded.tokenizer, eos_token_ids(loaded), art.policy, art.exit_weights)
+    encoded = [decoder.encode([{"role": "user", "content": p.text}], True, tokens) for p in task_prompts("mt-bench", n)]
+    decoder.generate(encoded[0])  # warm-up
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    results = [decoder.generate(e) for e in encoded]
+    profile.disable()
+    wall = time.perf_counter() - started
+    stats = pstats.Stats(profile).stats
+
+    def cumulative(name: str, file: str = "") -> float:
+        return sum(v[3] for k, v in stats.items() if k[2] == name and k[0].endswith(file))
+
+    def total(name: str) -> float:
+        return sum(v[2] for k, v in stats.items() if k[2] == name)
+
+    new = sum(r.new_tokens for r in results)
+    passes = sum(r.verify_passes for r in results)
+    print(f"{n} prompts, {new} tokens, {passes} verification passes, {wall:.2f} s profiled")
+    rows = [
+        ("drafting (EarlyExitDrafter.draft)", cumulative("draft")),
+        ("  of which exit checks (exit_logits + decide_exit)", cumulative("exit_logits") + cumulative("decide_exit")),
+        ("verification (verify_logits: remaining layers + full LM head)", cumulative("verify_logits")),
+        ("  of which the full LM head (final_logits)", cumulative("final_logits")),
+        ("matrix products everywhere (torch linear, addmm, matmul)", total("<built-in method torch._C._nn.linear>") + total("<built-in method torch.addmm>")),
+        ("attention kernels (scaled_dot_product_attention)", total("<built-in method torch._C._nn.scaled_dot_product_attention>")),
+    ]
+    profiled = cumulative("generate", "engine.py")
+    for label, seconds in rows:
+        print(f"{label:66s} {seconds:7.2f} s  {100 * seconds / profiled:5.1f}%")
+    print(f"{'the rest (Python, module dispatch, bookkeeping)':66s} {profiled - cumulative('draft') - cumulative('verify_logits'):7.2f} s")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0] if args else "artifacts/smollm2-135m.safetensors", int(args[1]) if len(args) > 1 else 4, int(args[2]) if len(args) > 2 else 128)
