@@ -74,14 +74,6 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 def greedy_reference(model, prompt_ids, max_new_tokens, eos_token_id=EOS):
     """transformers' own greedy decoding: the ground truth, on token ids."""
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt_ids) :].tolist()
+    from specbound_runtime.exactness import reference_greedy
+
+    return reference_greedy(model, list(prompt_ids), max_new_tokens, () if eos_token_id is None else (eos_token_id,))
