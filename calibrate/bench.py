@@ -246,29 +246,18 @@ def _pass_statistics(calls, prompt_len: int, new_tokens: int) -> tuple[tuple[int
 
 
 def _hf_generate(model, prompt_ids, max_new_tokens, eos, count_passes: bool, **kwargs) -> Run:
-    ids = torch.tensor([list(prompt_ids)])
-    eos_list = list(eos) or None
-    pad = eos_list[0] if eos_list else 0
+    from specbound_runtime.exactness import reference_greedy
+
     counter = _VerifyPasses(model) if count_passes else None
-    with torch.inference_mode():
+    if counter is not None:
+        counter.__enter__()
+    try:
+        started = time.perf_counter()
+        tokens = tuple(reference_greedy(model, list(prompt_ids), max_new_tokens, eos, **kwargs))
+        wall = time.perf_counter() - started
+    finally:
         if counter is not None:
-            counter.__enter__()
-        try:
-            started = time.perf_counter()
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_list,
-                pad_token_id=pad,
-                **kwargs,
-            )
-            wall = time.perf_counter() - started
-        finally:
-            if counter is not None:
-                counter.__exit__(None, None, None)
-    tokens = tuple(int(t) for t in out[0, len(prompt_ids) :].tolist())
+            counter.__exit__(None, None, None)
     if counter is None:  # plain greedy: one pass per token, no drafts
         return Run(tokens, wall, (1,) * len(tokens), len(tokens), 0)
     lengths, passes, drafted = _pass_statistics(counter.calls, len(prompt_ids), len(tokens))

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 
-def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=()) -> list[int]:
-    """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly."""
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=(), **generate_kwargs) -> list[int]:
+    """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly. Extra
+    keyword arguments go to `generate` (the benchmark passes transformers' assisted modes)."""
     ids = torch.tensor([prompt_ids])
     eos = list(eos_token_ids) or None
     pad = eos[0] if eos else 0
@@ -20,6 +21,7 @@ def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_toke
             max_new_tokens=max_new_tokens,
             eos_token_id=eos,
             pad_token_id=pad,
+            **generate_kwargs,
         )
     return out[0, len(prompt_ids) :].tolist()
 
