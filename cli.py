@@ -212,7 +212,7 @@ def calibrate(
     and a ridge lens, tune the policy with Optuna against a simulator of the decode loop under a
     cost model measured on this machine, export, then decode held-out prompts for real."""
     with _one_error_path():
-        from calibrate.pipeline import CalibrateOptions, run_calibration
+        from specbound.calibrate.pipeline import CalibrateOptions, run_calibration
 
         opts = CalibrateOptions(
             model=model, corpus=corpus, out=out, seed=seed, trials=trials, storage=storage,
@@ -345,8 +345,8 @@ def bench(
     with _one_error_path():
         import shlex
 
-        from calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
-        from data.tasks import TASKS
+        from specbound.calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
+        from specbound.data.tasks import TASKS
 
         opts = BenchOptions(
             model=model, artifact=artifact, tasks=parse_names(tasks, TASKS, "--tasks"),

@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.tasks import TASKS, TaskPrompt, task_prompts, task_size
+from specbound.data.tasks import TASKS, TaskPrompt, task_prompts, task_size
 from specbound_runtime.errors import UsageError
 from specbound_runtime.files import atomic_write_bytes
 

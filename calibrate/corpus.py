@@ -41,7 +41,7 @@ def load_corpus(spec: str, n_prompts: int, n_documents: int, held_out_fraction: 
 
 
 def _default(n_prompts, n_documents, fraction, seed) -> Corpus:
-    from data.tasks import calibration_chat_prompts, calibration_documents, is_held_out
+    from specbound.data.tasks import calibration_chat_prompts, calibration_documents, is_held_out
 
     n_eval = max(2, round(n_prompts * 0.2))
     fit = calibration_chat_prompts(n_prompts - n_eval, seed=seed, held_out=False, fraction=fraction)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Sequence, TypeVar
 
-from data import sources
+from specbound.data import sources
 from specbound_runtime.errors import UsageError
 
 T = TypeVar("T")

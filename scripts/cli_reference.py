@@ -14,7 +14,7 @@ def render() -> str:
     from typer.testing import CliRunner
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    import cli
+    from specbound import cli
 
     runner = CliRunner()
     parts = ["# CLI reference\n\nGenerated from `--help` by `scripts/cli_reference.py`; do not edit.\n"]

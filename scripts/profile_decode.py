@@ -13,7 +13,7 @@ import time
 
 
 def main(artifact: str, n: int, tokens: int) -> None:
-    from data.tasks import task_prompts
+    from specbound.data.tasks import task_prompts
     from specbound_runtime.artifact import load_artifact
     from specbound_runtime.decoder import Decoder
     from specbound_runtime.models import eos_token_ids, resolve_model

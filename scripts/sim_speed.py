@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from calibrate.collect import LOOKUP_MAX, Records
-from calibrate.fit import TEMPERATURE_GRID
-from calibrate.simulate import CostModel
-from calibrate.tune import Candidate, Schedules, evaluate
+from specbound.calibrate.collect import LOOKUP_MAX, Records
+from specbound.calibrate.fit import TEMPERATURE_GRID
+from specbound.calibrate.simulate import CostModel
+from specbound.calibrate.tune import Candidate, Schedules, evaluate
 
 
 def main(n: int) -> None:

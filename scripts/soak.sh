@@ -12,7 +12,7 @@ OUT=runs/soak
 mkdir -p "$OUT"
 .venv/bin/python -c "
 import json, sys
-from data.tasks import task_prompts
+from specbound.data.tasks import task_prompts
 with open('$OUT/prompts.jsonl', 'w') as f:
     for p in task_prompts('mt-bench', $N):
         f.write(json.dumps({'prompt': p.text}) + '\n')

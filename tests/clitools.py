@@ -18,7 +18,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-import cli
+from specbound import cli
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.policy import ExitPolicy
 

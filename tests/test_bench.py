@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from calibrate import bench as B
-from calibrate.simulate import CostModel
+from specbound.calibrate import bench as B
+from specbound.calibrate.simulate import CostModel
 from specbound_runtime.errors import UsageError
 
 NUM_LAYERS = 4

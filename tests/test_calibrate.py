@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import collect as C
-from calibrate.fit import TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, ridge_lens
-from calibrate.simulate import CostModel, Exits, Lookups, decide_exits, simulate
+from specbound.calibrate import collect as C
+from specbound.calibrate.fit import TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, ridge_lens
+from specbound.calibrate.simulate import CostModel, Exits, Lookups, decide_exits, simulate
 
 COST = CostModel(num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5)
 
@@ -141,7 +141,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _calibrate(root, model, corpus, cost, name, monkeypatch, **kw):
-    from calibrate import pipeline
+    from specbound.calibrate import pipeline
 
     monkeypatch.setattr(pipeline, "cached_cost", lambda *a, **k: cost)
     opts = pipeline.CalibrateOptions(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import cli
+from specbound import cli
 from clitools import invoke, save_tiny_artifact
 from helpers import make_tiny_model_folder
 

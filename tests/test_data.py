@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from data import sources, tasks
-from data.tasks import Document, TaskPrompt
+from specbound.data import sources, tasks
+from specbound.data.tasks import Document, TaskPrompt
 from specbound_runtime.errors import InputError, UsageError
 
 
@@ -78,7 +78,7 @@ def test_corrupt_file_says_reinstall(monkeypatch, tmp_path, name, content, reade
 
 def test_data_modules_import_no_calibration_only_dependency():
     code = (
-        "import sys, data.tasks, specbound_runtime.prompts; "
+        "import sys, specbound.data.tasks, specbound_runtime.prompts; "
         "bad = {'datasets', 'optuna', 'sklearn', 'torch'} & set(sys.modules); "
         "assert not bad, bad"
     )

@@ -569,8 +569,8 @@ def test_an_interrupted_artifact_write_leaves_no_partial_file(tiny, tmp_path, mo
 
 def _synthetic_records(n_seq=6, length=60, layers=(2, 3), seed=0):
     """Recorded statistics shaped like collect's, with agreement that rises with confidence."""
-    from calibrate.collect import HEADS, Records
-    from calibrate.fit import TEMPERATURE_GRID
+    from specbound.calibrate.collect import HEADS, Records
+    from specbound.calibrate.fit import TEMPERATURE_GRID
 
     rng = np.random.default_rng(seed)
     n, c, g = n_seq * length, len(layers), len(TEMPERATURE_GRID)
@@ -584,8 +584,8 @@ def _synthetic_records(n_seq=6, length=60, layers=(2, 3), seed=0):
 def _tune(storage: str, n_trials: int, interrupt_after: int | None = None, counts: list | None = None):
     """Tune synthetic records into an sqlite study; raise KeyboardInterrupt inside trial number
     `interrupt_after` + 1 (as Ctrl-C would), after that many trials have completed."""
-    from calibrate.simulate import CostModel
-    from calibrate.tune import Schedules, tune
+    from specbound.calibrate.simulate import CostModel
+    from specbound.calibrate.tune import Schedules, tune
 
     schedules = Schedules(layers=(2, 3), num_layers=4, fitted={"plain": (1.2, 1.1), "lens": (1.3, 1.0)}, alpha={"plain": 1.0, "lens": 0.8})
     cost = CostModel(num_layers=4, layer_base=1.0, layer_extra=0.05, head_base=0.5, head_extra=0.05, check=0.1, round_overhead=0.3)
@@ -745,7 +745,7 @@ def test_sigterm_during_calibration_is_an_interruption_too(tiny, corpus, tmp_pat
 
 
 def test_interrupted_calibration_prints_its_error_on_a_line_of_its_own(tiny, corpus, tmp_path, cache, monkeypatch):
-    from calibrate import pipeline
+    from specbound.calibrate import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -21,7 +21,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def mt_bench_prompts():
-    from data.tasks import task_prompts
+    from specbound.data.tasks import task_prompts
 
     return [p.text for p in task_prompts("mt-bench", N_PROMPTS)]
 

@@ -1,0 +1,1 @@
+"""specbound: calibration, data and the command line (installed as one namespace)."""
