@@ -359,7 +359,7 @@ def _oracle_setup(loaded, artifact) -> _OracleSetup | None:
 
 
 def _oracle_record(setup: _OracleSetup, prompt_ids, answer_ids) -> dict:
-    seq = C.Sequence("bench", False, True, tuple(prompt_ids) + tuple(answer_ids), len(prompt_ids) - 1)
+    seq = C.RecordedSequence("bench", False, True, tuple(prompt_ids) + tuple(answer_ids), len(prompt_ids) - 1)
     rec = C.record_sequence(setup.lm, setup.heads, seq, setup.layers)
     h = C.HEADS.index("lens")
     out = {"conf": rec["conf"][:, h], "right": rec["right"][:, h], "tokens": len(answer_ids)}

@@ -40,7 +40,7 @@ HEADS = ("plain", "lens")
 
 
 @dataclass(frozen=True)
-class Sequence:
+class RecordedSequence:
     id: str
     held_out: bool
     own: bool  # the model's own greedy answer (its decode trajectory), else human text
@@ -66,7 +66,7 @@ class CollectSettings:
     sequences_per_shard: int = 8
 
 
-def fingerprint_sequences(sequences: list[Sequence]) -> str:
+def fingerprint_sequences(sequences: list[RecordedSequence]) -> str:
     h = hashlib.sha256()
     for s in sequences:
         h.update(f"{s.id}|{int(s.held_out)}|{int(s.own)}|{s.record_from}|".encode())
@@ -77,7 +77,7 @@ def fingerprint_sequences(sequences: list[Sequence]) -> str:
 # -- pass A: lens Gram matrices and short-list counts ------------------------------------------
 
 
-def accumulate(lm: HFCausalLM, sequences: list[Sequence], settings: CollectSettings, state_path: Path, progress: Callable[[int], None]):
+def accumulate(lm: HFCausalLM, sequences: list[RecordedSequence], settings: CollectSettings, state_path: Path, progress: Callable[[int], None]):
     """Gram matrices per candidate layer and final-token counts over the lens split."""
     fitting = [s for s in sequences if s.lens_split]
     H = lm.lm_head_weight.shape[1]
@@ -151,7 +151,7 @@ def _confidences(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Sequence, layers) -> dict[str, np.ndarray]:
+def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: RecordedSequence, layers) -> dict[str, np.ndarray]:
     states, logits = lm.layer_states(list(seq.ids))
     rows = slice(seq.record_from, len(seq.ids))
     final = logits[rows].argmax(-1)
@@ -172,7 +172,7 @@ def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Seque
 def write_records(
     lm: HFCausalLM,
     weights: ExitHeadWeights,
-    sequences: list[Sequence],
+    sequences: list[RecordedSequence],
     settings: CollectSettings,
     shard_dir: Path,
     progress: Callable[[int], None],
@@ -294,7 +294,7 @@ LOOKUP_NGRAMS = (1, 2, 3)
 LOOKUP_MAX = 10
 
 
-def with_lookups(records: Records, recorded: list[Sequence]) -> Records:
+def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     """Add, per recorded position, what prompt lookup proposes from the true context (as
     specbound_runtime.policy.lookup_continuation does) and how much of it is right.
     `recorded` are the sequences in the order write_records stored them."""

@@ -139,11 +139,11 @@ def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[
         prompt_ids = _chat_ids(tok, p.text)
         answer = answers[p.id]
         if answer:
-            sequences.append(C.Sequence(p.id, p.held_out, True, tuple(prompt_ids + answer), len(prompt_ids) - 1))
+            sequences.append(C.RecordedSequence(p.id, p.held_out, True, tuple(prompt_ids + answer), len(prompt_ids) - 1))
     for d in corpus.documents:
         ids = [int(i) for i in tok(d.text)["input_ids"]][:chunk_tokens]
         if len(ids) >= 2:
-            sequences.append(C.Sequence(d.id, d.held_out, False, tuple(ids), 0))
+            sequences.append(C.RecordedSequence(d.id, d.held_out, False, tuple(ids), 0))
     # lens split first, then calibration, then held-out; stable within each
     return sorted(sequences, key=lambda s: (s.held_out, not s.lens_split))
 

@@ -1,6 +1,6 @@
 """The decode loop: draft, verify in one parallel pass, keep the longest agreeing prefix.
 
-A `Sequence` holds one generation's state. Positions not yet run through every layer are
+A `DecodeState` holds one generation's state. Positions not yet run through every layer are
 "pending"; each keeps its hidden state at its current depth (the hidden-state cache). Depth never
 increases along the pending positions, so at any layer the positions still to run form one
 contiguous block, and each layer's KV cache is a prefix of the sequence.
@@ -19,7 +19,7 @@ from .adapter import LayerModel
 from .policy import ExitPolicy, decide_exit, lookup_continuation
 
 
-class Sequence:
+class DecodeState:
     """One generation: committed tokens, the layered KV cache and the pending positions."""
 
     def __init__(self, lm: LayerModel, prompt_ids: list[int], max_length: int) -> None:
@@ -94,7 +94,7 @@ class Sequence:
 class Drafter(Protocol):
     """Proposes draft tokens onto a sequence, and learns from what was accepted."""
 
-    def draft(self, seq: Sequence, budget: int) -> None: ...
+    def draft(self, seq: DecodeState, budget: int) -> None: ...
 
     def observe(self, acceptance: Acceptance) -> None: ...
 
@@ -102,7 +102,7 @@ class Drafter(Protocol):
 class NoDrafter:
     """Plain autoregressive decoding through the same engine: the fair baseline."""
 
-    def draft(self, seq: Sequence, budget: int) -> None:
+    def draft(self, seq: DecodeState, budget: int) -> None:
         return None
 
     def observe(self, acceptance: Acceptance) -> None:
@@ -119,7 +119,7 @@ class EarlyExitDrafter:
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
 
-    def draft(self, seq: Sequence, budget: int) -> None:
+    def draft(self, seq: DecodeState, budget: int) -> None:
         policy = self.policy
         checks = policy.active_checks
         limit = min(budget, policy.w_max)
@@ -202,7 +202,7 @@ def generate(
     exit_layers: list[int] = []
     drafted = accepted = fallbacks = 0
     with torch.inference_mode():
-        seq = Sequence(lm, prompt_ids, len(prompt_ids) + max_new_tokens)
+        seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens)
         first = True
         while True:
             if not first:

@@ -98,7 +98,7 @@ def test_simulator_matches_the_engine_round_by_round(lookup):
     simulated, real = [], []
     for p, prompt in enumerate(([5, 9, 20], [40, 41, 42, 43], [7])):
         answer = list(generate(lm_plain, prompt, 40, NoDrafter()).token_ids)
-        seq = C.Sequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
+        seq = C.RecordedSequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
         rec = C.record_sequence(lm, heads, seq, layers)
         k = len(rec["final"])
         records = C.with_lookups(

@@ -9,7 +9,7 @@ import torch
 
 from specbound_runtime.acceptance import Acceptance
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, Sequence, generate
+from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, DecodeState, generate
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import ARCHITECTURES, greedy_reference, tiny_model
 
@@ -30,7 +30,7 @@ class ScriptedDrafter:
         self.width = width
         self.rng = random.Random(seed)
 
-    def draft(self, seq: Sequence, budget: int) -> None:
+    def draft(self, seq: DecodeState, budget: int) -> None:
         for _ in range(min(budget, self.width)):
             index = len(seq.tokens) - self.prompt_len + len(seq.drafts)
             if index >= len(self.continuation):
