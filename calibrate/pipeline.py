@@ -132,7 +132,7 @@ def own_answers(loaded, prompts, eos_ids, max_new_tokens: int, path: Path, batch
     return done
 
 
-def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[C.Sequence]:
+def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[C.RecordedSequence]:
     tok = loaded.tokenizer
     sequences = []
     for p in corpus.prompts:
