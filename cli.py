@@ -68,6 +68,30 @@ def _one_error_path():
             signal.signal(signal.SIGTERM, previous)
 
 
+# Top-level modules each install extra brings; a ModuleNotFoundError naming one of them means the
+# extra is missing, not that SpecBound is broken.
+EXTRA_MODULES = {
+    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow"),
+}
+
+
+@contextlib.contextmanager
+def _requires_extra(extra: str, command: str):
+    """Turn a missing optional dependency into one actionable `Error:` line (exit 7)."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root not in EXTRA_MODULES[extra]:
+            raise
+        from specbound_runtime.errors import DependencyError
+
+        raise DependencyError(
+            f"`specbound {command}` needs the '{extra}' extra ({root} is not installed); "
+            f"run: pip install 'specbound[{extra}]'"
+        ) from None
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -212,7 +236,8 @@ def calibrate(
     and a ridge lens, tune the policy with Optuna against a simulator of the decode loop under a
     cost model measured on this machine, export, then decode held-out prompts for real."""
     with _one_error_path():
-        from specbound.calibrate.pipeline import CalibrateOptions, run_calibration
+        with _requires_extra("calibrate", "calibrate"):
+            from specbound.calibrate.pipeline import CalibrateOptions, run_calibration
 
         opts = CalibrateOptions(
             model=model, corpus=corpus, out=out, seed=seed, trials=trials, storage=storage,
@@ -345,7 +370,8 @@ def bench(
     with _one_error_path():
         import shlex
 
-        from specbound.calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
+        with _requires_extra("calibrate", "bench"):
+            from specbound.calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
         from specbound.data.tasks import TASKS
 
         opts = BenchOptions(

@@ -10,13 +10,14 @@ EXIT_INPUT = 3  # prompts, corpus, files that cannot be read
 EXIT_MODEL = 4  # model path, weights, architecture
 EXIT_ARTIFACT = 5  # artifact missing, corrupt, or fitted for another model
 EXIT_EXACTNESS = 6  # speculative output differed from plain greedy decoding
+EXIT_DEPENDENCY = 7  # an optional dependency (an install extra) is missing
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 internal error (rerun with --debug); 2 bad flag values; "
     "3 bad input (prompt, corpus, file); 4 model cannot be loaded or is unsupported; "
     "5 artifact missing, corrupt or for another model; 6 output not identical to greedy; "
-    "130 interrupted (work already written is kept)."
+    "7 an optional dependency is missing (the message names the extra to install); 130 interrupted (work already written is kept)."
 )
 
 
@@ -44,3 +45,7 @@ class ArtifactError(SpecBoundError):
 
 class ExactnessError(SpecBoundError):
     exit_code = EXIT_EXACTNESS
+
+
+class DependencyError(SpecBoundError):
+    exit_code = EXIT_DEPENDENCY
