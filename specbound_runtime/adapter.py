@@ -14,6 +14,11 @@ from .cache import LayeredKVCache
 from .errors import ModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Attention kernels whose masks this adapter builds exactly as transformers does for generate().
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+# RoPE variants whose tables depend on the longest position seen so far: generate() recomputes
+# them as the sequence grows, so a table built once for all positions would differ.
+POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 class LayerModel(Protocol):
@@ -45,6 +50,18 @@ class HFCausalLM:
             raise ModelError(
                 f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        if attention not in SUPPORTED_ATTENTION:
+            raise ModelError(
+                f"attention implementation {attention!r} is not supported; load the model with "
+                f"attn_implementation='sdpa' (or 'eager')"
+            )
+        for rope_type in _rope_types(config):
+            if any(kind in rope_type for kind in POSITION_DEPENDENT_ROPE):
+                raise ModelError(
+                    f"RoPE type {rope_type!r} changes its tables with the sequence length, which the "
+                    f"layer-wise cache cannot reproduce exactly; supported: default, linear, yarn, llama3"
+                )
         self.model = model
         self.config = config
         body = model.model
@@ -56,7 +73,7 @@ class HFCausalLM:
         self.num_layers = len(self._layers)
         self.vocab_size = int(config.vocab_size)
         self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+        self._sdpa = attention == "sdpa"
         self._exit_head = None
         self._exit_tokens = None
         if exit_weights is not None:
@@ -94,9 +111,13 @@ class HFCausalLM:
         return self._rope[layer_type]
 
     def _mask(self, start: int, k: int, window: int | None) -> torch.Tensor | None:
-        """Causal (and sliding-window) mask for queries start..start+k-1 over keys 0..start+k-1."""
-        if window is None and (k == 1 or start == 0) and self._sdpa:
-            return None  # plain decode step or prefill: the same path generate() takes
+        """Causal (and sliding-window) mask for queries start..start+k-1 over keys 0..start+k-1.
+
+        With SDPA, no mask where transformers' `_ignore_causal_mask_sdpa` skips it for the same
+        positions in generate() (one query, or a prefill, and for a sliding layer only while every
+        key lies inside the window), so the same kernel path runs; a mask everywhere else."""
+        if self._sdpa and sdpa_skips_mask(start, k, window):
+            return None
         q = torch.arange(start, start + k, device=self.device)[:, None]
         kv = torch.arange(start + k, device=self.device)[None, :]
         allowed = kv <= q
@@ -120,6 +141,10 @@ class HFCausalLM:
         """Run decoder layer `layer` (0-based) over positions start..start+k-1 given as hidden [1, k, H]."""
         k = hidden.shape[1]
         end = start + k
+        if cache.lengths[layer] != start:  # a drafter bug would write positions out of place
+            raise RuntimeError(
+                f"layer {layer} holds {cache.lengths[layer]} cached positions but is asked to write at {start}"
+            )
         layer_type = self._layer_types[layer]
         cos, sin = self._rope_table(layer_type, end)
         position_ids = torch.arange(start, end, device=self.device)[None]
@@ -176,3 +201,19 @@ class HFCausalLM:
 
     def exit_token(self, index: int) -> int:
         return index if self._exit_tokens is None else int(self._exit_tokens[index])
+
+
+def sdpa_skips_mask(start: int, k: int, window: int | None) -> bool:
+    """Whether generate() passes no mask to SDPA for k queries at positions start.. (no padding):
+    transformers' rule in masking_utils._ignore_causal_mask_sdpa, for a cache of start keys."""
+    kv_length = start + k
+    if window is not None and kv_length >= window:
+        return False
+    return k == 1 or kv_length == k
+
+
+def _rope_types(config) -> list[str]:
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_type" not in params:  # per layer type (Gemma3)
+        return [str(p.get("rope_type", "default")) for p in params.values() if isinstance(p, dict)]
+    return [str(params.get("rope_type", "default"))] if isinstance(params, dict) else []

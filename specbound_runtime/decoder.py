@@ -10,6 +10,7 @@ import torch
 from .adapter import HFCausalLM
 from .engine import EarlyExitDrafter, GenerationResult, NoDrafter, generate
 from .errors import InputError
+from .generation import run_through_generate
 from .policy import ExitPolicy
 
 
@@ -61,10 +62,17 @@ class Decoder:
         return Encoded(ids=tuple(ids), max_new_tokens=max_new_tokens, clamped=clamped)
 
     def generate(self, encoded: Encoded, speculation: bool = True, on_tokens=None) -> GenerationResult:
+        """Greedy decoding inside the model's own `generate()`, so its generation config's
+        processors and stopping rules apply exactly as they do there."""
         drafter = EarlyExitDrafter(self.policy, frozenset(self.eos_token_ids)) if speculation else NoDrafter()
-        return generate(
-            self.lm, list(encoded.ids), encoded.max_new_tokens, drafter, self.eos_token_ids, on_tokens
-        )
+
+        def decode(input_ids, logits_processor, stopping_criteria):
+            return generate(
+                self.lm, input_ids[0].tolist(), encoded.max_new_tokens, drafter, self.eos_token_ids, on_tokens,
+                logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+            )
+
+        return run_through_generate(self.model, encoded.ids, encoded.max_new_tokens, self.eos_token_ids, decode)
 
 
 class TextStream:

@@ -184,6 +184,29 @@ class GenerationResult:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
 
+# (input_ids [1, n], scores [1, V]) -> scores [1, V]: transformers' LogitsProcessorList fits.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (input_ids [1, n], scores) -> bool tensor [1]: transformers' StoppingCriteriaList fits.
+StoppingCriteria = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def target_scores(
+    logits: torch.Tensor, tokens: list[int], drafts: list[int], logits_processor: LogitsProcessor | None
+) -> torch.Tensor:
+    """The scores greedy decoding takes its argmax over, one row per draft slot (and one after).
+
+    As `generate()` does: the logits in float32, then the logits processors, row i seeing its own
+    prefix (tokens + drafts[:i]), so a repetition penalty or a length rule applies to each
+    verified position exactly as it would have one token at a time."""
+    scores = logits.float()
+    if logits_processor is None:
+        return scores
+    prefix = torch.tensor([tokens + drafts], device=scores.device)
+    n = len(tokens)
+    rows = [logits_processor(prefix[:, : n + i], scores[i : i + 1].clone()) for i in range(scores.shape[0])]
+    return torch.cat(rows, dim=0)
+
+
 def generate(
     lm: LayerModel,
     prompt_ids: list[int],
@@ -191,8 +214,14 @@ def generate(
     drafter: Drafter,
     eos_token_ids: Iterable[int] = (),
     on_tokens: Callable[[list[int]], None] | None = None,
+    *,
+    logits_processor: LogitsProcessor | None = None,
+    stopping_criteria: StoppingCriteria | None = None,
 ) -> GenerationResult:
-    """Greedy decoding with speculation; token-identical to plain greedy decoding."""
+    """Greedy decoding with speculation; token-identical to plain greedy decoding.
+
+    logits_processor and stopping_criteria are what `generate()` prepares from a generation
+    config; each is applied position by position, as in transformers' own greedy loop."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     eos = frozenset(eos_token_ids)
@@ -211,13 +240,15 @@ def generate(
                     drafter.draft(seq, budget)
             first = False
             logits = seq.verify_logits()
-            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), logits)
+            scores = target_scores(logits, seq.tokens, seq.drafts, logits_processor)
+            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), scores)
             if not torch.isfinite(logits[: acceptance.accepted_length + 1]).all():
                 # Never trust a token chosen from non-finite values: redo this step at full depth.
                 fallbacks += 1
                 seq.discard_drafts()
                 logits = seq.verify_logits()
-                acceptance = accept(torch.tensor([], dtype=torch.long), logits)
+                scores = target_scores(logits, seq.tokens, [], logits_processor)
+                acceptance = accept(torch.tensor([], dtype=torch.long), scores)
             exit_layers.extend(seq.draft_exit_layers)
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length
@@ -230,7 +261,10 @@ def generate(
                     new, stop = new[:i], True
                     break
                 out.append(token)
-                if token in eos:
+                if token in eos or (
+                    stopping_criteria is not None
+                    and bool(stopping_criteria(torch.tensor([list(prompt_ids) + out]), None).any())
+                ):
                     new, stop = new[: i + 1], True
                     break
             if on_tokens is not None and new:

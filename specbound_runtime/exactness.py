@@ -6,21 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
+from .generation import generate_arguments
+
 
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=(), **generate_kwargs) -> list[int]:
-    """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly. Extra
-    keyword arguments go to `generate` (the benchmark passes transformers' assisted modes)."""
-    ids = torch.tensor([prompt_ids])
-    eos = list(eos_token_ids) or None
-    pad = eos[0] if eos else 0
+    """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly, with the
+    model's own generation config. Extra keyword arguments go to `generate` (the benchmark
+    passes transformers' assisted modes)."""
+    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            **generate_arguments(max_new_tokens, eos_token_ids),
             **generate_kwargs,
         )
     return out[0, len(prompt_ids) :].tolist()

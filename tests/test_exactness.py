@@ -7,42 +7,13 @@ import random
 import pytest
 import torch
 
-from specbound_runtime.acceptance import Acceptance
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, DecodeState, generate
+from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
 from specbound_runtime.policy import ExitPolicy
-from tiny_models import ARCHITECTURES, greedy_reference, tiny_model
+from tiny_models import ARCHITECTURES, ScriptedDrafter, greedy_reference, tiny_model
 
 PROMPTS = ([7], [5, 9, 20, 30, 40, 50, 60, 70, 80, 90, 11, 12])
 NEW_TOKENS = 40
-
-
-class ScriptedDrafter:
-    """Drafts from a known continuation, each draft pushed at a random depth (0..L-1).
-
-    right_rate=1 is a drafter that is always right, 0 one that is always wrong; in between,
-    random. Exercises catch-up of mixed depths, partial acceptance and rollback."""
-
-    def __init__(self, continuation, prompt_len, right_rate, width, seed):
-        self.continuation = continuation
-        self.prompt_len = prompt_len
-        self.right_rate = right_rate
-        self.width = width
-        self.rng = random.Random(seed)
-
-    def draft(self, seq: DecodeState, budget: int) -> None:
-        for _ in range(min(budget, self.width)):
-            index = len(seq.tokens) - self.prompt_len + len(seq.drafts)
-            if index >= len(self.continuation):
-                return
-            seq.advance_to(max(seq.frontier_depth, self.rng.randrange(seq.lm.num_layers)))
-            token = self.continuation[index]
-            if self.rng.random() >= self.right_rate:
-                token = (token + 1 + self.rng.randrange(50)) % seq.lm.vocab_size
-            seq.push_draft(token, seq.frontier_depth)
-
-    def observe(self, acceptance: Acceptance) -> None:
-        pass
 
 
 def _policy(num_layers, threshold, d_max, w_max, temperatures=None, lookup=(0, 0)):

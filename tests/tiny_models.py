@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import (
     Gemma3ForCausalLM,
@@ -65,9 +67,11 @@ def _configs():
 ARCHITECTURES = tuple(_configs())
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model; `overrides` change config fields (initializer_range=0.02 gives the
+    nearly flat logits where top-two ties are decided by rounding)."""
     config_cls, model_cls, extra = _configs()[name]
-    config = config_cls(**{**_COMMON, **extra})
+    config = config_cls(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
@@ -77,3 +81,31 @@ def greedy_reference(model, prompt_ids, max_new_tokens, eos_token_id=EOS):
     from specbound_runtime.exactness import reference_greedy
 
     return reference_greedy(model, list(prompt_ids), max_new_tokens, () if eos_token_id is None else (eos_token_id,))
+
+
+class ScriptedDrafter:
+    """Drafts from a known continuation, each draft pushed at a random depth (0..L-1).
+
+    right_rate=1 is a drafter that is always right, 0 one that is always wrong; in between,
+    random. Exercises catch-up of mixed depths, partial acceptance and rollback."""
+
+    def __init__(self, continuation, prompt_len, right_rate, width, seed):
+        self.continuation = continuation
+        self.prompt_len = prompt_len
+        self.right_rate = right_rate
+        self.width = width
+        self.rng = random.Random(seed)
+
+    def draft(self, seq, budget: int) -> None:
+        for _ in range(min(budget, self.width)):
+            index = len(seq.tokens) - self.prompt_len + len(seq.drafts)
+            if index >= len(self.continuation):
+                return
+            seq.advance_to(max(seq.frontier_depth, self.rng.randrange(seq.lm.num_layers)))
+            token = self.continuation[index]
+            if self.rng.random() >= self.right_rate:
+                token = (token + 1 + self.rng.randrange(50)) % seq.lm.vocab_size
+            seq.push_draft(token, seq.frontier_depth)
+
+    def observe(self, acceptance) -> None:
+        pass

@@ -1,0 +1,123 @@
+"""Decoding inside transformers' own `generate()`: it prepares, we decode.
+
+`model.generate(ids, custom_generate=fn, ...)` does everything it always does before decoding
+(merge the model's generation config with the call's arguments, build the logits processors and
+stopping criteria, check the inputs) and then calls `fn(model, input_ids, logits_processor=...,
+stopping_criteria=..., generation_config=..., **model_kwargs)`. SpecBound decodes in that slot,
+so whatever the model's generation config asks for (repetition penalty, suppressed tokens, a
+minimum length, stop strings, ...) is built by transformers itself and applied position by
+position in verification.
+
+A processor is only safe here when its output depends on nothing but (input_ids, scores):
+verification calls it once per verified row, on rows that may then be thrown away. The ones
+transformers builds for greedy decoding from a generation config are listed below; anything
+else is refused with an error naming it, never run silently.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import UsageError
+
+# Pure functions of (input_ids, scores): safe to call on speculative rows.
+POSITIONWISE_PROCESSORS = frozenset(
+    {
+        "MinLengthLogitsProcessor",
+        "MinNewTokensLengthLogitsProcessor",
+        "RepetitionPenaltyLogitsProcessor",
+        "NoRepeatNGramLogitsProcessor",
+        "SequenceBiasLogitsProcessor",
+        "NoBadWordsLogitsProcessor",
+        "PrefixConstrainedLogitsProcessor",
+        "ForcedBOSTokenLogitsProcessor",
+        "ForcedEOSTokenLogitsProcessor",
+        "InfNanRemoveLogitsProcessor",
+        "ExponentialDecayLengthPenalty",
+        "LogitNormalization",
+        "SuppressTokensLogitsProcessor",
+        "SuppressTokensAtBeginLogitsProcessor",
+    }
+)
+
+# What each refused processor is called in a generation config, for the error message.
+_SETTING_OF = {
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "WatermarkLogitsProcessor": "watermarking_config",
+    "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+}
+
+
+def check_processors(logits_processor) -> None:
+    """Refuse, naming the setting, any processor that cannot be applied row by row."""
+    for processor in logits_processor or ():
+        name = type(processor).__name__
+        if name in POSITIONWISE_PROCESSORS:
+            continue
+        setting = _SETTING_OF.get(name)
+        what = f"the generation setting `{setting}` ({name})" if setting else f"the logits processor {name}"
+        raise UsageError(
+            f"{what} cannot be applied position by position in speculative verification; "
+            f"remove it from the generation config or decode without SpecBound"
+        )
+
+
+def check_generation_config(generation_config) -> None:
+    """Refuse what greedy speculative decoding does not do (yet), naming the setting."""
+    if getattr(generation_config, "do_sample", False):
+        raise UsageError("do_sample=True is not supported yet; SpecBound decodes greedily (do_sample=False)")
+    for name in ("num_beams", "num_return_sequences"):
+        value = getattr(generation_config, name, 1) or 1
+        if value != 1:
+            raise UsageError(f"{name}={value} is not supported; SpecBound decodes one greedy sequence")
+    if getattr(generation_config, "return_dict_in_generate", False):
+        raise UsageError("return_dict_in_generate=True is not supported; SpecBound returns token ids")
+
+
+def check_model_kwargs(input_ids: torch.Tensor, model_kwargs: dict) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise UsageError(f"batch size {input_ids.shape[0] if input_ids.ndim == 2 else '?'} is not supported; pass one sequence")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise UsageError("padding (an attention_mask with zeros) is not supported; pass the sequence unpadded")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise UsageError("a pre-filled cache is not supported; SpecBound keeps its own cache")
+
+
+def generate_arguments(max_new_tokens: int, eos_token_ids) -> dict:
+    """The `generate()` arguments of greedy decoding, the same for SpecBound and the reference."""
+    eos = list(eos_token_ids) or None
+    return dict(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos[0] if eos else 0,
+    )
+
+
+def run_through_generate(model, prompt_ids, max_new_tokens: int, eos_token_ids, decode: Callable, **kwargs):
+    """Call `model.generate` with SpecBound in the decoding slot.
+
+    decode(input_ids, logits_processor, stopping_criteria) runs the speculative loop and returns
+    whatever the caller wants back; this returns it."""
+    out: dict = {}
+
+    def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None, **model_kwargs):
+        check_generation_config(generation_config)
+        check_processors(logits_processor)
+        check_model_kwargs(input_ids, model_kwargs)
+        out["value"] = decode(input_ids, logits_processor or None, stopping_criteria or None)
+        return input_ids
+
+    ids = torch.tensor([list(prompt_ids)], device=model.device)
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            custom_generate=custom_generate,
+            **{**generate_arguments(max_new_tokens, eos_token_ids), **kwargs},
+        )
+    return out["value"]
