@@ -76,7 +76,16 @@ class Decoder:
 
 
 class TextStream:
-    """Decodes a growing list of token ids and writes only the new text (UTF-8 safe)."""
+    """Writes generated text as it is accepted, so that everything written equals the final
+    decoded text, for any tokenizer.
+
+    Decoding a prefix of the ids does not always give a prefix of the final text: a multi-byte
+    character may be cut, and a tokenizer's clean-up (" ." -> ".", " n't" -> "n't") or a
+    word-initial marker can change the text before the newest token. So, like transformers'
+    TextStreamer, it writes only up to a safe boundary, but a stricter one: text before the last
+    whitespace of the whole decoded sequence, written only if it extends what was already
+    written. Unlike TextStreamer it never decodes a chunk on its own (a chunk decoded alone can
+    lose a leading space)."""
 
     def __init__(self, tokenizer, out=None):
         self.tokenizer = tokenizer
@@ -85,17 +94,24 @@ class TextStream:
         self.ids: list[int] = []
         self.printed = ""
 
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def __call__(self, new_ids: list[int]) -> None:
         self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return
-        self.out.write(text[len(self.printed) :])
-        self.out.flush()
-        self.printed = text
+        text = self._decode()
+        cut = max(text.rfind(c) for c in (" ", "\n", "\t", "\r"))
+        safe = text[:cut] if cut > 0 else ""
+        if "\ufffd" in safe[len(self.printed) :]:  # an incomplete multi-byte character: wait
+            safe = safe[: safe.index("\ufffd", len(self.printed))]
+        if len(safe) > len(self.printed) and safe.startswith(self.printed):
+            self.out.write(safe[len(self.printed) :])
+            self.out.flush()
+            self.printed = safe
 
     def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode()
+        # The held-back rule above keeps `printed` a prefix of the final text.
         self.out.write(text[len(self.printed) :] + "\n")
         self.out.flush()
         return text
