@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -69,16 +70,24 @@ def _one_error_path():
 
 
 # Top-level modules each install extra brings; a ModuleNotFoundError naming one of them means the
-# extra is missing, not that SpecBound is broken.
+# extra is missing, not that SpecBound is broken. tests/test_packaging.py checks this against the
+# extra's distributions in pyproject.toml.
 EXTRA_MODULES = {
-    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow"),
+    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow", "tqdm"),
 }
 
 
 @contextlib.contextmanager
 def _requires_extra(extra: str, command: str):
-    """Turn a missing optional dependency into one actionable `Error:` line (exit 7)."""
+    """Turn a missing optional dependency into one actionable `Error:` line (exit 7).
+
+    Every module of the extra is looked for first: some are imported only late in a long run."""
+    import importlib.util
+
     try:
+        for name in EXTRA_MODULES[extra]:
+            if importlib.util.find_spec(name) is None:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         yield
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
@@ -141,6 +150,11 @@ def decode(
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         prompts = _prompts(prompt, prompt_file)
         loaded, decoder = _load_decoder(model, artifact)
+        if artifact is None and not no_speculation:
+            _err(
+                "note: no --artifact, so decoding uses the paper's uncalibrated schedule, which is slower "
+                f"than plain decoding on the models measured; calibrate first: specbound calibrate --model {model}"
+            )
         use_chat = decoder.has_chat_template if chat is None else chat
         failures = 0
         for index, p in enumerate(prompts):
@@ -165,7 +179,9 @@ def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, ch
     if encoded.clamped:
         _err(f"warning: --max-new-tokens clamped to {encoded.max_new_tokens} to fit the model's context")
     stream = None if as_json else TextStream(decoder.tokenizer)
+    started = time.perf_counter()
     result = decoder.generate(encoded, speculation=speculation, on_tokens=stream)
+    call_s = time.perf_counter() - started  # the whole call, as generate()'s is timed below
     text = stream.finish() if stream else decoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     messages.append({"role": "assistant", "content": text})
     record = {
@@ -187,7 +203,11 @@ def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, ch
     }
     failed = 0
     if check_exact:
+        started = time.perf_counter()
         ref = reference_greedy(decoder.model, list(encoded.ids), encoded.max_new_tokens, decoder.eos_token_ids)
+        generate_s = time.perf_counter() - started
+        record["generate_wall_time_s"] = round(generate_s, 4)
+        record["speedup_vs_generate"] = round(generate_s / call_s, 3)
         div = divergence(decoder.model, list(encoded.ids), list(result.token_ids), ref)
         record["exact"] = div is None
         if div is not None:
@@ -204,7 +224,12 @@ def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, ch
             f"| acceptance {result.acceptance_rate:.0%} of {result.drafted} drafts | {result.verify_passes} "
             f"verify passes | exit layers {hist}"
             + (f" | {result.fallbacks} full-depth fallbacks" if result.fallbacks else "")
-            + ("" if not check_exact else f" | exact: {'yes' if not failed else 'NO'}")
+            + (
+                ""
+                if not check_exact
+                else f" | generate() {record['generate_wall_time_s']:.2f}s, speedup {record['speedup_vs_generate']}x"
+                f" | exact: {'yes' if not failed else 'NO'}"
+            )
         )
     return failed
 
@@ -358,20 +383,23 @@ def bench(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per answer at most."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (always runs: the reference), ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per answer (speedup: ratio of medians); hf-early-exit runs once."),
-    prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 22 min on 2 cores."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>)."),
+    prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 23 min on 2 cores."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>); rerunning the same command there resumes."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout instead of the Markdown table."),
 ):
     """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
 
     Reports per task and overall: tokens/s, speedup over hf-greedy, mean accepted length,
     acceptance rate and exactness against hf-greedy; and the simulator's oracle bound. Writes
-    results.json, table.md, speedup.png and Spec-Bench-style <method>.jsonl into --out."""
+    results.json, table.md, speedup.png and Spec-Bench-style <method>.jsonl into --out.
+
+    Every finished measurement is kept in --out/measurements.jsonl at once: an interrupted bench
+    resumes when the same command is run again; a different command there is refused."""
     with _one_error_path():
         import shlex
 
-        with _requires_extra("calibrate", "bench"):
-            from specbound.calibrate.bench import METHODS, BenchOptions, parse_names, run_bench
+        from specbound.bench.harness import BenchOptions, parse_names, run_bench
+        from specbound.bench.methods import METHODS
         from specbound.data.tasks import TASKS
 
         opts = BenchOptions(
@@ -380,7 +408,8 @@ def bench(
             repeats=repeats, prompts_per_task=prompts_per_task, out=out,
             command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         )
-        outcome = run_bench(opts)
+        with _requires_extra("calibrate", "bench"):  # run_bench imports the plot's and the oracle's modules first
+            outcome = run_bench(opts)
         typer.echo(json.dumps(outcome.results, sort_keys=True) if as_json else outcome.table, nl=as_json)
         _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
 

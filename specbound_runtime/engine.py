@@ -156,7 +156,7 @@ class EarlyExitDrafter:
 class GenerationResult:
     prompt_ids: tuple[int, ...]
     token_ids: tuple[int, ...]  # generated tokens only
-    accept_lengths: tuple[int, ...]  # per verification pass; the full model's own token counts
+    accept_lengths: tuple[int, ...]  # tokens emitted per verification pass (the full model's own counts); sums to new_tokens
     exit_layers: tuple[int, ...]  # exit layer of every drafted token
     drafted: int
     accepted: int
@@ -254,7 +254,6 @@ def generate(
             accepted += acceptance.accepted_length
             drafter.observe(acceptance)
             new = seq.commit(acceptance)
-            accept_lengths.append(acceptance.tokens_emitted)
             stop = False
             for i, token in enumerate(new):
                 if len(out) == max_new_tokens:
@@ -267,6 +266,7 @@ def generate(
                 ):
                     new, stop = new[: i + 1], True
                     break
+            accept_lengths.append(len(new))  # what this pass emitted, after any stop
             if on_tokens is not None and new:
                 on_tokens(new)
             if stop or len(out) >= max_new_tokens:

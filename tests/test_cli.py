@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from clitools import invoke, save_tiny_artifact
 from helpers import make_tiny_model_folder
 
 from specbound_runtime.exit_head import ExitHeadWeights
-from specbound_runtime.models import resolve_model
+from specbound_runtime.exactness import reference_greedy
+from specbound_runtime.models import eos_token_ids, resolve_model
 from specbound_runtime.policy import ExitPolicy
 
 RECORD_FIELDS = (
@@ -39,30 +41,44 @@ def records(result) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def _reference(loaded, prompt_text, n):
+    """generate()'s own tokens for a prompt, chat template applied as decode applies it."""
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt_text}], add_generation_prompt=True, tokenize=True
+    )
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return reference_greedy(loaded.model, ids, n, eos_token_ids(loaded))
+
+
 def test_decode_json_prints_one_record_with_every_field(tiny):
     folder, loaded, _ = tiny
+    started = time.perf_counter()
     [record] = records(invoke("decode", "-m", folder, "-p", "w5 w6 w7", "-n", 12, "--json"))
+    elapsed = time.perf_counter() - started
     for name in RECORD_FIELDS:
         assert name in record, name
     assert record["prompt_index"] == 0
-    assert record["new_tokens"] == len(record["token_ids"]) and 1 <= record["new_tokens"] <= 12
-    assert record["text"] == loaded.tokenizer.decode(record["token_ids"], skip_special_tokens=True)
-    assert record["verify_passes"] == len(record["accept_lengths"]) >= 1
-    assert all(n >= 1 for n in record["accept_lengths"])
-    assert sum(record["accept_lengths"]) >= record["new_tokens"]
-    assert record["wall_time_s"] >= 0
+    reference = _reference(loaded, "w5 w6 w7", 12)
+    assert record["token_ids"] == reference and record["new_tokens"] == len(reference)
+    assert record["text"] == loaded.tokenizer.decode(reference, skip_special_tokens=True)
+    # one entry per verification pass, each the tokens that pass emitted: they add up exactly
+    assert record["verify_passes"] == len(record["accept_lengths"])
+    assert sum(record["accept_lengths"]) == record["new_tokens"]
+    assert 0 < record["wall_time_s"] <= elapsed
 
 
 def test_speculation_drafts_and_no_speculation_does_not_and_both_give_the_same_tokens(tiny):
-    folder, _, artifact = tiny
+    folder, loaded, artifact = tiny
     args = ("decode", "-m", folder, "-p", "w9 w10 w11 w12", "-n", 16, "--json")
     [spec] = records(invoke(*args, "--artifact", artifact))
     [plain] = records(invoke(*args, "--no-speculation"))
-    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["token_ids"] == plain["token_ids"] == _reference(loaded, "w9 w10 w11 w12", 16)
+    assert spec["new_tokens"] == plain["new_tokens"] == 16  # no early EOS: the comparison below is fair
     assert spec["exit_layers"] and set(spec["exit_layers"]) <= {2, 3}
-    assert spec["verify_passes"] < plain["verify_passes"] or spec["new_tokens"] < 16
+    assert spec["verify_passes"] < plain["verify_passes"]  # accepted drafts saved full passes
+    assert spec["acceptance_rate"] > 0
     assert plain["exit_layers"] == [] and set(plain["accept_lengths"]) == {1}
-    assert plain["verify_passes"] == plain["new_tokens"]
+    assert plain["verify_passes"] == 16
 
 
 def test_check_exact_compares_with_generate_and_reports_it(tiny):
@@ -70,7 +86,51 @@ def test_check_exact_compares_with_generate_and_reports_it(tiny):
     result = invoke("decode", "-m", folder, "-a", artifact, "-p", "w30 w31", "-n", 10, "--check-exact", "--json")
     [record] = records(result)
     assert record["exact"] is True
+    assert record["generate_wall_time_s"] > 0 and record["speedup_vs_generate"] > 0
     assert "Error" not in result.stderr
+
+
+def test_check_exact_fails_with_the_first_divergence_and_its_margin(tiny, monkeypatch):
+    """A verification step that really diverges (it keeps every draft, right or wrong) must be
+    caught: exit 6, the first divergent position, both tokens and the logit margin there."""
+    from specbound_runtime import engine
+    from specbound_runtime.acceptance import Acceptance
+
+    def keep_every_draft(draft_tokens, target_logits):
+        k = int(draft_tokens.shape[0])
+        return Acceptance(accepted_length=k, next_token=int(target_logits[k].argmax()), drafted=k)
+
+    monkeypatch.setattr(engine, "accept", keep_every_draft)
+    folder, loaded, artifact = tiny
+    result = invoke("decode", "-m", folder, "-a", artifact, "-p", "w9 w10 w11 w12", "-n", 16, "--check-exact", "--json")
+    assert result.exit_code == 6, result.stderr
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    reference = _reference(loaded, "w9 w10 w11 w12", 16)
+    ours = record["token_ids"]
+    position = next(i for i, (a, b) in enumerate(zip(ours, reference)) if a != b)
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w9 w10 w11 w12"}], add_generation_prompt=True, tokenize=True
+    )
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt + reference[:position]])).logits[0, -1]
+    margin = float(logits[reference[position]] - logits[ours[position]])
+    assert margin > 0
+    expected = f"first divergence at generated position {position}: ours {ours[position]}, reference {reference[position]}"
+    assert record["exact"] is False and record["divergence"].startswith(expected)
+    assert f"logit margin {margin:.3g}" in record["divergence"]
+    assert f"NOT exact: {expected}" in result.stderr
+    assert "Error: 1 output(s) differed from generate()" in result.stderr
+
+
+def test_decode_without_artifact_says_once_that_it_is_uncalibrated(tiny):
+    folder, _, artifact = tiny
+    bare = invoke("decode", "-m", folder, "-p", "w5 w6", "-n", 4, "--json")
+    assert bare.exit_code == 0, bare.stderr
+    notes = [line for line in bare.stderr.splitlines() if "uncalibrated" in line]
+    assert len(notes) == 1 and "specbound calibrate --model" in notes[0]
+    calibrated = invoke("decode", "-m", folder, "-a", artifact, "-p", "w5 w6", "-n", 4, "--json")
+    assert "uncalibrated" not in calibrated.stderr
 
 
 def test_prompt_file_jsonl_decodes_every_prompt_and_turn_in_order(tiny, tmp_path):

@@ -128,7 +128,7 @@ def test_stopping_criteria_stop_at_the_first_token_they_fire_on(llama):
 
     model, lm = llama
     plain = reference_greedy(model, PROMPT, NEW, (EOS,))
-    stop_token = plain[7]
+    stop_token = plain[5]  # inside the second pass, whose six drafts are all right
 
     class StopAt(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -144,6 +144,8 @@ def test_stopping_criteria_stop_at_the_first_token_they_fire_on(llama):
 
     ours = run_through_generate(model, PROMPT, NEW, (EOS,), decode, stopping_criteria=criteria)
     assert list(ours.token_ids) == ref
+    # the pass that stopped counts only the tokens it emitted
+    assert sum(ours.accept_lengths) == len(ref) and ours.accept_lengths[-1] < 7
 
 
 # -- attention paths -----------------------------------------------------------------------------
