@@ -22,6 +22,7 @@ import torch
 from .errors import ArtifactError
 from .exit_head import ExitHeadWeights
 from .files import atomic_write_bytes
+from .fingerprints import ModelFingerprint
 from .policy import ExitPolicy
 
 SCHEMA_VERSION = 1
@@ -238,8 +239,6 @@ def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: st
     theirs = artifact.meta_json("model_fingerprint")
     ours = model_fingerprint.to_dict()
     if theirs != ours:
-        from .models import ModelFingerprint
-
         try:
             their_desc = ModelFingerprint.from_dict(theirs).short()
         except Exception:

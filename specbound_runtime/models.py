@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 
 from .adapter import SUPPORTED_MODEL_TYPES
 from .errors import ArtifactError, ModelError
+from .fingerprints import HEX64, ModelFingerprint, fingerprint_model, fingerprint_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -46,134 +47,8 @@ _CACHE_INFO = "specbound-cache.json"
 _PARTIAL_PREFIX = ".partial-"
 _PARTIAL_MAX_AGE_S = 3600.0  # a temp folder this old belongs to an interrupted first load
 
-# Keys of config.to_dict() that say how or where a model was loaded, not what it computes.
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "transformers_version",
-        "_name_or_path",
-        "_model_name_or_path",
-        "name_or_path",
-        "_commit_hash",
-        "dtype",
-        "torch_dtype",
-        "quantization_config",
-        "attn_implementation",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-        "_attn_implementation_internal",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "use_cache",
-    }
-)
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WHAT_TO_PASS = "pass a local Hugging Face folder (config.json + *.safetensors) or a .gguf file"
-
-
-# -- identity --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """What a model is: architecture summary plus hashes of its config and of every weight."""
-
-    model_type: str
-    num_layers: int
-    vocab_size: int
-    hidden_size: int
-    config_sha256: str
-    weights_sha256: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model_type, str) or not self.model_type:
-            raise ValueError(f"model_type must be a non-empty string, got {self.model_type!r}")
-        for name in ("num_layers", "vocab_size", "hidden_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("config_sha256", "weights_sha256"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not _HEX64.match(value):
-                raise ValueError(f"{name} must be 64 lowercase hex digits, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
-        """Inverse of to_dict. Malformed input (e.g. from a damaged artifact) raises ArtifactError."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict):
-            raise ArtifactError(f"model fingerprint must be a JSON object, got {type(data).__name__}; refit the artifact")
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise ArtifactError(f"model fingerprint lacks {', '.join(missing)}; refit the artifact")
-        try:
-            return cls(**{n: data[n] for n in names})
-        except ValueError as exc:
-            raise ArtifactError(f"malformed model fingerprint ({exc}); refit the artifact") from exc
-
-    def short(self) -> str:
-        """A short readable form, e.g. 'llama L=30 V=49152 w=1a2b3c4d'."""
-        return f"{self.model_type} L={self.num_layers} V={self.vocab_size} w={self.weights_sha256[:8]}"
-
-
-def _config_sha256(config_dict: dict[str, Any]) -> str:
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    text = json.dumps(clean(config_dict), sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach()
-        header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
-        digest.update(header.encode())
-        if tensor.numel():
-            raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            digest.update(memoryview(raw.numpy()))
-    return digest.hexdigest()
-
-
-def fingerprint_model(model: torch.nn.Module) -> ModelFingerprint:
-    """Fingerprint a loaded transformers model (about 0.5 s for 135M fp32 parameters)."""
-    config = model.config
-    return ModelFingerprint(
-        model_type=str(config.model_type),
-        num_layers=int(config.num_hidden_layers),
-        vocab_size=int(config.vocab_size),
-        hidden_size=int(config.hidden_size),
-        config_sha256=_config_sha256(config.to_dict()),
-        weights_sha256=_weights_sha256(model.state_dict()),
-    )
-
-
-def fingerprint_tokenizer(tokenizer: Any) -> str:
-    """sha256 of the sorted vocabulary, the special tokens and the chat template.
-
-    Merges and normalisation rules are not included: two tokenizers with the same vocabulary and
-    special tokens but different BPE merges get the same fingerprint.
-    """
-    special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": special,
-        "all_special_tokens": sorted(str(t) for t in tokenizer.all_special_tokens),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- the loaded model ------------------------------------------------------------------------------
@@ -192,7 +67,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, ModelFingerprint):
             raise ValueError("fingerprint must be a ModelFingerprint")
-        if not _HEX64.match(self.tokenizer_fingerprint):
+        if not HEX64.match(self.tokenizer_fingerprint):
             raise ValueError("tokenizer_fingerprint must be 64 lowercase hex digits")
 
 

@@ -14,14 +14,8 @@ import specbound_runtime.models as models_module
 from helpers import make_tiny_gguf, make_tiny_model_folder, make_tiny_tokenizer
 
 from specbound_runtime.errors import ArtifactError, ModelError, SpecBoundError
-from specbound_runtime.models import (
-    LoadedModel,
-    ModelFingerprint,
-    eos_token_ids,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    resolve_model,
-)
+from specbound_runtime.fingerprints import ModelFingerprint, fingerprint_model, fingerprint_tokenizer
+from specbound_runtime.models import LoadedModel, eos_token_ids, resolve_model
 
 
 @pytest.fixture(scope="module")
