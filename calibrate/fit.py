@@ -1,6 +1,6 @@
 """Calibration math on recorded statistics: temperatures, the paper's schedule, metrics, ridge lens.
 
-Pure numpy/scipy: no model, no files. A layer's confidence at temperature T is max softmax(z/T);
+Pure numpy/scipy/scikit-learn: no model, no files. A layer's confidence at temperature T is max softmax(z/T);
 it is recorded exactly on a grid of temperatures and interpolated in log-log space between grid
 points (max softmax is smooth and monotone in T). The fitting target is whether the layer's draft
 equals the last layer's prediction.
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+from specbound_runtime.policy import paper_temperatures
 
 TEMPERATURE_GRID = np.geomspace(0.05, 20.0, 17)
 LOG_T_BOUNDS = (float(np.log(TEMPERATURE_GRID[0])), float(np.log(TEMPERATURE_GRID[-1])))
@@ -30,6 +33,11 @@ def confidence_at(conf_grid: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def binary_nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary log-loss, the temperature fits' objective.
+
+    Not sklearn's log_loss: the bounded optimiser calls this ~30 times per fit, and log_loss
+    validates its inputs on every call (about 60x slower at a few thousand positions); the report's
+    log-loss (`metrics`) is sklearn's."""
     p = np.clip(p, _EPS, 1 - _EPS)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
@@ -50,16 +58,12 @@ def fit_temperature(conf_grid: np.ndarray, agree: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def paper_schedule(alpha: float, layers, num_layers: int) -> np.ndarray:
-    return 1.0 + alpha * (1.0 - np.asarray(layers, dtype=np.float64) / num_layers)
-
-
 def fit_paper_alpha(conf_grids: list[np.ndarray], agrees: list[np.ndarray], layers, num_layers: int) -> float:
     """The paper's one-parameter schedule T_l = 1 + alpha (1 - l/L), alpha fitted over all layers."""
     ys = [a.astype(np.float64) for a in agrees]
 
     def loss(alpha: float) -> float:
-        temps = paper_schedule(alpha, layers, num_layers)
+        temps = paper_temperatures(alpha, tuple(layers), num_layers)
         total = sum(binary_nll(confidence_at(c, t), y) * len(y) for c, t, y in zip(conf_grids, temps, ys))
         return total / max(1, sum(len(y) for y in ys))
 
@@ -83,6 +87,11 @@ class CalibrationMetrics:
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Mean |confidence - agreement| over equal-width bins, weighted by bin size (scikit-learn
+    1.9 has no ECE; its calibration_curve gives the per-bin points but not the bin sizes). NaN
+    without positions."""
+    if not len(y):
+        return float("nan")
     edges = np.linspace(0.0, 1.0, bins + 1)
     idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     ece = 0.0
@@ -93,42 +102,20 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> 
     return float(ece)
 
 
-def auroc(p: np.ndarray, y: np.ndarray) -> float:
-    """Area under the ROC curve (rank statistic, ties counted half); NaN with a single class."""
-    y = y.astype(bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p), dtype=np.float64)
-    sorted_p = p[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_p, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
 def metrics(p: np.ndarray, y: np.ndarray) -> CalibrationMetrics:
+    """Held-out calibration of confidences `p` against agreement `y`, with scikit-learn's metrics;
+    NaN where a metric is undefined (no positions; AUROC with a single class)."""
     y = y.astype(np.float64)
+    n = len(y)
+    both = n and 0 < y.sum() < n
     return CalibrationMetrics(
         ece=expected_calibration_error(p, y),
-        brier=float(np.mean((p - y) ** 2)) if len(y) else float("nan"),
-        auroc=auroc(p, y),
-        nll=binary_nll(p, y) if len(y) else float("nan"),
-        count=int(len(y)),
-        agreement=float(y.mean()) if len(y) else float("nan"),
+        brier=float(brier_score_loss(y, p, pos_label=1)) if n else float("nan"),
+        auroc=float(roc_auc_score(y, p)) if both else float("nan"),
+        nll=float(log_loss(y, p, labels=[0.0, 1.0])) if n else float("nan"),
+        count=int(n),
+        agreement=float(y.mean()) if n else float("nan"),
     )
-
-
-def reliability_curve(p: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean confidence, observed agreement, count) per equal-width bin."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    conf = np.array([p[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
-    acc = np.array([y[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
-    count = np.array([(idx == b).sum() for b in range(bins)])
-    return conf, acc, count
 
 
 def ridge_lens(gram: np.ndarray, cross: np.ndarray, lam: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

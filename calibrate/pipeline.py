@@ -16,11 +16,11 @@ import torch
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.errors import InputError, UsageError
 from specbound_runtime.files import atomic_write_bytes
-from specbound_runtime.policy import default_check_layers
+from specbound_runtime.policy import default_check_layers, paper_temperatures
 
 from . import collect as C
 from .corpus import Corpus, load_corpus
-from .fit import TEMPERATURE_GRID, confidence_at, fit_paper_alpha, fit_temperature, metrics, paper_schedule
+from .fit import TEMPERATURE_GRID, confidence_at, fit_paper_alpha, fit_temperature, metrics
 from .simulate import CostModel
 from .tune import Schedules, check_storage_url, evaluate, evaluate_oracle, paper_candidate, tune
 
@@ -171,7 +171,7 @@ def fit_schedules(records: C.Records, num_layers: int) -> tuple[Schedules, dict]
         temps = tuple(fit_temperature(fit.conf[:, h, c], fit.right[:, h, c]) for c in range(len(layers)))
         a = fit_paper_alpha([fit.conf[:, h, c] for c in range(len(layers))], [fit.right[:, h, c] for c in range(len(layers))], layers, num_layers)
         fitted[head], alpha[head] = temps, a
-        paper_t = paper_schedule(a, layers, num_layers)
+        paper_t = paper_temperatures(a, layers, num_layers)
         rows = []
         n = len(fit.seq)
         for c, layer in enumerate(layers):
@@ -201,8 +201,7 @@ def reliability_png(records: C.Records, schedules: Schedules, path: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .fit import reliability_curve
+    from sklearn.calibration import calibration_curve
 
     held = records.select(records.held_out)
     fig, axes = plt.subplots(1, len(C.HEADS), figsize=(6 * len(C.HEADS), 5), squeeze=False)
@@ -213,10 +212,15 @@ def reliability_png(records: C.Records, schedules: Schedules, path: Path) -> Non
             if c % max(1, len(records.layers) // 4) and c != len(records.layers) - 1:
                 continue
             y = held.right[:, h, c]
+            if not len(y):
+                continue
             p_paper = confidence_at(held.conf[:, h, c], schedules.temperatures(head, "paper-fitted")[c])
             p_fit = confidence_at(held.conf[:, h, c], schedules.fitted[head][c])
-            line = ax.plot(*reliability_curve(p_fit, y)[:2], "o-", label=f"layer {layer} fitted")[0]
-            ax.plot(*reliability_curve(p_paper, y)[:2], "x--", color=line.get_color(), alpha=0.6, label=f"layer {layer} paper")
+            # calibration_curve returns (observed agreement, mean confidence) of the non-empty bins
+            agree, conf = calibration_curve(y, p_fit, n_bins=10, pos_label=True)
+            line = ax.plot(conf, agree, "o-", label=f"layer {layer} fitted")[0]
+            agree, conf = calibration_curve(y, p_paper, n_bins=10, pos_label=True)
+            ax.plot(conf, agree, "x--", color=line.get_color(), alpha=0.6, label=f"layer {layer} paper")
         ax.set_title(f"held-out reliability, {head} head")
         ax.set_xlabel("confidence")
         ax.set_ylabel("agreement with the last layer")

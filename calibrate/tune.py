@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from specbound_runtime.errors import UsageError
-from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers
+from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers, paper_temperatures
 
 from .collect import HEADS, LOOKUP_MAX, LOOKUP_NGRAMS, Records
-from .fit import paper_schedule
 from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
@@ -46,7 +45,7 @@ class Schedules:
         if schedule == "fitted":
             return self.fitted[head]
         alpha = self.alpha[head] if schedule == "paper-fitted" else PAPER_ALPHA
-        return tuple(float(t) for t in paper_schedule(alpha, self.layers, self.num_layers))
+        return paper_temperatures(alpha, self.layers, self.num_layers)
 
 
 @dataclass(frozen=True)
