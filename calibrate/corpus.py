@@ -3,7 +3,9 @@
 `default` is the built-in corpus (data/tasks.py): essays and Wikipedia paragraphs, plus chat
 prompts built from calibration-side items. Any other value is a list of local files (text, JSONL,
 JSON or Parquet), read offline with `datasets`: a row's `text` is human text, a row's `prompt` is
-a prompt whose answer the model writes itself.
+a prompt whose answer the model writes itself. A long text (a whole .txt file is one) is cut into
+items of at most TEXT_ITEM_CHARS characters (split_text), so that it spreads over the held-out,
+lens and calibration splits, which are drawn per item.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from specbound_runtime.errors import InputError
 
+# About 300-400 tokens of English: each item still fills a recorded window (chunk_tokens, 256).
+TEXT_ITEM_CHARS = 1500
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -106,11 +111,41 @@ def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) 
             for field, sink in (("text", docs), ("prompt", prompts)):
                 value = row.get(field)
                 if isinstance(value, str) and value.strip():
-                    item_id = f"{path.name}:{i}:{field}"
-                    sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, value))
+                    base = f"{path.name}:{i}:{field}"
+                    parts = split_text(value) if field == "text" and len(value) > TEXT_ITEM_CHARS else [value]
+                    for j, part in enumerate(parts):
+                        item_id = base if len(parts) == 1 else f"{base}:{j}"
+                        sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, part))
     if not docs and not prompts:
         raise InputError(f"the corpus {', '.join(paths)} holds no text; give files with non-empty `text` or `prompt`")
     return Corpus(",".join(paths), tuple(docs[:n_documents] if n_documents else docs), tuple(prompts[:n_prompts] if n_prompts else prompts))
+
+
+def split_text(text: str, max_chars: int = TEXT_ITEM_CHARS) -> list[str]:
+    """Cut text into pieces of at most max_chars characters: whole paragraphs (blank-line
+    separated) packed together in order, a longer paragraph cut at the last whitespace that fits
+    (a run without whitespace, at max_chars). Deterministic; nothing but whitespace is lost."""
+    pieces: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        start = 0
+        while len(paragraph) - start > max_chars:
+            end = start + max_chars
+            cut = max(paragraph.rfind(c, start + 1, end + 1) for c in " \t\n\r")
+            cut = cut if cut > start else end
+            pieces.append(paragraph[start:cut].rstrip())
+            start = cut
+            while start < len(paragraph) and paragraph[start].isspace():
+                start += 1
+        if start < len(paragraph):
+            pieces.append(paragraph[start:])
+    items: list[str] = []
+    for piece in pieces:
+        if items and len(items[-1]) + 2 + len(piece) <= max_chars:
+            items[-1] += "\n\n" + piece
+        else:
+            items.append(piece)
+    return items
 
 
 @contextlib.contextmanager
