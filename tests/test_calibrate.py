@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from specbound.calibrate import collect as C
-from specbound.calibrate.fit import TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, ridge_lens
+from specbound.calibrate.fit import (
+    TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, metrics, ridge_lens,
+)
 from specbound.calibrate.simulate import CostModel, Exits, Lookups, decide_exits, simulate
 
 COST = CostModel(num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5)
@@ -44,6 +46,41 @@ def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
     # no worse than T = 1 on the data it was fitted to, and better calibrated
     assert binary_nll(confidence_at(grid, fitted), y) <= binary_nll(confidence_at(grid, 1.0), y)
     assert expected_calibration_error(confidence_at(grid, fitted), y) < expected_calibration_error(confidence_at(grid, 1.0), y)
+
+
+def _sharpen(p: np.ndarray, factor: float) -> np.ndarray:
+    """Scale the log-odds: factor > 1 makes confidences overconfident, < 1 underconfident."""
+    return 1.0 / (1.0 + np.exp(-factor * np.log(p / (1 - p))))
+
+
+def test_report_metrics_behave_as_calibration_metrics():
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0.02, 0.98, 5000)
+    y = rng.random(5000) < p  # calibrated by construction
+    m = metrics(p, y)
+    assert m.count == 5000 and m.agreement == pytest.approx(y.mean())
+    assert 0.5 < m.auroc < 1.0 and 0.0 < m.brier < 0.25 and 0.0 < m.nll < np.log(2) and m.ece < 0.03
+    # AUROC ranks: any increasing map of the confidences leaves it unchanged; a perfect ranking is 1
+    for warped in (p**3, _sharpen(p, 4.0), 0.1 + p / 2):
+        assert metrics(warped, y).auroc == pytest.approx(m.auroc, abs=1e-12)
+    assert metrics(np.where(y, 0.7, 0.3), y).auroc == 1.0 and metrics(np.where(y, 0.3, 0.7), y).auroc == 0.0
+    # mis-calibrating the same ranking, either way, is worse on every calibration measure
+    for factor in (0.3, 3.0):
+        worse = metrics(_sharpen(p, factor), y)
+        assert worse.ece > m.ece and worse.nll > m.nll and worse.brier > m.brier
+    # undefined metrics are NaN (None in the report), never an exception
+    one_class = metrics(p, np.ones(5000, bool))
+    assert np.isnan(one_class.auroc) and one_class.to_dict()["auroc"] is None and np.isfinite(one_class.nll)
+    assert all(v is None for k, v in metrics(p[:0], y[:0]).to_dict().items() if k != "count")
+
+
+def test_temperature_fitted_on_one_split_is_no_worse_on_another():
+    torch.manual_seed(4)
+    grid = _grid_conf(torch.randn(8000, 40) * 2.5)
+    y = np.random.default_rng(4).random(8000) < confidence_at(grid, 0.6)  # the raw confidences are underconfident
+    fitted = fit_temperature(grid[:4000], y[:4000])
+    held_raw, held_fit = (metrics(confidence_at(grid[4000:], t), y[4000:]) for t in (1.0, fitted))
+    assert fitted > 0 and held_fit.nll < held_raw.nll and held_fit.ece < held_raw.ece and held_fit.brier < held_raw.brier
 
 
 def test_ridge_lens_recovers_a_linear_map():
@@ -160,17 +197,102 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
     a = _calibrate(root, model, corpus, cost, "a", monkeypatch)
     b = _calibrate(root, model, corpus, cost, "b", monkeypatch)
     assert a.artifact.read_bytes() == b.artifact.read_bytes()
-    report = a.report
-    assert report["simulated"]["fit"]["speedup"] >= report["simulated"]["fit_paper_defaults"]["speedup"]
     loaded = resolve_model(str(model))
     art = load_artifact(a.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
     assert art.metadata["seed"] == "0" and "cost_model" in art.metadata
+    _exports_the_best_trial(art, root / "work-a", a.report)
     eos = eos_token_ids(loaded)
     tuned = Decoder(loaded.model, loaded.tokenizer, eos, art.policy, art.exit_weights)
     plain = Decoder(loaded.model, loaded.tokenizer, eos)
     for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
         enc = tuned.encode([{"role": "user", "content": text}], True, 24)
         assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids
+
+
+def _exports_the_best_trial(art, work, report) -> None:
+    """Trial 0 tried the paper's defaults; the artifact holds the best trial's policy, and the
+    simulated speedup it records is that trial's, better than the paper's on this model."""
+    import optuna
+
+    from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, default_check_layers, paper_temperatures
+
+    study = optuna.load_study(study_name=art.metadata["study_name"], storage=f"sqlite:///{(work / 'study.db').resolve()}")
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    layers = tuple(json.loads(art.metadata["candidate_layers"]))
+    L = art.policy.num_layers
+    paper_checks = default_check_layers(L)
+    assert trials[0].params == {
+        "head": "plain", "schedule": "paper", "threshold": PAPER_THRESHOLD, **{f"check_{l}": l in paper_checks for l in layers},
+        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup_ngram": 0, "lookup_max": 1,
+    }
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    assert json.loads(art.metadata["best_trial"])["number"] == best.number
+    p = best.params
+    checks = tuple(l for l in layers if p[f"check_{l}"] and l <= p["d_max"])
+    policy = art.policy
+    assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1], p["w_max"])
+    assert (policy.lookup_ngram, policy.lookup_max) == (p["lookup_ngram"], p["lookup_max"] if p["lookup_ngram"] else 0)
+    assert policy.thresholds == pytest.approx((p["threshold"],) * len(checks))
+    calibration = report["calibration"][p["head"]]
+    fitted = {row["layer"]: row["temperature"] for row in calibration["layers"]}
+    alpha = {"fitted": None, "paper-fitted": calibration["alpha"], "paper": PAPER_ALPHA}[p["schedule"]]
+    want = [fitted[l] for l in checks] if alpha is None else paper_temperatures(alpha, checks, L)
+    assert policy.temperatures == pytest.approx(want, abs=1e-5)
+    assert (art.exit_weights.lens != {}) == (p["head"] == "lens")
+    simulated = json.loads(art.metadata["simulation"])
+    assert simulated["fit"] == best.user_attrs["result"] and simulated["fit"]["speedup"] == pytest.approx(best.value, abs=1e-6)
+    assert simulated["fit_paper_defaults"] == trials[0].user_attrs["result"]
+    assert simulated["fit"]["speedup"] > simulated["fit_paper_defaults"]["speedup"]
+
+
+def _big_text(path, megabytes: float = 3.0, seed: int = 0):
+    """Random words of the tiny vocabulary in paragraphs of 5 to 1,500 words (blank-line separated)."""
+    rng = random.Random(seed)
+    paragraphs, size = [], 0
+    while size < megabytes * 2**20:
+        paragraphs.append(" ".join(f"w{rng.randrange(4, 64)}" for _ in range(rng.randrange(5, 1500))))
+        size += len(paragraphs[-1]) + 2
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def test_split_text_packs_paragraphs_and_cuts_long_ones_between_words():
+    from specbound.calibrate.corpus import split_text
+
+    text = "a b c\n\nd e\n \n\n" + " ".join(["wxyz"] * 30) + "\n\n" + "z" * 25 + "\n\nf"
+    items = split_text(text, max_chars=20)
+    assert all(0 < len(item) <= 20 for item in items)
+    assert items[0] == "a b c\n\nd e"  # short paragraphs packed together, whole
+    assert " ".join(items).split() == text.split()[:-2] + ["z" * 20, "z" * 5, "f"]  # only a word too long is cut
+    assert split_text(text, max_chars=20) == items
+
+
+def test_a_large_text_file_becomes_many_items_spread_over_every_split(tmp_path):
+    from collections import Counter
+
+    from specbound.calibrate.corpus import TEXT_ITEM_CHARS, load_corpus
+
+    path = _big_text(tmp_path / "big.txt")
+    corpus = load_corpus(str(path), n_prompts=0, n_documents=0, held_out_fraction=0.1, seed=0)
+    docs = corpus.documents
+    assert len(docs) > 1000 and len({d.id for d in docs}) == len(docs) and not corpus.prompts
+    assert all(0 < len(d.text) <= TEXT_ITEM_CHARS and d.id.startswith("big.txt:") for d in docs)
+    assert [w for d in docs for w in d.text.split()] == path.read_text().split()  # in order, nothing lost
+    splits = Counter(
+        "held-out" if d.held_out else "lens" if C.RecordedSequence(d.id, False, False, (4, 5), 0).lens_split else "calibration"
+        for d in docs
+    )
+    assert set(splits) == {"held-out", "lens", "calibration"} and min(splits.values()) > 0.05 * len(docs)
+    assert load_corpus(str(path), 0, 0, 0.1, 0) == corpus  # stable ids and items
+
+
+def test_a_corpus_of_one_large_text_file_calibrates(tiny_setup, monkeypatch):
+    root, model, _, cost = tiny_setup
+    big = _big_text(root / "big.txt", megabytes=2.0, seed=1)
+    out = _calibrate(root, model, big, cost, "big-text", monkeypatch, documents=16)
+    positions = out.report["positions"]
+    assert min(positions["lens"], positions["fit"], positions["held_out"]) > 0 and positions["own"] == 0
+    assert out.artifact.exists()
 
 
 def test_interrupted_collection_resumes_to_the_same_artifact(tiny_setup, monkeypatch):

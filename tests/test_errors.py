@@ -34,6 +34,7 @@ from specbound_runtime.artifact import load_artifact, read_artifact, save_artifa
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
 from specbound_runtime.errors import (
     EXIT_ARTIFACT,
+    EXIT_DEPENDENCY,
     EXIT_INPUT,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
@@ -505,6 +506,8 @@ CORPORA = {
     "does-not-exist": (lambda d: str(d / "nope.jsonl"), "does not exist"),
     "directory": (lambda d: str(d), "is a directory"),
     "empty-file": (lambda d: _write(d / "empty.jsonl", b""), "is empty"),
+    "empty-text-file": (lambda d: _write(d / "empty.txt", b""), "is empty"),
+    "blank-text-file": (lambda d: _write(d / "blank.txt", b" \n\n\t\n"), "holds no text"),
     "unknown-format": (lambda d: _write(d / "corpus.xyz", b"w5 w6"), "unknown format .xyz"),
     "corrupt-parquet": (lambda d: _write(d / "corpus.parquet", b"PAR1 this is not parquet"), "cannot read corpus file"),
     "broken-jsonl-line": (lambda d: _write(d / "c.jsonl", b'{"text": "w5 w6"}\n{"text": "w7"\n'), "line 2 is not valid JSON"),
@@ -525,6 +528,49 @@ def test_calibrate_says_how_much_more_corpus_it_needs(tiny, tmp_path, cache):
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": " ".join(["w5", "w6"] * 10)}) + "\n" for _ in range(3)))
     assert_one_error(calibrate_cli(tiny[0], small, tmp_path), EXIT_INPUT, "at least 200 of each are needed", "add text or prompts")
+
+
+# A meta-path finder that makes modules look uninstalled, then the `specbound` entry point.
+_WITHOUT = """
+import sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+sys.argv[0] = "specbound"
+from specbound.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "blocked",
+    [
+        # a runtime-only install: the extra's modules, but for tqdm (transformers brings it)
+        ("optuna", "sklearn", "scipy", "datasets", "pyarrow", "matplotlib"),
+        # one that calibration imports only late (when tuning): still refused before any work
+        ("optuna",),
+    ],
+    ids=["runtime-only-install", "optuna-missing"],
+)
+def test_calibrate_without_its_extra_names_the_extra_to_install(blocked, tiny, corpus, tmp_path):
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT.format(blocked=set(blocked)), "calibrate", "-m", str(tiny[0]),
+         "--corpus", str(corpus), "--work-dir", str(work), "--out", str(tmp_path / "a.safetensors"), *CALIBRATE_FLAGS],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SPECBOUND_CACHE": str(tmp_path / "cache")},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert "pip install 'specbound[calibrate]'" in errors[0], errors[0]
+    assert any(f"({module} is not installed)" in errors[0] for module in blocked), errors[0]
+    assert proc.returncode == EXIT_DEPENDENCY, proc.stderr
+    assert not work.exists()
 
 
 def test_calibrate_does_not_replace_an_existing_artifact_without_force(tiny, corpus, tmp_path, cache):
@@ -622,7 +668,13 @@ def test_interrupted_tuning_resumes_from_its_storage(tmp_path):
     assert len(_trials(storage, "COMPLETE")) == 12 and [t.number for t in trials] == list(range(13))
     # the paper's defaults were enqueued once, as the very first trial, and not again on resume
     assert trials[0].params == PAPER_PARAMS and sum(t.params == PAPER_PARAMS for t in trials) == 1
-    assert result.value.speedup >= result.paper.speedup
+    # the result is the best of every trial in storage, those before the interruption included,
+    # and its value a fresh simulation of what that trial chose
+    complete = _trials(storage, "COMPLETE")
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    assert result.best_trial == best.number and result.value.to_dict() == best.user_attrs["result"]
+    # these records reward other settings than the paper's (trial 0): tuning finds better ones
+    assert result.paper.speedup == complete[0].value < result.value.speedup
     # asking again for as many trials runs none
     again: list[int] = []
     _tune(storage, 12, counts=again)
