@@ -1,24 +1,35 @@
-"""`specbound bench` on a tiny model folder with a hand-built artifact: every method runs, our
-methods are exact, every file is written in the documented shape, and bad flags fail with exit 2."""
+"""`specbound bench` on a tiny model folder with a hand-built artifact.
+
+Every method runs and every file is written in the documented shape; the exactness column catches
+a method whose tokens really differ; the speedup follows wall time that a test adds on purpose;
+an interrupted bench resumes without re-running what it finished; another command in the same
+folder is refused; bad flags fail with exit 2. Faults and delays are injected by replacing the
+harness's `MethodRunner` with a subclass."""
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from specbound.calibrate import bench as B
+from specbound.bench import harness as H
+from specbound.bench import oracle as O
+from specbound.bench.hf_hooks import FullDepthCall, PassStatistics, pass_statistics
+from specbound.bench.measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, SettingsMismatchError
+from specbound.bench.methods import METHODS, PROMPT_LOOKUP_GRID, Generation, MethodRunner, Variant, early_exit_layers
 from specbound.calibrate.simulate import CostModel
-from specbound_runtime.errors import UsageError
+from specbound_runtime.errors import InputError, UsageError
 
 NUM_LAYERS = 4
 TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_thread):
     """A 4-layer tiny Llama folder and an artifact for it: checks at layers 2 and 3, a lens at 2,
     a short-list, thresholds low enough for a random tiny model's flat logits to draft, and a
     cost model."""
@@ -53,35 +64,57 @@ def _run_cli(args):
     return CliRunner().invoke(app, ["bench", *args])
 
 
+def _bench(tiny, out, **options):
+    root, model, artifact = tiny
+    defaults = dict(model=str(model), artifact=artifact, max_new_tokens=TOKENS, out=out, command="specbound bench (test)")
+    return H.run_bench(H.BenchOptions(**{**defaults, **options}), show_progress=False)
+
+
+class CountingRunner(MethodRunner):
+    """Counts the timed generations (warm-up ones have a token cap) by variant name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timed: list[str] = []
+
+    def generate(self, variant, encoded, max_new_tokens=None):
+        if max_new_tokens is None:
+            self.timed.append(variant.name)
+        return super().generate(variant, encoded, max_new_tokens)
+
+
+def _install(monkeypatch, runner_class) -> list:
+    """Make the harness build `runner_class`; returns the list the built runners are put in."""
+    built = []
+
+    def make(*args, **kwargs):
+        built.append(runner_class(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(H, "MethodRunner", make)
+    return built
+
+
 @pytest.fixture(scope="module")
 def outcome(tiny):
-    root, model, artifact = tiny
-    opts = B.BenchOptions(
-        model=str(model), artifact=artifact, tasks=("mt-bench", "qa"), max_new_tokens=TOKENS,
-        repeats=2, prompts_per_task=2, out=root / "out", command="specbound bench (test)",
-    )
-    return B.run_bench(opts, show_progress=False)
+    return _bench(tiny, tiny[0] / "out", tasks=("mt-bench", "qa"), repeats=2, prompts_per_task=2)
 
 
 def test_every_method_runs_and_our_methods_are_exact(outcome):
     s = outcome.results["summary"]
     assert list(s) == ["mt-bench", "qa", "overall"]
-    assert set(s["overall"]) == set(B.METHODS)
+    assert set(s["overall"]) == set(METHODS)
     # mt-bench: one question, both turns; qa: two prompts
     assert s["mt-bench"]["hf-greedy"]["answers"] == 2 and s["qa"]["hf-greedy"]["answers"] == 2
-    for m in ("hf-greedy", "ar", "specbound-paper", "specbound"):
+    for m in ("hf-greedy", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound"):
         assert s["overall"][m]["exact"] == 1.0, s["overall"][m]["divergences"]
-        assert s["overall"][m]["repeats"] == 2
-    assert s["overall"]["hf-early-exit"]["repeats"] == 1
+        assert s["overall"][m]["repeats"] == (1 if m == "hf-early-exit" else 2)
     for group in s.values():
-        assert group["hf-greedy"]["speedup"] == 1.0
+        # plain decoding: one verification pass per token, nothing drafted
         assert group["hf-greedy"]["mean_accepted_length"] == 1.0
-        assert group["ar"]["mean_accepted_length"] == 1.0
-        assert group["ar"]["acceptance_rate"] is None
+        assert group["ar"]["mean_accepted_length"] == 1.0 and group["ar"]["acceptance_rate"] is None
         for m in ("hf-greedy", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound"):
-            r = group[m]
-            assert r["tokens_per_s"] > 0 and r["speedup"] > 0
-            assert 1 <= r["new_tokens"] <= TOKENS * r["answers"]
+            assert 1 <= group[m]["new_tokens"] <= TOKENS * group[m]["answers"]
     # drafts happened and were counted, for our runtime and for transformers' early exit
     assert s["overall"]["specbound"]["drafted"] > 0
     assert s["overall"]["hf-early-exit"]["mean_accepted_length"] >= 1.0
@@ -89,7 +122,195 @@ def test_every_method_runs_and_our_methods_are_exact(outcome):
     o = s["overall"]["oracle"]
     assert o["simulated"] and o["speedup_vs_ar"] > 0 and o["oracle_sim"]["acceptance_rate"] in (0.0, 1.0)
     assert o["predicted_sim"]["drafted"] > 0
-    assert o["specbound_over_oracle"] == pytest.approx(s["overall"]["specbound"]["speedup_vs_ar"] / o["speedup_vs_ar"], rel=1e-3)
+
+
+def test_oracle_row_puts_the_measured_speedup_beside_the_simulated_ones():
+    # simulated over ar: oracle 2.0x, the calibrated policy 1.6x; measured: ar 1.1x of
+    # hf-greedy, specbound 1.2x of ar
+    sim = {
+        "oracle": {"speedup": 2.0, "mean_accepted_length": 3.0, "acceptance_rate": 1.0},
+        "predicted": {"speedup": 1.6, "mean_accepted_length": 2.0, "acceptance_rate": 0.5},
+    }
+    row = O.oracle_row(sim, {"ar": {"speedup": 1.1}, "specbound": {"speedup_vs_ar": 1.2}})
+    assert row["speedup"] == pytest.approx(2.2)  # on hf-greedy's scale
+    assert row["specbound_over_oracle"] == pytest.approx(0.6)
+    assert row["specbound_over_predicted"] == pytest.approx(0.75)
+    assert row["predicted_specbound"]["speedup_vs_ar"] == 1.6
+
+
+class WrongTokensRunner(MethodRunner):
+    """`ar` returns a wrong token in its second timed run of every answer (repeat 1): at position
+    2, or one token too many when the answer is shorter. Records what it changed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timed_runs: dict[tuple, int] = {}
+        self.changed: dict[tuple, dict] = {}  # prompt ids -> what the reference check must report
+
+    def generate(self, variant, encoded, max_new_tokens=None):
+        g = super().generate(variant, encoded, max_new_tokens)
+        if variant.method != "ar" or max_new_tokens is not None:
+            return g
+        n = self.timed_runs[encoded.ids] = self.timed_runs.get(encoded.ids, 0) + 1
+        if n != 2:
+            return g
+        tokens = list(g.token_ids)
+        if len(tokens) > 2:
+            pos, reference = 2, tokens[2]
+            tokens[2] = 5 if tokens[2] != 5 else 6
+        else:
+            pos, reference = len(tokens), None
+            tokens.append(5)
+        self.changed[encoded.ids] = {"position": pos, "ours": tokens[pos], "reference": reference}
+        return Generation(tuple(tokens), None, None, None)
+
+
+def test_a_method_with_wrong_tokens_is_reported_not_exact_at_the_first_divergence(tiny, monkeypatch):
+    built = _install(monkeypatch, WrongTokensRunner)
+    result = _bench(tiny, tiny[0] / "wrong", tasks=("qa",), methods=("ar", "specbound-paper"), repeats=2, prompts_per_task=2)
+    s = result.results["summary"]["overall"]
+    assert s["hf-greedy"]["exact"] == 1.0 and s["specbound-paper"]["exact"] == 1.0
+    assert s["ar"]["exact"] == 0.0 and s["ar"]["exact_answers"] == 0
+    changed = list(built[0].changed.values())
+    assert len(changed) == 2
+    found = [{k: d[k] for k in ("position", "ours", "reference")} for d in s["ar"]["divergences"]]
+    assert found == changed
+    assert all(d["repeat"] == 1 for d in s["ar"]["divergences"])
+    assert result.table.count("ar NOT exact on") == 2
+    assert "| overall | ar |" in result.table and "| 0% (0/2) |" in result.table
+
+
+class SlowRunner(MethodRunner):
+    """Adds a known sleep inside every timed generation (0.1 s to hf-greedy, 0.4 s to ar) and
+    times each one with its own clock, by variant and prompt, in run order."""
+
+    SLEEP = {"hf-greedy": 0.1, "ar": 0.4}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_times: dict[str, dict[tuple, list[float]]] = {}
+
+    def generate(self, variant, encoded, max_new_tokens=None):
+        if max_new_tokens is not None:  # warm-up: untimed
+            return super().generate(variant, encoded, max_new_tokens)
+        started = time.perf_counter()
+        time.sleep(self.SLEEP[variant.method])
+        g = super().generate(variant, encoded, max_new_tokens)
+        self.own_times.setdefault(variant.name, {}).setdefault(encoded.ids, []).append(time.perf_counter() - started)
+        return g
+
+
+def test_speedup_follows_wall_time_measured_independently(tiny, monkeypatch):
+    built = _install(monkeypatch, SlowRunner)
+    result = _bench(tiny, tiny[0] / "slow", tasks=("qa",), methods=("ar",), repeats=3, prompts_per_task=2)
+    s = result.results["summary"]["overall"]
+    # the test's own clock: per repeat, the two answers' times added up; then the median
+    own = {m: statistics.median(map(sum, zip(*built[0].own_times[m].values()))) for m in ("hf-greedy", "ar")}
+    assert all(len(t) == 3 for m in own for t in built[0].own_times[m].values())
+    for m in own:
+        assert s[m]["median_wall_time_s"] == pytest.approx(own[m], abs=0.01)
+    assert s["ar"]["speedup"] == pytest.approx(own["hf-greedy"] / own["ar"], rel=0.02)
+    # and the added sleeps dominate a tiny model's 6 tokens: ar is reported ~4x slower
+    assert s["ar"]["median_wall_time_s"] >= 2 * 0.4 and s["ar"]["speedup"] < 0.6
+
+
+class InterruptingRunner(CountingRunner):
+    """Like Ctrl-C (or SIGTERM, which the CLI turns into it) in the middle of timed run N + 1."""
+
+    STOP_AFTER = 14  # the 2 grid runs, the first answer (9), and 3 of the second answer's 9
+
+    def generate(self, variant, encoded, max_new_tokens=None):
+        if max_new_tokens is None and len(self.timed) == self.STOP_AFTER:
+            raise KeyboardInterrupt
+        return super().generate(variant, encoded, max_new_tokens)
+
+
+def _comparable(summary: dict) -> dict:
+    """A summary without what timing decides (wall times, their ratios, the early-exit layer)."""
+    keep = ("answers", "new_tokens", "repeats", "exact", "exact_answers", "divergences", "mean_accepted_length", "acceptance_rate", "drafted")
+    return {
+        g: {m: {k: r[k] for k in keep if m != "hf-early-exit" or k in keep[:6]} for m, r in row.items() if m != "oracle"}
+        for g, row in summary.items()
+    }
+
+
+def test_an_interrupted_bench_resumes_without_rerunning_finished_measurements(tiny, monkeypatch):
+    options = dict(tasks=("mt-bench", "qa"), methods=("ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper"), repeats=2, prompts_per_task=2, prompt_lookup_grid=(3,))
+    # 4 answers x (2 repeats x 4 variants + hf-early-exit once) + its 2-layer grid on the first answer
+    total = 4 * (2 * 4 + 1) + len(early_exit_layers(NUM_LAYERS))
+    out = tiny[0] / "resumed"
+    log_path = out / MEASUREMENTS_FILE
+
+    first = _install(monkeypatch, InterruptingRunner)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tiny, out, **options)
+    stop = InterruptingRunner.STOP_AFTER
+    assert len(first[0].timed) == stop
+    kept = log_path.read_bytes()
+    assert len(kept.splitlines()) == 1 + stop  # the settings line, then one line per finished run
+    with open(log_path, "ab") as f:  # a write torn by a kill
+        f.write(b'{"settings_hash": "')
+
+    second = _install(monkeypatch, CountingRunner)
+    resumed = _bench(tiny, out, **options)
+    assert len(second[0].timed) == total - stop  # the finished ones were loaded, not run again
+    data = log_path.read_bytes()
+    assert data.startswith(kept) and len(data.splitlines()) == 1 + total
+    assert all(json.loads(line) for line in data.splitlines())  # the torn line is gone
+
+    fresh = _bench(tiny, tiny[0] / "uninterrupted", **options)
+    assert _comparable(resumed.results["summary"]) == _comparable(fresh.results["summary"])
+    for m in ("hf-greedy", "ar", "hf-prompt-lookup", "specbound-paper"):
+        texts = [[c["turns"] for c in json.loads(line)["choices"]] for line in (out / f"{m}.jsonl").read_text().splitlines()]
+        fresh_texts = [[c["turns"] for c in json.loads(line)["choices"]] for line in (tiny[0] / "uninterrupted" / f"{m}.jsonl").read_text().splitlines()]
+        assert texts == fresh_texts
+    # the stored timings are the ones reported: the first interrupted run's hf-greedy time is in there
+    first_ref = next(json.loads(line) for line in kept.splitlines()[1:] if json.loads(line)["method"] == "hf-greedy")
+    rows = [json.loads(line) for line in (out / "hf-greedy.jsonl").read_text().splitlines()]
+    assert rows[0]["choices"][first_ref["repeat"]]["wall_time"][first_ref["turn"]] == round(first_ref["wall_time_s"], 6)
+
+    third = _install(monkeypatch, CountingRunner)
+    again = _bench(tiny, out, **options)  # complete: nothing left to run, the same tables
+    assert third[0].timed == [] and again.table == resumed.table
+
+
+def test_another_command_in_the_same_folder_is_refused(tiny, monkeypatch):
+    root, model, _ = tiny
+    out = root / "refused"
+    common = ["--model", str(model), "--tasks", "qa", "--methods", "ar", "--prompts-per-task", "1", "--repeats", "1", "--out", str(out)]
+    assert _run_cli([*common, "--max-new-tokens", "3"]).exit_code == 0
+    before = (out / MEASUREMENTS_FILE).read_bytes()
+    built = _install(monkeypatch, CountingRunner)
+    result = _run_cli([*common, "--max-new-tokens", "4"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "max_new_tokens differ" in errors[0] and "pass another --out" in errors[0]
+    assert built[0].timed == [] and (out / MEASUREMENTS_FILE).read_bytes() == before
+
+
+def _measurement(answer: int, repeat: int) -> Measurement:
+    return Measurement(MeasurementKey("timed", answer, Variant("ar"), repeat), Generation((4, 5), (1, 1), 2, 0), 0.5)
+
+
+def test_measurement_log_keeps_finished_lines_and_refuses_what_it_cannot_trust(tmp_path):
+    from specbound.bench.answers import Answer
+    from specbound.data.tasks import TaskPrompt
+
+    answer = Answer(0, "qa", TaskPrompt("qa", "q0", ("hello",)), 0)
+    path = tmp_path / MEASUREMENTS_FILE
+    with MeasurementLog.open(path, {"repeats": 2}) as log:
+        log.append(_measurement(0, 0), answer)
+        log.append(_measurement(0, 1), answer)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines) + lines[-1][:20])  # torn last line
+    with MeasurementLog.open(path, {"repeats": 2}) as log:
+        assert log.loaded == 2 and log.get(_measurement(0, 1).key) == _measurement(0, 1)
+    assert path.read_bytes() == b"".join(lines)
+    with pytest.raises(SettingsMismatchError, match=r"\(repeats differ\); pass another --out"):
+        MeasurementLog.open(path, {"repeats": 3})
+    path.write_bytes(lines[0] + b"garbage\n" + lines[1])  # damage before the end is not a torn write
+    with pytest.raises(InputError, match="line 2 is not a measurement"):
+        MeasurementLog.open(path, {"repeats": 2})
 
 
 def test_results_json_table_and_plot(outcome, tiny):
@@ -102,12 +323,16 @@ def test_results_json_table_and_plot(outcome, tiny):
     assert results["command"] == "specbound bench (test)"
     assert {"platform", "cpu_count", "torch_threads"} <= set(results["machine"])
     assert {"torch", "transformers"} <= set(results["versions"])
-    assert results["grid"]["hf-prompt-lookup"]["chosen"] in B.PROMPT_LOOKUP_GRID
-    assert results["grid"]["hf-early-exit"]["chosen"] in B.early_exit_layers(NUM_LAYERS)
+    assert results["grid"]["hf-prompt-lookup"]["chosen"] in PROMPT_LOOKUP_GRID
+    grid = results["grid"]["hf-early-exit"]
+    times = {int(k): v for k, v in grid["first_answer_wall_time_s"].items()}
+    assert sorted(times) == list(early_exit_layers(NUM_LAYERS)) and times[grid["chosen"]] == min(times.values())  # the fastest
     table = (out / "table.md").read_text()
     assert table == outcome.table
     assert "| method | mt-bench | qa | overall |" in table and "specbound / oracle" in table
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 4 answers x (2 repeats x 6 variants + hf-early-exit once) + 2 grid layers, after the settings line
+    assert len((out / MEASUREMENTS_FILE).read_text().splitlines()) == 1 + 4 * (2 * 6 + 1) + 2
 
 
 def test_spec_bench_jsonl_shape(outcome, tiny):
@@ -129,22 +354,22 @@ def test_spec_bench_jsonl_shape(outcome, tiny):
 
 def test_pass_statistics_read_from_calls():
     # prompt of 5; pass 0 drafts 2 (input 7) and keeps 1 + 1; pass 1 from cache 6 drafts 1, keeps 2
-    lengths, passes, drafted = B._pass_statistics([(7, 0), (2, 6), (1, 8)], 5, 6)
-    assert lengths == (2, 2, 2) and passes == 3 and drafted == 2 + 1 + 0
+    calls = [FullDepthCall(7, 0), FullDepthCall(2, 6), FullDepthCall(1, 8)]
+    assert pass_statistics(calls, 5, 6) == PassStatistics((2, 2, 2), 3, 2 + 1 + 0)
     # a call without a readable cache length, or lengths that do not add up: passes only
-    assert B._pass_statistics([(7, 0), (2, None)], 5, 3) == (None, 2, None)
-    assert B._pass_statistics([(7, 0), (2, 9)], 5, 3) == (None, 2, None)
-    assert B._pass_statistics([], 5, 3) == (None, None, None)
+    assert pass_statistics([FullDepthCall(7, 0), FullDepthCall(2, None)], 5, 3) == PassStatistics(None, 2, None)
+    assert pass_statistics([FullDepthCall(7, 0), FullDepthCall(2, 9)], 5, 3) == PassStatistics(None, 2, None)
+    assert pass_statistics([], 5, 3) == PassStatistics(None, None, None)
 
 
 def test_parse_names_and_validation():
-    assert B.parse_names(None, B.METHODS, "--methods") == B.METHODS
-    assert B.parse_names("ar, hf-greedy,ar", B.METHODS, "--methods") == ("hf-greedy", "ar")
+    assert H.parse_names(None, METHODS, "--methods") == METHODS
+    assert H.parse_names("ar, hf-greedy,ar", METHODS, "--methods") == ("hf-greedy", "ar")
     with pytest.raises(UsageError, match="unknown name 'nope'"):
-        B.parse_names("ar,nope", B.METHODS, "--methods")
+        H.parse_names("ar,nope", METHODS, "--methods")
     with pytest.raises(UsageError, match="--repeats"):
-        B.BenchOptions(repeats=0).validate()
-    assert B.early_exit_layers(30) == (15, 22)
+        H.BenchOptions(repeats=0).validate()
+    assert early_exit_layers(30) == (15, 19, 22, 26)  # SmolLM2: the paper's check layers
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,27 @@
+"""`specbound bench`: every decoding method on the same prompts, interleaved, timed on this machine.
+
+Methods (`methods.METHODS`), each on the same chat-templated prompts with the same token budget:
+
+| method | what runs |
+| --- | --- |
+| hf-greedy | `model.generate(do_sample=False)`: the reference for speed and for tokens (always runs) |
+| ar | our engine without speculation (`Decoder.generate(speculation=False)`) |
+| hf-prompt-lookup | transformers `generate(prompt_lookup_num_tokens=k)`, k in `PROMPT_LOOKUP_GRID` |
+| hf-early-exit | transformers `generate(assistant_early_exit=layer)`, layer from `early_exit_layers` |
+| specbound-paper | our runtime with the paper's default schedule (no artifact) |
+| specbound | our runtime with the calibrated `--artifact` (skipped, with a warning, without one) |
+| oracle | not run: the simulator's bound for the artifact's drafts with every exit decided perfectly |
+
+Modules, by job:
+
+| module | job |
+| --- | --- |
+| `answers` | which answers a bench generates (task prompts, MT-Bench's two turns) |
+| `methods` | the methods and how each generates an answer (`MethodRunner`) |
+| `hf_hooks` | counting transformers' verification passes from outside `generate()` |
+| `measurements` | the append-only measurement log that lets a bench resume |
+| `harness` | `run_bench`: options, interleaved timing, resuming, assembling results |
+| `summary` | the reported figures (tokens/s, speedup, accepted length, exactness) |
+| `oracle` | the simulated bound; the only module that needs the calibration code |
+| `report` | table.md, results.json, speedup.png, Spec-Bench-style <method>.jsonl |
+"""

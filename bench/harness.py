@@ -1,0 +1,396 @@
+"""`run_bench`: every method on the same answers, interleaved, timed, recorded as it goes.
+
+Interleaving: for each answer, every method runs in turn, and that is repeated `repeats` times;
+the method order rotates by one each repeat. Machine drift then hits all methods alike. Before
+its first timed run, a process generates `WARMUP_TOKENS` tokens once with every method, untimed
+(first-call allocations). Every method is timed by the same clock around `MethodRunner.generate`.
+
+Grids. hf-prompt-lookup runs every k of the grid on every answer and repeat; the one reported is
+the k with the least total wall time over the whole run (the others are in results.json under
+`grid`; picking the best of two after the fact flatters it slightly). hf-early-exit is 2.5-6x
+slower than greedy on a 2-core CPU (0.17x-0.39x on SmolLM2), so its cost is capped: each grid
+layer (`early_exit_layers`) generates the first answer once, the fastest layer is kept, and that
+layer then runs once per answer (repeat 0 only; its "median" is that one run).
+
+Resuming. Each measurement is appended to `<out>/measurements.jsonl` the moment it is taken
+(`measurements.MeasurementLog`); rerunning the same command skips every stored one, and the
+tables are always built from the log, so a resumed bench reports what an uninterrupted one would
+(its timings are the stored ones). Without --out the folder is named by the settings hash, so the
+same command finds its own folder again.
+
+Default size and its time arithmetic (2-core CPU, SmolLM2-135M, fp32; plain greedy ~29 tok/s,
+so one 128-token answer takes T ~ 4.5 s). Per answer and repeat: hf-greedy 1.0 T, ar 1.0 T,
+hf-prompt-lookup 2 x ~1.0 T (0.93x-1.5x of greedy), specbound-paper ~1.7 T (0.59x, measured by
+`calibrate`), specbound ~1.05 T (0.96x): ~6.8 T; x 3 repeats = 20.4 T. hf-early-exit once at its
+best layer: ~2.6 T (0.39x). The oracle's teacher-forced recording: ~0.05 T. So ~23 T ~ 104 s per
+answer. With `DEFAULT_PROMPTS_PER_TASK` = 2 answers per task (MT-Bench: 1 question, both turns),
+6 tasks give 12 answers ~ 21 min, plus the early-exit grid on the first answer (layers 15, 19, 22
+and 26 of 30 at 0.17x-0.39x: ~16 T ~ 72 s), warm-up (~5 s) and loading: ~23 min < 30 min. Three
+per task would give 19 answers (MT-Bench: 2 questions) ~ 34 min. Answers that stop at EOS earlier
+only make it shorter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specbound.data.tasks import TASKS
+from specbound_runtime.errors import UsageError
+
+from .answers import Answer, bench_answers
+from .measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, settings_hash
+from .methods import METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, MethodRunner, Variant, early_exit_layers
+from .report import render_table, write_outputs
+from .summary import answer_divergence, ratio, summarise
+
+DEFAULT_PROMPTS_PER_TASK = 2
+DEFAULT_REPEATS = 3
+DEFAULT_MAX_NEW_TOKENS = 128
+WARMUP_TOKENS = 8
+
+
+def parse_names(text: str | None, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """A comma-separated flag value as names from `allowed` (None: all of them), in `allowed`'s
+    order, without repeats. An unknown name is a UsageError that lists the choices."""
+    if text is None:
+        return allowed
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UsageError(f"{flag} needs at least one name; choose from: {', '.join(allowed)}")
+    for name in names:
+        if name not in allowed:
+            raise UsageError(f"unknown name {name!r} in {flag}; choose from: {', '.join(allowed)}")
+    return tuple(n for n in allowed if n in names)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "smollm2-135m"
+    artifact: Path | None = None
+    tasks: tuple[str, ...] = TASKS
+    methods: tuple[str, ...] = METHODS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    repeats: int = DEFAULT_REPEATS
+    prompts_per_task: int = DEFAULT_PROMPTS_PER_TASK
+    out: Path | None = None
+    seed: int = 0  # which prompts of each task (data.tasks' seeded subsets)
+    prompt_lookup_grid: tuple[int, ...] = PROMPT_LOOKUP_GRID
+    command: str | None = None  # the command line, recorded in results.json
+
+    def validate(self) -> None:
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise UsageError(f"--tasks must name tasks among: {', '.join(TASKS)}")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise UsageError(f"--methods must name methods among: {', '.join(METHODS)}")
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompts_per_task < 1:
+            raise UsageError(f"--prompts-per-task must be >= 1, got {self.prompts_per_task}")
+        if not self.prompt_lookup_grid or any(k < 1 for k in self.prompt_lookup_grid):
+            raise UsageError("the prompt-lookup grid needs values >= 1")
+
+
+@dataclass(frozen=True)
+class BenchOutcome:
+    results: dict
+    table: str
+    out_dir: Path
+    files: tuple[Path, ...]
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+class _Measurer:
+    """Takes the measurements the log does not hold yet, each timed by one clock around
+    `MethodRunner.generate` and appended to the log at once; returns stored ones as they are.
+    Warms every variant up once, untimed, before this process's first timed run."""
+
+    def __init__(self, runner: MethodRunner, log: MeasurementLog, warm_up: list[Variant], bar):
+        self.runner = runner
+        self.log = log
+        self.warm_up = warm_up
+        self.bar = bar
+
+    def measure(self, key: MeasurementKey, answer: Answer, encoded) -> Measurement:
+        stored = self.log.get(key)
+        if stored is not None:
+            return stored
+        if self.warm_up:
+            self.bar.set_postfix_str("warm-up")
+            for v in self.warm_up:
+                self.runner.generate(v, encoded, WARMUP_TOKENS)
+            self.warm_up = []
+        self.bar.set_postfix_str(f"{answer.task} #{answer.index} rep {key.repeat + 1}: {key.variant.name}")
+        started = time.perf_counter()
+        generation = self.runner.generate(key.variant, encoded)
+        measurement = Measurement(key, generation, time.perf_counter() - started)
+        self.log.append(measurement, answer)
+        self.bar.update(1)
+        return measurement
+
+
+@dataclass(frozen=True)
+class _Walked:
+    """What walking the plan gives besides the log: each answer's encoded prompt (turn 2 of
+    MT-Bench follows hf-greedy's first answer) and the hf-early-exit layer chosen on the first
+    answer (None without the method)."""
+
+    encodings: tuple
+    early_exit: Variant | None
+
+
+def _measure_all(measurer: _Measurer, answers: list[Answer], timed: list[Variant], ee_grid: tuple[int, ...], repeats: int, encode, tokenizer) -> _Walked:
+    """Walk the whole plan in its interleaved order, measuring what the log does not hold."""
+    encodings = []
+    ee_variant = None
+    contexts: dict[str, list[dict]] = {}  # per prompt id: the conversation so far
+    for answer in answers:
+        messages = contexts.setdefault(answer.prompt.id, [])
+        messages.append({"role": "user", "content": answer.prompt.turns[answer.turn]})
+        encoded = encode(messages)
+        encodings.append(encoded)
+        if answer.index == 0 and ee_grid:
+            grid = {layer: measurer.measure(_grid_key(layer), answer, encoded) for layer in ee_grid}
+            ee_variant = Variant("hf-early-exit", min(ee_grid, key=lambda layer: (grid[layer].wall_time_s, layer)))
+        for r in range(repeats):
+            shift = r % len(timed)
+            order = timed[shift:] + timed[:shift]
+            if r == 0 and ee_variant is not None:
+                order = order + [ee_variant]
+            for v in order:
+                measurer.measure(MeasurementKey("timed", answer.index, v, r), answer, encoded)
+        ref = measurer.log.get(MeasurementKey("timed", answer.index, Variant(REFERENCE), 0))
+        messages.append({"role": "assistant", "content": tokenizer.decode(list(ref.generation.token_ids), skip_special_tokens=True)})
+    return _Walked(tuple(encodings), ee_variant)
+
+
+def _grid_key(layer: int) -> MeasurementKey:
+    return MeasurementKey("grid", 0, Variant("hf-early-exit", layer), 0)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    names = ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm")
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_settings(opts: BenchOptions, methods: tuple[str, ...], loaded, artifact_sha: str | None, answers: list[Answer]) -> dict:
+    """Everything that decides what a bench measures; its hash names the default folder and is
+    checked when a bench resumes. The command line and the folder are not in it."""
+    return {
+        "model": loaded.fingerprint.to_dict(),
+        "tokenizer_sha256": loaded.tokenizer_fingerprint,
+        "artifact_sha256": artifact_sha,
+        "tasks": list(opts.tasks),
+        "methods": list(methods),
+        "answers": [a.label for a in answers],
+        "max_new_tokens": opts.max_new_tokens,
+        "repeats": opts.repeats,
+        "seed": opts.seed,
+        "prompt_lookup_grid": list(opts.prompt_lookup_grid),
+        "warmup_tokens": WARMUP_TOKENS,
+    }
+
+
+def default_out_dir(fingerprint, settings_sha: str) -> Path:
+    """runs/bench-<model>-<settings hash>: the same settings write, and resume, the same folder."""
+    return Path("runs") / f"bench-{fingerprint.model_type}-L{fingerprint.num_layers}-{fingerprint.weights_sha256[:8]}-{settings_sha[:8]}"
+
+
+def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
+    """Run the benchmark, resuming from `<out>/measurements.jsonl`; write results.json, table.md,
+    speedup.png and <method>.jsonl."""
+    from tqdm import tqdm
+
+    from specbound_runtime.decoder import Decoder
+    from specbound_runtime.models import eos_token_ids, resolve_model
+
+    opts.validate()
+    methods = tuple(m for m in METHODS if m in opts.methods or m == REFERENCE)
+    answers = bench_answers(opts.tasks, opts.prompts_per_task, opts.seed)  # UsageError before loading
+    # the plot needs matplotlib, the oracle the calibration code (the calibrate extra): fail now, not after the run
+    import matplotlib  # noqa: F401
+
+    oracle_mod = None
+    if "oracle" in methods:
+        from . import oracle as oracle_mod
+    loaded = resolve_model(opts.model)
+    eos = eos_token_ids(loaded)
+    artifact = artifact_sha = None
+    if opts.artifact is not None:
+        from specbound_runtime.artifact import load_artifact
+
+        artifact = load_artifact(opts.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
+        artifact_sha = _sha256_file(Path(opts.artifact))
+    elif any(m in methods for m in NEEDS_ARTIFACT):
+        skipped = [m for m in NEEDS_ARTIFACT if m in methods]
+        _warn(f"warning: no --artifact given; skipping {', '.join(skipped)} (run `specbound calibrate` to make one)")
+        methods = tuple(m for m in methods if m not in NEEDS_ARTIFACT)
+    oracle = oracle_mod.oracle_setup(loaded, artifact) if "oracle" in methods else None
+    if oracle is None:
+        methods = tuple(m for m in methods if m != "oracle")
+    decoders = {"specbound-paper": Decoder(loaded.model, loaded.tokenizer, eos)}
+    if "specbound" in methods:
+        decoders["specbound"] = Decoder(loaded.model, loaded.tokenizer, eos, artifact.policy, artifact.exit_weights)
+    runner = MethodRunner(loaded.model, eos, decoders)
+    decoder = decoders["specbound-paper"]
+    chat = decoder.has_chat_template
+    ee_grid = early_exit_layers(int(loaded.fingerprint.num_layers)) if "hf-early-exit" in methods else ()
+
+    timed: list[Variant] = []  # run every repeat; hf-early-exit runs in repeat 0 only
+    for m in methods:
+        if m == "hf-prompt-lookup":
+            timed += [Variant(m, k) for k in opts.prompt_lookup_grid]
+        elif m not in ("hf-early-exit", "oracle"):
+            timed.append(Variant(m))
+    settings = bench_settings(opts, methods, loaded, artifact_sha, answers)
+    out_dir = opts.out or default_out_dir(loaded.fingerprint, settings_hash(settings))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = len(answers) * (opts.repeats * len(timed) + (1 if ee_grid else 0)) + len(ee_grid)
+    with MeasurementLog.open(out_dir / MEASUREMENTS_FILE, settings) as log:
+        if log.loaded:
+            _warn(f"resuming: {log.loaded} of {total} measurements already in {log.path}")
+        bar = tqdm(total=total, initial=log.loaded, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True, disable=not show_progress)
+        warm_up = timed + [Variant("hf-early-exit", layer) for layer in ee_grid[:1]]
+        measurer = _Measurer(runner, log, warm_up, bar)
+        walked = _measure_all(
+            measurer, answers, timed, ee_grid, opts.repeats, lambda messages: decoder.encode(messages, chat, opts.max_new_tokens), loaded.tokenizer
+        )
+        encodings, ee_variant = walked.encodings, walked.early_exit
+        bar.close()
+        # from here on, every figure comes from the log: the same whether or not the run resumed
+        variants = timed + ([ee_variant] if ee_variant is not None else [])
+        runs = {
+            v.name: [
+                [log.get(MeasurementKey("timed", a.index, v, r)) for r in range(1 if v.method == "hf-early-exit" else opts.repeats)]
+                for a in answers
+            ]
+            for v in variants
+        }
+        grid_times = {layer: log.get(_grid_key(layer)).wall_time_s for layer in ee_grid}
+
+    exact = {
+        name: [answer_divergence(loaded.model, encodings[a.index].ids, a, runs[name][a.index], runs[REFERENCE][a.index][0]) for a in answers]
+        for name in runs
+    }
+    oracle_recs = [oracle_mod.oracle_record(oracle, encodings[a.index].ids, runs[REFERENCE][a.index][0].generation.token_ids) for a in answers] if oracle else []
+
+    grid_report: dict = {}
+    if ee_variant is not None:
+        grid_report["hf-early-exit"] = {
+            "layers": list(ee_grid),
+            "first_answer_wall_time_s": {str(k): round(v, 4) for k, v in grid_times.items()},
+            "chosen": ee_variant.value,
+            "rule": "fastest on the first answer; then run once per answer (repeat 0 only)",
+        }
+    # the prompt-lookup value with the least total time over the run stands for the method
+    pl_variants = [v for v in timed if v.method == "hf-prompt-lookup"]
+    chosen_pl = None
+    if pl_variants:
+        totals = {v: sum(x.wall_time_s for a in runs[v.name] for x in a) for v in pl_variants}
+        chosen_pl = min(pl_variants, key=lambda v: (totals[v], v.value))
+        grid_report["hf-prompt-lookup"] = {
+            "values": list(opts.prompt_lookup_grid),
+            "total_wall_time_s": {v.name: round(t, 4) for v, t in totals.items()},
+            "chosen": chosen_pl.value,
+            "rule": "least total wall time over all answers and repeats",
+        }
+    reported = {}
+    for m in methods:
+        if m == "hf-prompt-lookup":
+            reported[m] = chosen_pl.name
+        elif m == "hf-early-exit":
+            reported[m] = ee_variant.name
+        elif m != "oracle":
+            reported[m] = m
+
+    groups = {task: [a.index for a in answers if a.task == task] for task in opts.tasks}
+    groups["overall"] = [a.index for a in answers]
+    summary: dict = {}
+    for group, idx in groups.items():
+        row = {m: summarise(runs[name], runs[REFERENCE], exact[name], idx) for m, name in reported.items()}
+        if "ar" in reported:
+            for m in row:
+                row[m]["speedup_vs_ar"] = ratio(row["ar"]["median_wall_time_s"], row[m]["median_wall_time_s"])
+        if oracle is not None:
+            sim = oracle_mod.oracle_simulate(oracle, [oracle_recs[i] for i in idx])
+            row["oracle"] = oracle_mod.oracle_row(sim, row)
+        summary[group] = row
+    for v in pl_variants + ([ee_variant] if ee_variant else []):
+        grid_report.setdefault("by_value", {})[v.name] = summarise(runs[v.name], runs[REFERENCE], exact[v.name], groups["overall"])
+
+    fp = loaded.fingerprint
+    results = {
+        "command": opts.command,
+        "model": {"spec": opts.model, "source": loaded.source, "short": fp.short(), "fingerprint": fp.to_dict()},
+        "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": _policy_dict(artifact.policy)},
+        "settings": {
+            "tasks": list(opts.tasks),
+            "methods": list(methods),
+            "prompts_per_task": opts.prompts_per_task,
+            "answers": len(answers),
+            "max_new_tokens": opts.max_new_tokens,
+            "repeats": opts.repeats,
+            "seed": opts.seed,
+            "chat_template": chat,
+            "prompt_lookup_grid": list(opts.prompt_lookup_grid),
+            "early_exit_grid": list(ee_grid),
+            "settings_hash": log.settings_hash,
+        },
+        "machine": _machine(),
+        "versions": _library_versions(),
+        "grid": grid_report,
+        "summary": summary,
+        "out_dir": str(out_dir),
+    }
+    table = render_table(results)
+    files = write_outputs(out_dir, results, table, answers, runs, reported, loaded.tokenizer)
+    return BenchOutcome(results=results, table=table, out_dir=out_dir, files=(log.path, *files))
+
+
+def _policy_dict(p) -> dict:
+    return {"check_layers": list(p.check_layers), "temperatures": [round(t, 6) for t in p.temperatures], "thresholds": [round(t, 6) for t in p.thresholds], "d_max": p.d_max, "w_max": p.w_max}

@@ -1,0 +1,165 @@
+"""What a bench writes: table.md, results.json, speedup.png and Spec-Bench-style <method>.jsonl.
+
+Everything here reads the results dict (and, for the per-answer records, the measurements); none
+of it runs a model. The plot needs matplotlib (the calibrate extra), imported when it is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from specbound_runtime.files import atomic_write_bytes
+
+from .answers import Answer
+from .measurements import Measurement
+from .methods import METHODS, REFERENCE
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "%":
+        return f"{value:.0%}"
+    if kind == "tps":
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def render_table(results: dict) -> str:
+    s = results["settings"]
+    summary = results["summary"]
+    groups = list(summary)
+    methods = [m for m in METHODS if m in summary["overall"]]
+    lines = [
+        f"# specbound bench: {results['model']['short']}",
+        "",
+        f"{s['answers']} answers ({', '.join(s['tasks'])}; {s['prompts_per_task']} per task), "
+        f"{s['max_new_tokens']} new tokens max, median of {s['repeats']} repeats, interleaved; "
+        f"{results['machine']['cpu_count']} CPUs, {results['machine']['torch_threads']} torch threads.",
+        "",
+        "## Speedup over hf-greedy",
+        "",
+        "| method | " + " | ".join(groups) + " |",
+        "| --- | " + " | ".join("---:" for _ in groups) + " |",
+    ]
+    for m in methods:
+        label = m + (" (simulated)" if m == "oracle" else "")
+        lines.append(f"| {label} | " + " | ".join(_fmt(summary[g].get(m, {}).get("speedup"), "x") for g in groups) + " |")
+    lines += [
+        "",
+        "## Per task",
+        "",
+        "| task | method | tokens/s | speedup | mean accepted length | acceptance | exact |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for g in groups:
+        for m in methods:
+            if m == "oracle":
+                continue
+            r = summary[g][m]
+            lines.append(
+                f"| {g} | {m} | {_fmt(r['tokens_per_s'], 'tps')} | {_fmt(r['speedup'], 'x')} | "
+                f"{_fmt(r['mean_accepted_length'], 'f')} | {_fmt(r['acceptance_rate'], '%')} | "
+                f"{r['exact']:.0%} ({r['exact_answers']}/{r['answers']}) |"
+            )
+    if "oracle" in methods:
+        lines += [
+            "",
+            "## Simulator: specbound against its prediction and the oracle (speedups over ar)",
+            "",
+            "| task | specbound measured | predicted | oracle | specbound / oracle | oracle mean accepted length |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for g in groups:
+            o = summary[g]["oracle"]
+            pred = (o.get("predicted_specbound") or {}).get("speedup_vs_ar")
+            lines.append(
+                f"| {g} | {_fmt(o.get('specbound_measured_speedup_vs_ar'), 'x')} | {_fmt(pred, 'x')} | "
+                f"{_fmt(o.get('speedup_vs_ar'), 'x')} | {_fmt(o.get('specbound_over_oracle'), 'f')} | "
+                f"{_fmt(o.get('mean_accepted_length'), 'f')} |"
+            )
+    notes = []
+    grid = results["grid"]
+    if "hf-prompt-lookup" in grid:
+        notes.append(f"hf-prompt-lookup: k={grid['hf-prompt-lookup']['chosen']} of {grid['hf-prompt-lookup']['values']} (least total time).")
+    if "hf-early-exit" in grid:
+        notes.append(f"hf-early-exit: layer {grid['hf-early-exit']['chosen']} of {grid['hf-early-exit']['layers']} (fastest on the first answer), one run per answer.")
+    if "oracle" in methods:
+        notes.append("oracle: not run; the simulator replays the reference outputs under the artifact's cost model; its hf-greedy-scale speedup multiplies by ar's measured speedup.")
+    notes.append("n/a: not reported by the method (or no drafts).")
+    for m in methods:
+        for d in summary["overall"].get(m, {}).get("divergences", []):
+            notes.append(f"{m} NOT exact on {d['question_id']} turn {d['turn']}: {d['describe']}")
+    lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def spec_bench_records(answers: list[Answer], method_runs: list[list[Measurement]], tokenizer) -> list[dict]:
+    """One record per question, Spec-Bench's answer shape; one choice per repeat."""
+    records: dict[str, dict] = {}
+    for a in answers:
+        rec = records.setdefault(a.prompt.id, {"question_id": a.prompt.id, "category": a.task, "turns_asked": [], "choices": []})
+        rec["turns_asked"].append(a.turn)
+        for r, run in enumerate(method_runs[a.index]):
+            if r == len(rec["choices"]):
+                rec["choices"].append({"index": r, "turns": [], "new_tokens": [], "wall_time": [], "decoding_steps": [], "accept_lengths": []})
+            c, g = rec["choices"][r], run.generation
+            c["turns"].append(tokenizer.decode(list(g.token_ids), skip_special_tokens=True))
+            c["new_tokens"].append(g.new_tokens)
+            c["wall_time"].append(round(run.wall_time_s, 6))
+            c["decoding_steps"].append(g.passes)
+            c["accept_lengths"].extend(g.accept_lengths or [])
+    out = []
+    for rec in records.values():
+        del rec["turns_asked"]
+        out.append(rec)
+    return out
+
+
+def write_outputs(
+    out_dir: Path, results: dict, table: str, answers: list[Answer], runs: dict[str, list[list[Measurement]]], reported: dict[str, str], tokenizer
+) -> list[Path]:
+    """Write every output file atomically; `reported` maps each method to the variant name that
+    stands for it, `runs` each variant name to its measurements by answer and repeat."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for m, name in reported.items():
+        path = out_dir / f"{m}.jsonl"
+        lines = [json.dumps(r, ensure_ascii=False) for r in spec_bench_records(answers, runs[name], tokenizer)]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        files.append(path)
+    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(out_dir / "table.md", table.encode())
+    speedup_png(results, out_dir / "speedup.png")
+    files += [out_dir / "results.json", out_dir / "table.md", out_dir / "speedup.png"]
+    return files
+
+
+def speedup_png(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    groups = list(summary)
+    methods = [m for m in METHODS if m in summary["overall"] and m != REFERENCE]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 5))
+    for i, m in enumerate(methods):
+        values = [summary[g].get(m, {}).get("speedup") or 0.0 for g in groups]
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values, width, label=m + (" (simulated)" if m == "oracle" else ""), hatch="//" if m == "oracle" else None)
+    ax.axhline(1.0, color="k", lw=1, ls=":")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("speedup over hf-greedy")
+    ax.set_title(f"{results['model']['short']}: {results['settings']['max_new_tokens']} tokens, median of {results['settings']['repeats']}")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
