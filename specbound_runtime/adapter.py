@@ -80,7 +80,7 @@ class HFCausalLM:
             from .exit_head import FittedExitHead
 
             self._exit_head = FittedExitHead(exit_weights, self._norm, self._lm_head.weight, self._softcap)
-            self._exit_tokens = self._exit_head.token_ids
+            self._exit_tokens = self._exit_head.token_list
         layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self._layer_types = list(layer_types)
@@ -200,7 +200,7 @@ class HFCausalLM:
         return self.final_logits(hidden)
 
     def exit_token(self, index: int) -> int:
-        return index if self._exit_tokens is None else int(self._exit_tokens[index])
+        return index if self._exit_tokens is None else self._exit_tokens[index]
 
 
 def sdpa_skips_mask(start: int, k: int, window: int | None) -> bool:

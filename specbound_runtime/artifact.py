@@ -238,11 +238,12 @@ def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: st
     artifact = read_artifact(path)
     theirs = artifact.meta_json("model_fingerprint")
     ours = model_fingerprint.to_dict()
-    if theirs != ours:
-        try:
-            their_desc = ModelFingerprint.from_dict(theirs).short()
-        except Exception:
-            their_desc = str(theirs)
+    try:
+        their_fingerprint = ModelFingerprint.from_dict(theirs)
+        same, their_desc = their_fingerprint.same_model(model_fingerprint), their_fingerprint.short()
+    except ArtifactError:
+        same, their_desc = False, str(theirs)
+    if not same:
         raise ArtifactError(
             f"{path} was fitted for model [{their_desc}], not this model [{model_fingerprint.short()}]; "
             "recalibrate for this model"

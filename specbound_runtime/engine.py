@@ -241,8 +241,8 @@ def generate(
             first = False
             logits = seq.verify_logits()
             scores = target_scores(logits, seq.tokens, seq.drafts, logits_processor)
-            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), scores)
-            if not torch.isfinite(logits[: acceptance.accepted_length + 1]).all():
+            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), scores, torch.isfinite(logits).all(-1))
+            if not acceptance.trusted:
                 # Never trust a token chosen from non-finite values: redo this step at full depth.
                 fallbacks += 1
                 seq.discard_drafts()

@@ -45,18 +45,25 @@ class FittedExitHead:
             if int(ids.min()) < 0 or int(ids.max()) >= vocab:
                 raise ValueError(f"shortlist token ids must lie in 0..{vocab - 1}")
             self.token_ids = ids
-            rows = lm_head_weight[ids]
+            self.token_list = ids.tolist()  # on the host: mapping a draft to its token id never syncs
+            rows = lm_head_weight[ids.to(lm_head_weight.device)]
         else:
             self.token_ids = None
+            self.token_list = None
             rows = lm_head_weight
         rows = rows.detach()
         self._plain = rows.t().contiguous()  # [H, S]
         self._per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        exact = rows.float()
         for layer, (w, b) in weights.lens.items():
-            w = w.to(rows.dtype)
-            b = b.to(rows.dtype)
-            # logits = (x W + b) rows^T = x (W rows^T) + (b rows^T)
-            self._per_layer[layer] = ((w @ rows.t()).contiguous(), (b @ rows.t()).contiguous())
+            w = w.to(device=rows.device, dtype=torch.float32)
+            b = b.to(device=rows.device, dtype=torch.float32)
+            # logits = (x W + b) rows^T = x (W rows^T) + (b rows^T); folded in float32, then
+            # stored in the model's dtype
+            self._per_layer[layer] = (
+                (w @ exact.t()).to(rows.dtype).contiguous(),
+                (b @ exact.t()).to(rows.dtype).contiguous(),
+            )
 
     def logits(self, normed: torch.Tensor, layer: int) -> torch.Tensor:
         """normed [..., H] (already through the final norm) -> logits [..., S]."""

@@ -55,7 +55,10 @@ class ModelFingerprint:
     vocab_size: int
     hidden_size: int
     config_sha256: str
-    weights_sha256: str
+    weights_sha256: str  # the weights as loaded, bit for bit
+    # The same weights rounded to bfloat16: equal for one checkpoint loaded in float32, bfloat16
+    # or (almost always) float16, so an artifact fitted in one precision serves the others.
+    weights_bf16_sha256: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type:
@@ -64,7 +67,7 @@ class ModelFingerprint:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("config_sha256", "weights_sha256"):
+        for name in ("config_sha256", "weights_sha256", "weights_bf16_sha256"):
             value = getattr(self, name)
             if not isinstance(value, str) or not HEX64.match(value):
                 raise ValueError(f"{name} must be 64 lowercase hex digits, got {value!r}")
@@ -86,6 +89,13 @@ class ModelFingerprint:
         except ValueError as exc:
             raise ArtifactError(f"malformed model fingerprint ({exc}); refit the artifact") from exc
 
+    def same_model(self, other: "ModelFingerprint") -> bool:
+        """The same checkpoint, in this precision or another (see weights_bf16_sha256)."""
+        shape = ("model_type", "num_layers", "vocab_size", "hidden_size", "config_sha256")
+        if any(getattr(self, n) != getattr(other, n) for n in shape):
+            return False
+        return self.weights_sha256 == other.weights_sha256 or self.weights_bf16_sha256 == other.weights_bf16_sha256
+
     def short(self) -> str:
         """A short readable form, e.g. 'llama L=30 V=49152 w=1a2b3c4d'."""
         return f"{self.model_type} L={self.num_layers} V={self.vocab_size} w={self.weights_sha256[:8]}"
@@ -103,11 +113,14 @@ def _config_sha256(config_dict: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order."""
+def _weights_sha256(state_dict: dict[str, torch.Tensor], as_dtype: torch.dtype | None = None) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order; with
+    `as_dtype`, of every floating tensor cast to that dtype first."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach()
+        if as_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(as_dtype)
         header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
         digest.update(header.encode())
         if tensor.numel():
@@ -126,6 +139,7 @@ def fingerprint_model(model: torch.nn.Module) -> ModelFingerprint:
         hidden_size=int(config.hidden_size),
         config_sha256=_config_sha256(config.to_dict()),
         weights_sha256=_weights_sha256(model.state_dict()),
+        weights_bf16_sha256=_weights_sha256(model.state_dict(), torch.bfloat16),
     )
 
 

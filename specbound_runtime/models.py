@@ -9,8 +9,9 @@ No model hub is reachable, so anything else (such as `org/name`) is refused with
 says what to pass instead. A GGUF file is dequantized once (slow) into an fp32 safetensors folder
 under the cache root (env SPECBOUND_CACHE, else ~/.cache/specbound); later loads read that folder.
 
-Every model comes back in eval mode, fp32, with SDPA attention. Every failure a user can cause
-raises a ModelError whose one-line message says what to do.
+Every model comes back in eval mode with SDPA attention, on the device and in the dtype asked for
+(default: cpu; float32 on cpu, the checkpoint's own dtype on an accelerator). Every failure a
+user can cause raises a ModelError whose one-line message says what to do.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _WHAT_TO_PASS = "pass a local Hugging Face folder (config.json + *.safetensors) 
 class LoadedModel:
     """A model ready for decoding, with where it came from and what exactly it is."""
 
-    model: torch.nn.Module  # transformers *ForCausalLM, eval mode, fp32, SDPA attention
+    model: torch.nn.Module  # transformers *ForCausalLM, eval mode, SDPA attention, on its device and dtype
     tokenizer: Any
     source: str  # the folder or file the weights were read from, and the GGUF it came from if any
     fingerprint: ModelFingerprint
@@ -86,20 +87,55 @@ def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
 # -- resolving a spec ------------------------------------------------------------------------------
 
 
-def resolve_model(spec: str) -> LoadedModel:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device a user asked for (default cpu), refused clearly where it does not exist."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelError(f"device {device!r} asked for, but torch has no MPS backend here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device type {dev.type!r} is not supported; use cpu, cuda or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """float32 on cpu unless asked; None (the checkpoint's own dtype) on an accelerator."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def resolve_model(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedModel:
     """Load the model a spec names: a built-in name, a local HF folder, or a .gguf file."""
+    dev = resolve_device(device)
+    want = resolve_dtype(dtype, dev)
     spec = (spec or "").strip()
     if not spec:
         raise ModelError(f"no model given; {_WHAT_TO_PASS}, or use the built-in name {_builtin_names()}")
     if spec.lower() in BUILTIN_MODELS:
-        return _load_gguf(_builtin_gguf(spec.lower()))
+        return _load_gguf(_builtin_gguf(spec.lower()), want, dev)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path.resolve())
+        return _load_folder(path.resolve(), dtype=want, device=dev)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{spec} is a file but not a .gguf file; {_WHAT_TO_PASS}")
-        return _load_gguf(path.resolve())
+        return _load_gguf(path.resolve(), want, dev)
     if path.exists():
         raise ModelError(f"{spec} is neither a folder nor a file; {_WHAT_TO_PASS}")
     if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
@@ -183,8 +219,15 @@ def _check_loading_info(info: dict[str, Any], where: str, what_to_pass: str) -> 
         )
 
 
-def _load_folder(folder: Path, source: str | None = None, fingerprint: ModelFingerprint | None = None) -> LoadedModel:
-    """Load a local HF folder. `fingerprint`, when given, is trusted instead of hashing the weights."""
+def _load_folder(
+    folder: Path,
+    source: str | None = None,
+    fingerprint: ModelFingerprint | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device = torch.device("cpu"),
+) -> LoadedModel:
+    """Load a local HF folder (dtype None: the checkpoint's own). `fingerprint`, when given, is
+    trusted instead of hashing the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_folder(folder)
@@ -206,7 +249,7 @@ def _load_folder(folder: Path, source: str | None = None, fingerprint: ModelFing
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder,
-            dtype=torch.float32,
+            dtype="auto" if dtype is None else dtype,
             attn_implementation="sdpa",
             use_safetensors=True,
             local_files_only=True,
@@ -216,8 +259,9 @@ def _load_folder(folder: Path, source: str | None = None, fingerprint: ModelFing
         raise ModelError(f"cannot load the weights in {folder}: {_first_line(exc)}") from exc
     _check_loading_info(info, str(folder), "the folder of a complete *ForCausalLM checkpoint")
     model.eval()
-    if fingerprint is None:
-        fingerprint = fingerprint_model(model)
+    if fingerprint is None or next(model.parameters()).dtype != torch.float32:
+        fingerprint = fingerprint_model(model)  # a cached one is of the float32 weights
+    model.to(device)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -287,7 +331,7 @@ def _remove_stale_partials(root: Path) -> None:
             pass
 
 
-def _load_gguf(path: Path) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype | None = torch.float32, device: torch.device = torch.device("cpu")) -> LoadedModel:
     try:
         key = _gguf_cache_key(path)
     except OSError as exc:
@@ -297,8 +341,8 @@ def _load_gguf(path: Path) -> LoadedModel:
     if not (folder / "config.json").is_file():
         _convert_gguf(path, folder)
     fingerprint = _read_cached_fingerprint(folder)
-    loaded = _load_folder(folder, source=source, fingerprint=fingerprint)
-    if fingerprint is None:
+    loaded = _load_folder(folder, source=source, fingerprint=fingerprint, dtype=dtype, device=device)
+    if fingerprint is None and next(loaded.model.parameters()).dtype == torch.float32:
         _write_cache_info(folder, path, loaded.fingerprint)
     return loaded
 

@@ -114,22 +114,25 @@ class ExitDecision:
     exits: bool
 
 
-def exit_confidence(logits: torch.Tensor, temperature: float) -> tuple[float, int]:
-    """max softmax(z / T) and its argmax, for one position's logits (shape [V])."""
+def exit_confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """max softmax(z / T) and its argmax, for one position's logits (shape [V]), as 0-d tensors
+    on the logits' device (reading them on the host is a device synchronisation)."""
     z = logits.float() / temperature
     top, token = z.max(dim=-1)
     # max softmax = 1 / sum(exp(z - max)); logsumexp keeps it stable.
-    confidence = torch.exp(top - torch.logsumexp(z, dim=-1))
-    return float(confidence), int(token)
+    return torch.exp(top - torch.logsumexp(z, dim=-1)), token
 
 
 def decide_exit(logits: torch.Tensor, temperature: float, threshold: float) -> ExitDecision:
+    """The exit rule, with one host read (one device synchronisation) per decision."""
     confidence, token = exit_confidence(logits, temperature)
     # NaN or +inf never produces a draft: the token goes on to the depth bound. (-inf is a
     # legitimate "impossible token", e.g. outside a fitted vocabulary short-list.)
-    broken = bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
-    exits = not broken and confidence >= threshold
-    return ExitDecision(confidence=confidence, token=token, exits=exits)
+    broken = torch.isnan(logits).any() | torch.isposinf(logits).any()
+    exits = ~broken & (confidence >= threshold)
+    # float64 holds any token id exactly; one transfer carries all three values
+    flag, index, conf = torch.stack([exits.double(), token.double(), confidence.double()]).tolist()
+    return ExitDecision(confidence=conf, token=int(index), exits=bool(flag))
 
 
 def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:

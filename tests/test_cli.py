@@ -96,7 +96,7 @@ def test_check_exact_fails_with_the_first_divergence_and_its_margin(tiny, monkey
     from specbound_runtime import engine
     from specbound_runtime.acceptance import Acceptance
 
-    def keep_every_draft(draft_tokens, target_logits):
+    def keep_every_draft(draft_tokens, target_logits, finite_rows=None):
         k = int(draft_tokens.shape[0])
         return Acceptance(accepted_length=k, next_token=int(target_logits[k].argmax()), drafted=k)
 

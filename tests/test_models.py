@@ -82,11 +82,17 @@ def test_config_hash_ignores_volatile_keys_but_not_real_ones(tiny_folder):
     assert fingerprint_model(model).config_sha256 != before.config_sha256
 
 
-def test_weights_hash_covers_non_fp32_dtypes(tiny_folder):
+def test_weights_hash_covers_non_fp32_dtypes_and_bf16_identity_spans_them(tiny_folder):
     model = resolve_model(str(tiny_folder)).model
     fp32 = fingerprint_model(model)
     bf16 = fingerprint_model(model.to(torch.bfloat16))
     assert bf16.weights_sha256 != fp32.weights_sha256
+    # the same checkpoint in another precision is the same model; another checkpoint is not
+    assert bf16.weights_bf16_sha256 == fp32.weights_bf16_sha256 and bf16.same_model(fp32)
+    other = resolve_model(str(tiny_folder)).model
+    with torch.no_grad():
+        other.model.norm.weight[0] += 0.1
+    assert not fingerprint_model(other).same_model(fp32)
 
 
 def test_tokenizer_fingerprint_sees_vocab_specials_and_template(tmp_path):
