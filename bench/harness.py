@@ -33,6 +33,7 @@ only make it shorter.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -255,9 +256,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     # the plot needs matplotlib, the oracle the calibration code (the calibrate extra): fail now, not after the run
     import matplotlib  # noqa: F401
 
-    oracle_mod = None
-    if "oracle" in methods:
-        from . import oracle as oracle_mod
+    oracle = importlib.import_module(".oracle", __package__) if "oracle" in methods else None
     loaded = resolve_model(opts.model)
     eos = eos_token_ids(loaded)
     artifact = artifact_sha = None
@@ -270,8 +269,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         skipped = [m for m in NEEDS_ARTIFACT if m in methods]
         _warn(f"warning: no --artifact given; skipping {', '.join(skipped)} (run `specbound calibrate` to make one)")
         methods = tuple(m for m in methods if m not in NEEDS_ARTIFACT)
-    oracle = oracle_mod.oracle_setup(loaded, artifact) if "oracle" in methods else None
-    if oracle is None:
+    oracle_replay = oracle.oracle_setup(loaded, artifact) if "oracle" in methods else None
+    if oracle_replay is None:
         methods = tuple(m for m in methods if m != "oracle")
     decoders = {"specbound-paper": Decoder(loaded.model, loaded.tokenizer, eos)}
     if "specbound" in methods:
@@ -294,14 +293,13 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     with MeasurementLog.open(out_dir / MEASUREMENTS_FILE, settings) as log:
         if log.loaded:
             _warn(f"resuming: {log.loaded} of {total} measurements already in {log.path}")
-        bar = tqdm(total=total, initial=log.loaded, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True, disable=not show_progress)
         warm_up = timed + [Variant("hf-early-exit", layer) for layer in ee_grid[:1]]
-        measurer = _Measurer(runner, log, warm_up, bar)
-        walked = _measure_all(
-            measurer, answers, timed, ee_grid, opts.repeats, lambda messages: decoder.encode(messages, chat, opts.max_new_tokens), loaded.tokenizer
-        )
+        with tqdm(total=total, initial=log.loaded, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True, disable=not show_progress) as bar:
+            walked = _measure_all(
+                _Measurer(runner, log, warm_up, bar), answers, timed, ee_grid, opts.repeats,
+                lambda messages: decoder.encode(messages, chat, opts.max_new_tokens), loaded.tokenizer,
+            )
         encodings, ee_variant = walked.encodings, walked.early_exit
-        bar.close()
         # from here on, every figure comes from the log: the same whether or not the run resumed
         variants = timed + ([ee_variant] if ee_variant is not None else [])
         runs = {
@@ -317,7 +315,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         name: [answer_divergence(loaded.model, encodings[a.index].ids, a, runs[name][a.index], runs[REFERENCE][a.index][0]) for a in answers]
         for name in runs
     }
-    oracle_recs = [oracle_mod.oracle_record(oracle, encodings[a.index].ids, runs[REFERENCE][a.index][0].generation.token_ids) for a in answers] if oracle else []
+    oracle_recs = [oracle.oracle_record(oracle_replay, encodings[a.index].ids, runs[REFERENCE][a.index][0].generation.token_ids) for a in answers] if oracle_replay else []
 
     grid_report: dict = {}
     if ee_variant is not None:
@@ -356,9 +354,9 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         if "ar" in reported:
             for m in row:
                 row[m]["speedup_vs_ar"] = ratio(row["ar"]["median_wall_time_s"], row[m]["median_wall_time_s"])
-        if oracle is not None:
-            sim = oracle_mod.oracle_simulate(oracle, [oracle_recs[i] for i in idx])
-            row["oracle"] = oracle_mod.oracle_row(sim, row)
+        if oracle_replay is not None:
+            sim = oracle.oracle_simulate(oracle_replay, [oracle_recs[i] for i in idx])
+            row["oracle"] = oracle.oracle_row(sim, row)
         summary[group] = row
     for v in pl_variants + ([ee_variant] if ee_variant else []):
         grid_report.setdefault("by_value", {})[v.name] = summarise(runs[v.name], runs[REFERENCE], exact[v.name], groups["overall"])

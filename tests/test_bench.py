@@ -14,13 +14,13 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from specbound.bench import harness as H
 from specbound.bench import oracle as O
 from specbound.bench.hf_hooks import FullDepthCall, PassStatistics, pass_statistics
 from specbound.bench.measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, SettingsMismatchError
 from specbound.bench.methods import METHODS, PROMPT_LOOKUP_GRID, Generation, MethodRunner, Variant, early_exit_layers
+from clitools import assert_one_error, invoke
 from specbound.calibrate.simulate import CostModel
 from specbound_runtime.errors import InputError, UsageError
 
@@ -56,12 +56,6 @@ def tiny(tmp_path_factory, one_thread):
     }
     artifact = save_artifact(root / "tiny.safetensors", Artifact(policy, weights, metadata))
     return root, model, artifact
-
-
-def _run_cli(args):
-    from cli import app
-
-    return CliRunner().invoke(app, ["bench", *args])
 
 
 def _bench(tiny, out, **options):
@@ -278,13 +272,10 @@ def test_another_command_in_the_same_folder_is_refused(tiny, monkeypatch):
     root, model, _ = tiny
     out = root / "refused"
     common = ["--model", str(model), "--tasks", "qa", "--methods", "ar", "--prompts-per-task", "1", "--repeats", "1", "--out", str(out)]
-    assert _run_cli([*common, "--max-new-tokens", "3"]).exit_code == 0
+    assert invoke("bench", *common, "--max-new-tokens", "3").exit_code == 0
     before = (out / MEASUREMENTS_FILE).read_bytes()
     built = _install(monkeypatch, CountingRunner)
-    result = _run_cli([*common, "--max-new-tokens", "4"])
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "max_new_tokens differ" in errors[0] and "pass another --out" in errors[0]
+    assert_one_error(invoke("bench", *common, "--max-new-tokens", "4"), 2, "max_new_tokens differ", "pass another --out")
     assert built[0].timed == [] and (out / MEASUREMENTS_FILE).read_bytes() == before
 
 
@@ -383,21 +374,18 @@ def test_parse_names_and_validation():
     ],
 )
 def test_bad_flags_exit_2(tiny, args, message):
-    result = _run_cli(["--model", str(tiny[1]), *args])
-    assert result.exit_code == 2, result.output
-    assert "Error:" in result.output and message in result.output
+    assert_one_error(invoke("bench", "--model", tiny[1], *args), 2, message)
 
 
 def test_missing_artifact_exits_5(tiny):
-    result = _run_cli(["--model", str(tiny[1]), "--artifact", str(tiny[0] / "absent.safetensors"), "--tasks", "qa"])
-    assert result.exit_code == 5, result.output
+    assert_one_error(invoke("bench", "--model", tiny[1], "--artifact", tiny[0] / "absent.safetensors", "--tasks", "qa"), 5)
 
 
 def test_cli_json_without_artifact_skips_specbound(tiny):
     root, model, _ = tiny
-    result = _run_cli(
-        ["--model", str(model), "--tasks", "qa", "--methods", "ar,specbound,oracle", "--prompts-per-task", "1",
-         "--max-new-tokens", "4", "--repeats", "1", "--out", str(root / "cli"), "--json"]
+    result = invoke(
+        "bench", "--model", model, "--tasks", "qa", "--methods", "ar,specbound,oracle", "--prompts-per-task", "1",
+        "--max-new-tokens", "4", "--repeats", "1", "--out", root / "cli", "--json",
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
