@@ -20,7 +20,7 @@ from specbound.bench import oracle as O
 from specbound.bench.hf_hooks import FullDepthCall, PassStatistics, pass_statistics
 from specbound.bench.measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, SettingsMismatchError
 from specbound.bench.methods import METHODS, PROMPT_LOOKUP_GRID, Generation, MethodRunner, Variant, early_exit_layers
-from clitools import assert_one_error, invoke
+from clitools import assert_one_error, invoke, save_tiny_artifact
 from specbound.calibrate.simulate import CostModel
 from specbound_runtime.errors import InputError, UsageError
 
@@ -35,7 +35,6 @@ def tiny(tmp_path_factory, one_thread):
     cost model."""
     from helpers import make_tiny_model_folder
 
-    from specbound_runtime.artifact import Artifact, save_artifact
     from specbound_runtime.exit_head import ExitHeadWeights
     from specbound_runtime.models import resolve_model
     from specbound_runtime.policy import ExitPolicy
@@ -49,12 +48,7 @@ def tiny(tmp_path_factory, one_thread):
     weights = ExitHeadWeights(shortlist=torch.arange(2, 64), lens=lens)
     policy = ExitPolicy(NUM_LAYERS, (2, 3), (0.5, 0.5), (0.025, 0.0), d_max=3, w_max=3)
     cost = CostModel(num_layers=NUM_LAYERS, layer_base=0.2, layer_extra=0.01, head_base=0.05, head_extra=0.01, check=0.02, round_overhead=0.3)
-    metadata = {
-        "model_fingerprint": json.dumps(loaded.fingerprint.to_dict(), sort_keys=True),
-        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
-        "cost_model": json.dumps(cost.to_dict(), sort_keys=True),
-    }
-    artifact = save_artifact(root / "tiny.safetensors", Artifact(policy, weights, metadata))
+    artifact = save_tiny_artifact(loaded, root / "tiny.safetensors", policy, weights, {"cost_model": json.dumps(cost.to_dict(), sort_keys=True)})
     return root, model, artifact
 
 
