@@ -105,18 +105,11 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def _load_decoder(model: str, artifact: Optional[Path]):
+def _load_decoder(model: str, artifact: Optional[Path], device: Optional[str] = None, dtype: Optional[str] = None):
+    import specbound_runtime as sb
     from specbound_runtime.decoder import Decoder
-    from specbound_runtime.models import eos_token_ids, resolve_model
 
-    loaded = resolve_model(model)
-    policy = exit_weights = None
-    if artifact is not None:
-        from specbound_runtime.artifact import load_artifact
-
-        art = load_artifact(artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
-        policy, exit_weights = art.policy, art.exit_weights
-    return loaded, Decoder(loaded.model, loaded.tokenizer, eos_token_ids(loaded), policy, exit_weights)
+    return Decoder(sb.load(model, artifact=artifact, device=device, dtype=dtype))
 
 
 def _prompts(prompt: Optional[str], prompt_file: Optional[Path]):
@@ -141,6 +134,8 @@ def decode(
     no_speculation: bool = typer.Option(False, "--no-speculation", help="Plain greedy decoding through the same engine (the fair baseline)."),
     check_exact: bool = typer.Option(False, "--check-exact", help="Also run transformers' generate() and fail (exit 6) if any token differs."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout instead of streamed text."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). Exactness is against generate() on the same device and dtype."),
 ):
     """Generate greedily with bounded early-exit self-speculation; output equals plain greedy decoding.
 
@@ -149,7 +144,7 @@ def decode(
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         prompts = _prompts(prompt, prompt_file)
-        loaded, decoder = _load_decoder(model, artifact)
+        decoder = _load_decoder(model, artifact, device, dtype)
         if artifact is None and not no_speculation:
             _err(
                 "note: no --artifact, so decoding uses the paper's uncalibrated schedule, which is slower "
@@ -162,7 +157,7 @@ def decode(
             for turn_index, turn in enumerate(p.turns or (p.text,)):
                 messages.append({"role": "user", "content": turn})
                 failures += _decode_one(
-                    loaded, decoder, messages, use_chat, max_new_tokens, not no_speculation,
+                    decoder, messages, use_chat, max_new_tokens, not no_speculation,
                     check_exact, as_json, index, turn_index,
                 )
         if failures:
@@ -171,7 +166,7 @@ def decode(
             raise ExactnessError(f"{failures} output(s) differed from generate(); see the lines above")
 
 
-def _decode_one(loaded, decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn):
+def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn):
     from specbound_runtime.decoder import TextStream, exit_layer_histogram
     from specbound_runtime.exactness import divergence, reference_greedy
 
@@ -254,6 +249,8 @@ def calibrate(
     remeasure_costs: bool = typer.Option(False, "--remeasure-costs", help="Measure the cost model again instead of using the cached one."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where the model runs while recording: cpu (default), cuda, cuda:N or mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). The artifact serves the same checkpoint in any dtype."),
 ):
     """Fit temperatures, thresholds and bounds for a model; export one safetensors artifact.
 
@@ -269,7 +266,7 @@ def calibrate(
             study_name=study_name, multi_objective=multi_objective, force=force, work_dir=work_dir,
             prompts=prompts, documents=documents, answer_tokens=answer_tokens,
             shortlist_size=shortlist_size, measure_prompts=measure_prompts,
-            measure_tokens=measure_tokens, remeasure_costs=remeasure_costs,
+            measure_tokens=measure_tokens, remeasure_costs=remeasure_costs, device=device, dtype=dtype,
         )
         outcome = run_calibration(opts)
         report = outcome.report
@@ -386,6 +383,8 @@ def bench(
     prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 23 min on 2 cores."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>); rerunning the same command there resumes."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout instead of the Markdown table."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps; every method runs there."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU)."),
 ):
     """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
 
@@ -406,7 +405,7 @@ def bench(
             model=model, artifact=artifact, tasks=parse_names(tasks, TASKS, "--tasks"),
             methods=parse_names(methods, METHODS, "--methods"), max_new_tokens=max_new_tokens,
             repeats=repeats, prompts_per_task=prompts_per_task, out=out,
-            command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            device=device, dtype=dtype, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         )
         with _requires_extra("calibrate", "bench"):  # run_bench imports the plot's and the oracle's modules first
             outcome = run_bench(opts)

@@ -87,6 +87,8 @@ class BenchOptions:
     seed: int = 0  # which prompts of each task (data.tasks' seeded subsets)
     prompt_lookup_grid: tuple[int, ...] = PROMPT_LOOKUP_GRID
     command: str | None = None  # the command line, recorded in results.json
+    device: str | None = None  # cpu (default), cuda, mps
+    dtype: str | None = None  # default float32 on cpu, the checkpoint's own on a GPU
 
     def validate(self) -> None:
         if not self.tasks or any(t not in TASKS for t in self.tasks):
@@ -234,6 +236,8 @@ def bench_settings(opts: BenchOptions, methods: tuple[str, ...], loaded, artifac
         "seed": opts.seed,
         "prompt_lookup_grid": list(opts.prompt_lookup_grid),
         "warmup_tokens": WARMUP_TOKENS,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
     }
 
 
@@ -247,8 +251,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     speedup.png and <method>.jsonl."""
     from tqdm import tqdm
 
+    import specbound_runtime as sb
     from specbound_runtime.decoder import Decoder
-    from specbound_runtime.models import eos_token_ids, resolve_model
 
     opts.validate()
     methods = tuple(m for m in METHODS if m in opts.methods or m == REFERENCE)
@@ -257,13 +261,11 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     import matplotlib  # noqa: F401
 
     oracle = importlib.import_module(".oracle", __package__) if "oracle" in methods else None
-    loaded = resolve_model(opts.model)
-    eos = eos_token_ids(loaded)
+    loaded = sb.load(opts.model, device=opts.device, dtype=opts.dtype)
+    eos = loaded.eos_token_ids
     artifact = artifact_sha = None
     if opts.artifact is not None:
-        from specbound_runtime.artifact import load_artifact
-
-        artifact = load_artifact(opts.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
+        artifact = loaded.with_artifact(opts.artifact)  # the calibrated model
         artifact_sha = _sha256_file(Path(opts.artifact))
     elif any(m in methods for m in NEEDS_ARTIFACT):
         skipped = [m for m in NEEDS_ARTIFACT if m in methods]
@@ -272,9 +274,9 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     oracle_replay = oracle.oracle_setup(loaded, artifact) if "oracle" in methods else None
     if oracle_replay is None:
         methods = tuple(m for m in methods if m != "oracle")
-    decoders = {"specbound-paper": Decoder(loaded.model, loaded.tokenizer, eos)}
+    decoders = {"specbound-paper": Decoder(loaded)}
     if "specbound" in methods:
-        decoders["specbound"] = Decoder(loaded.model, loaded.tokenizer, eos, artifact.policy, artifact.exit_weights)
+        decoders["specbound"] = Decoder(artifact)
     runner = MethodRunner(loaded.model, eos, decoders)
     decoder = decoders["specbound-paper"]
     chat = decoder.has_chat_template

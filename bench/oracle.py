@@ -43,16 +43,15 @@ class OracleSetup:
 
 def oracle_setup(loaded, artifact) -> OracleSetup | None:
     """The replay's setup, or None (with a warning) when the artifact has no cost model."""
-    from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 
-    raw = artifact.metadata.get("cost_model")
+    raw = artifact.artifact_metadata.get("cost_model")
     try:
         cost = CostModel(**json.loads(raw))
     except (TypeError, ValueError):
         print("warning: the artifact has no usable cost_model metadata; skipping oracle (recalibrate to get one)", file=sys.stderr, flush=True)
         return None
-    lm = HFCausalLM(loaded.model)
+    lm = loaded.lm
     weights = artifact.exit_weights
     shortlist = weights.shortlist if weights is not None and weights.shortlist is not None else torch.arange(lm.vocab_size)
     lens = weights.lens if weights is not None else {}

@@ -49,6 +49,8 @@ class CalibrateOptions:
     measure_tokens: int = 128
     remeasure_costs: bool = False
     candidate_layers: tuple[int, ...] | None = None
+    device: str | None = None  # where the model runs while recording (default cpu)
+    dtype: str | None = None  # its dtype (default float32 on cpu)
 
     def validate(self) -> None:
         if self.seed < 0:
@@ -254,17 +256,17 @@ class CalibrationOutcome:
 
 
 def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
-    from specbound_runtime.adapter import HFCausalLM
-    from specbound_runtime.models import cache_root, eos_token_ids, resolve_model
+    import specbound_runtime as sb
+    from specbound_runtime.models import cache_root
 
     opts.validate()
-    loaded = resolve_model(opts.model)
+    loaded = sb.load(opts.model, device=opts.device, dtype=opts.dtype)
     fp = loaded.fingerprint
-    lm = HFCausalLM(loaded.model)
+    lm = loaded.lm
     L = lm.num_layers
     if L < 3:
         raise InputError(f"the model has {L} layers; early exit needs at least 3")
-    eos = eos_token_ids(loaded)
+    eos = loaded.eos_token_ids
     layers = opts.candidate_layers or candidate_layers(L)
     if any(not (1 <= l < L) for l in layers):
         raise UsageError(f"candidate layers must lie in 1..{L - 1}")
@@ -442,9 +444,8 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int) -> dict:
     Interleaved per prompt so machine drift hits all three alike; exactness checked on token ids."""
     from specbound_runtime.decoder import Decoder
 
-    tok = loaded.tokenizer
-    plain = Decoder(loaded.model, tok, eos)
-    tuned = Decoder(loaded.model, tok, eos, policy, head)
+    plain = Decoder(loaded.uncalibrated())
+    tuned = Decoder(loaded.with_policy(policy, head))
     times = {"plain": 0.0, "paper": 0.0, "tuned": 0.0}
     tokens = {"plain": 0, "paper": 0, "tuned": 0}
     accept = {"paper": [], "tuned": []}

@@ -14,13 +14,10 @@ import time
 
 def main(artifact: str, n: int, tokens: int) -> None:
     from specbound.data.tasks import task_prompts
-    from specbound_runtime.artifact import load_artifact
+    import specbound_runtime as sb
     from specbound_runtime.decoder import Decoder
-    from specbound_runtime.models import eos_token_ids, resolve_model
 
-    loaded = resolve_model("smollm2-135m")
-    art = load_artifact(artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
-    decoder = Decoder(loaded.model, loaded.tokenizer, eos_token_ids(loaded), art.policy, art.exit_weights)
+    decoder = Decoder(sb.load("smollm2-135m", artifact=artifact))
     encoded = [decoder.encode([{"role": "user", "content": p.text}], True, tokens) for p in task_prompts("mt-bench", n)]
     decoder.generate(encoded[0])  # warm-up
     profile = cProfile.Profile()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host import read
+
 
 @dataclass(frozen=True)
 class Acceptance:
@@ -42,7 +44,7 @@ def accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor, finite_rows:
     targets = target_logits.argmax(dim=-1)
     if finite_rows is None:
         finite_rows = torch.ones_like(targets, dtype=torch.bool)
-    values = torch.cat([targets, finite_rows.to(targets.dtype)]).tolist()
+    values = read(torch.cat([targets, finite_rows.to(targets.dtype)]))
     chosen, finite = values[: k + 1], values[k + 1 :]
     drafts = draft_tokens.tolist()
     n = 0

@@ -29,7 +29,7 @@ class LayerModel(Protocol):
 
     def new_cache(self, max_length: int) -> LayeredKVCache: ...
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor: ...
 
     def run_layer(self, layer: int, hidden: torch.Tensor, start: int, cache: LayeredKVCache) -> torch.Tensor: ...
 
@@ -134,8 +134,13 @@ class HFCausalLM:
     def new_cache(self, max_length: int) -> LayeredKVCache:
         return LayeredKVCache(self.num_layers, max_length)
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._embed(token_ids.view(1, -1).to(self.device))
+    def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Token ids (a host list is copied straight to the model's device) -> hidden [1, k, H]."""
+        if not isinstance(token_ids, torch.Tensor):
+            token_ids = torch.tensor(token_ids, device=self.device)
+        elif token_ids.device != self.device:
+            token_ids = token_ids.to(self.device)
+        return self._embed(token_ids.view(1, -1))
 
     def run_layer(self, layer: int, hidden: torch.Tensor, start: int, cache: LayeredKVCache) -> torch.Tensor:
         """Run decoder layer `layer` (0-based) over positions start..start+k-1 given as hidden [1, k, H]."""
@@ -163,7 +168,7 @@ class HFCausalLM:
         Returns the hidden state after each layer l = 1..L ([k, H] each, before the final norm)
         and the full model's logits [k, V]."""
         cache = self.new_cache(len(token_ids))
-        hidden = self.embed(torch.tensor(token_ids))
+        hidden = self.embed(list(token_ids))
         states = []
         for layer in range(self.num_layers):
             hidden = self.run_layer(layer, hidden, 0, cache)

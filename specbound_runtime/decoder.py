@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import HFCausalLM
-from .engine import EarlyExitDrafter, GenerationResult, NoDrafter, generate
+from .engine import GenerationResult
 from .errors import InputError
-from .generation import run_through_generate
-from .policy import ExitPolicy
+from .generation import generate_arguments
 
 
 @dataclass(frozen=True)
@@ -22,13 +20,17 @@ class Encoded:
 
 
 class Decoder:
-    def __init__(self, model, tokenizer, eos_token_ids, policy: ExitPolicy | None = None, exit_weights=None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.lm = HFCausalLM(model, exit_weights=exit_weights)
-        self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    """Prompts in (chat template, the model's context), token ids and statistics out: the layer
+    the CLI, the bench and calibration share over a loaded `SpecBound`."""
+
+    def __init__(self, m):
+        self.m = m
+        self.model = m.model
+        self.tokenizer = m.tokenizer
+        self.lm = m.lm
+        self.policy = m.policy
+        self.eos_token_ids = m.eos_token_ids
+        self.context = int(getattr(m.model.config, "max_position_embeddings", 0) or 0) or None
 
     @property
     def has_chat_template(self) -> bool:
@@ -64,15 +66,12 @@ class Decoder:
     def generate(self, encoded: Encoded, speculation: bool = True, on_tokens=None) -> GenerationResult:
         """Greedy decoding inside the model's own `generate()`, so its generation config's
         processors and stopping rules apply exactly as they do there."""
-        drafter = EarlyExitDrafter(self.policy, frozenset(self.eos_token_ids)) if speculation else NoDrafter()
-
-        def decode(input_ids, logits_processor, stopping_criteria):
-            return generate(
-                self.lm, input_ids[0].tolist(), encoded.max_new_tokens, drafter, self.eos_token_ids, on_tokens,
-                logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-            )
-
-        return run_through_generate(self.model, encoded.ids, encoded.max_new_tokens, self.eos_token_ids, decode)
+        return self.m.generate_with_stats(
+            torch.tensor([encoded.ids]),
+            **generate_arguments(encoded.max_new_tokens, self.eos_token_ids),
+            on_tokens=on_tokens,
+            speculation=speculation,
+        ).stats
 
 
 class TextStream:

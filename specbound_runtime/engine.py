@@ -29,7 +29,7 @@ class DecodeState:
         self.tokens = list(prompt_ids)  # committed tokens (prompt and accepted output)
         self.cache = lm.new_cache(max_length)
         self.pending_start = 0  # position of the first pending token
-        self.pending_hidden = lm.embed(torch.tensor(prompt_ids))
+        self.pending_hidden = lm.embed(list(prompt_ids))
         self.pending_depth = [0] * len(prompt_ids)
         self.drafts: list[int] = []
         self.draft_exit_layers: list[int] = []
@@ -58,7 +58,7 @@ class DecodeState:
     def push_draft(self, token: int, exit_layer: int) -> None:
         self.drafts.append(token)
         self.draft_exit_layers.append(exit_layer)
-        hidden = self.lm.embed(torch.tensor([token]))
+        hidden = self.lm.embed([token])
         self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
         self.pending_depth.append(0)
 
@@ -68,7 +68,7 @@ class DecodeState:
         self.drafts.clear()
         self.draft_exit_layers.clear()
         ids = self.tokens[self.pending_start :]
-        self.pending_hidden = self.lm.embed(torch.tensor(ids))
+        self.pending_hidden = self.lm.embed(ids)
         self.pending_depth = [0] * len(ids)
 
     def verify_logits(self) -> torch.Tensor:
@@ -84,7 +84,7 @@ class DecodeState:
         self.cache.truncate(last_kept + 1)
         self.tokens.extend(new)
         self.pending_start = last_kept + 1
-        self.pending_hidden = self.lm.embed(torch.tensor([acceptance.next_token]))
+        self.pending_hidden = self.lm.embed([acceptance.next_token])
         self.pending_depth = [0]
         self.drafts = []
         self.draft_exit_layers = []
@@ -262,7 +262,7 @@ def generate(
                 out.append(token)
                 if token in eos or (
                     stopping_criteria is not None
-                    and bool(stopping_criteria(torch.tensor([list(prompt_ids) + out]), None).any())
+                    and bool(stopping_criteria(torch.tensor([list(prompt_ids) + out], device=lm.device), None).any())
                 ):
                     new, stop = new[: i + 1], True
                     break

@@ -98,26 +98,77 @@ def generate_arguments(max_new_tokens: int, eos_token_ids) -> dict:
     )
 
 
-def run_through_generate(model, prompt_ids, max_new_tokens: int, eos_token_ids, decode: Callable, **kwargs):
-    """Call `model.generate` with SpecBound in the decoding slot.
+# Stopping rules the decode loop applies itself (on the host, without a device read per token).
+_NATIVE_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria")
 
-    decode(input_ids, logits_processor, stopping_criteria) runs the speculative loop and returns
-    whatever the caller wants back; this returns it."""
-    out: dict = {}
 
-    def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None, **model_kwargs):
+def custom_generate_for(model, lm, make_drafter: Callable, on_tokens: Callable | None = None):
+    """The callable for `model.generate(..., custom_generate=...)`: SpecBound's decode loop over
+    `lm` (the model's layer adapter), with the drafter make_drafter(eos_token_ids) returns.
+
+    Extra keyword arguments it takes from generate(): specbound_stats (a list; each run's
+    GenerationResult is appended) and specbound_streamer (transformers does not hand a callable
+    custom_generate its `streamer`)."""
+    from .engine import generate
+
+    def custom_generate(
+        model_,
+        input_ids,
+        logits_processor=None,
+        stopping_criteria=None,
+        generation_config=None,
+        specbound_stats: list | None = None,
+        specbound_streamer=None,
+        **model_kwargs,
+    ):
+        if model_ is not model:
+            raise UsageError("this custom_generate belongs to another model; use the one made for this model")
         check_generation_config(generation_config)
         check_processors(logits_processor)
         check_model_kwargs(input_ids, model_kwargs)
-        out["value"] = decode(input_ids, logits_processor or None, stopping_criteria or None)
-        return input_ids
-
-    ids = torch.tensor([list(prompt_ids)], device=model.device)
-    with torch.inference_mode():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            custom_generate=custom_generate,
-            **{**generate_arguments(max_new_tokens, eos_token_ids), **kwargs},
+        prompt = input_ids[0].tolist()
+        max_new = int(generation_config.max_length) - len(prompt)
+        if max_new < 1:
+            return input_ids
+        eos = _eos_ids(generation_config)
+        other_criteria = [c for c in stopping_criteria or () if type(c).__name__ not in _NATIVE_CRITERIA]
+        streamed = specbound_streamer and (lambda new: specbound_streamer.put(torch.tensor(new)))
+        result = generate(
+            lm, prompt, max_new, make_drafter(eos), eos, _fan_out([f for f in (on_tokens, streamed) if f]),
+            logits_processor=logits_processor or None,
+            stopping_criteria=_criteria(other_criteria),
         )
-    return out["value"]
+        if specbound_stats is not None:
+            specbound_stats.append(result)
+        new = torch.tensor([list(result.token_ids)], dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([input_ids, new], dim=1)
+
+    return custom_generate
+
+
+def _fan_out(listeners: list):
+    if not listeners:
+        return None
+    if len(listeners) == 1:
+        return listeners[0]
+
+    def call_all(new):
+        for listener in listeners:
+            listener(new)
+
+    return call_all
+
+
+def _criteria(criteria: list):
+    if not criteria:
+        return None
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(criteria)
+
+
+def _eos_ids(generation_config) -> tuple[int, ...]:
+    tensor = getattr(generation_config, "_eos_token_tensor", None)
+    if tensor is None:
+        return ()
+    return tuple(int(t) for t in tensor.reshape(-1).tolist())

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host import read
+
 # Documented defaults when no artifact is given (see README, "Default schedule").
 PAPER_ALPHA = 1.0
 PAPER_THRESHOLD = 0.9
@@ -131,7 +133,7 @@ def decide_exit(logits: torch.Tensor, temperature: float, threshold: float) -> E
     broken = torch.isnan(logits).any() | torch.isposinf(logits).any()
     exits = ~broken & (confidence >= threshold)
     # float64 holds any token id exactly; one transfer carries all three values
-    flag, index, conf = torch.stack([exits.double(), token.double(), confidence.double()]).tolist()
+    flag, index, conf = read(torch.stack([exits.double(), token.double(), confidence.double()]))
     return ExitDecision(confidence=conf, token=int(index), exits=bool(flag))
 
 

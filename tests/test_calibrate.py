@@ -189,9 +189,10 @@ def _calibrate(root, model, corpus, cost, name, monkeypatch, **kw):
 
 
 def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch):
+    import specbound_runtime as sb
     from specbound_runtime.artifact import load_artifact
     from specbound_runtime.decoder import Decoder
-    from specbound_runtime.models import eos_token_ids, resolve_model
+    from specbound_runtime.models import resolve_model
 
     root, model, corpus, cost = tiny_setup
     a = _calibrate(root, model, corpus, cost, "a", monkeypatch)
@@ -201,9 +202,8 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
     art = load_artifact(a.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
     assert art.metadata["seed"] == "0" and "cost_model" in art.metadata
     _exports_the_best_trial(art, root / "work-a", a.report)
-    eos = eos_token_ids(loaded)
-    tuned = Decoder(loaded.model, loaded.tokenizer, eos, art.policy, art.exit_weights)
-    plain = Decoder(loaded.model, loaded.tokenizer, eos)
+    tuned = Decoder(sb.load(str(model), artifact=a.artifact))
+    plain = Decoder(tuned.m.uncalibrated())
     for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
         enc = tuned.encode([{"role": "user", "content": text}], True, 24)
         assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids

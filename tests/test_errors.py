@@ -412,9 +412,10 @@ def test_missing_prompt_file(tiny, tmp_path):
 
 def _prompt_of_length(loaded, n_tokens: int) -> str:
     """Words whose chat-encoded prompt is exactly n_tokens long."""
+    from specbound_runtime.api import SpecBound
     from specbound_runtime.decoder import Decoder
 
-    encoded = Decoder(loaded.model, loaded.tokenizer, ()).encode([{"role": "user", "content": "w5"}], True, 1)
+    encoded = Decoder(SpecBound(loaded.model, loaded.tokenizer)).encode([{"role": "user", "content": "w5"}], True, 1)
     overhead = len(encoded.ids) - 1
     return " ".join(["w5"] * (n_tokens - overhead))
 

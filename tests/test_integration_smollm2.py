@@ -13,10 +13,10 @@ NEW_TOKENS = 128
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from specbound_runtime.models import eos_token_ids, resolve_model
+    import specbound_runtime as sb
 
-    loaded = resolve_model("smollm2-135m")
-    return loaded, eos_token_ids(loaded)
+    m = sb.load("smollm2-135m")
+    return m, m.eos_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_speculation_with_the_paper_schedule_is_token_identical(smollm2, mt_benc
     from specbound_runtime.exactness import reference_greedy
 
     loaded, eos = smollm2
-    decoder = Decoder(loaded.model, loaded.tokenizer, eos)
+    decoder = Decoder(loaded)
     drafted = 0
     for text in mt_bench_prompts:
         enc = decoder.encode([{"role": "user", "content": text}], True, NEW_TOKENS)
@@ -64,7 +64,7 @@ def test_fitted_head_and_plain_engine_are_token_identical(smollm2, mt_bench_prom
     lens = {l: (torch.eye(hidden) + 0.01 * torch.randn(hidden, hidden, generator=g), torch.zeros(hidden)) for l in (20, 25)}
     weights = ExitHeadWeights(shortlist=torch.randperm(loaded.model.config.vocab_size, generator=g)[:4096].sort().values, lens=lens)
     policy = ExitPolicy(30, (20, 25), (1.0, 0.8), (0.3, 0.3), d_max=25, w_max=6)
-    fitted = Decoder(loaded.model, loaded.tokenizer, eos, policy, weights)
+    fitted = Decoder(loaded.with_policy(policy, weights))
     for text in mt_bench_prompts[:4]:
         enc = fitted.encode([{"role": "user", "content": text}], True, 64)
         ref = reference_greedy(loaded.model, list(enc.ids), 64, eos)

@@ -12,7 +12,7 @@ from specbound_runtime.adapter import HFCausalLM, sdpa_skips_mask
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
 from specbound_runtime.errors import ModelError, UsageError
 from specbound_runtime.exactness import divergence, reference_greedy
-from specbound_runtime.generation import run_through_generate
+from specbound_runtime.generation import custom_generate_for, generate_arguments
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import EOS, ScriptedDrafter, tiny_model
 
@@ -36,16 +36,24 @@ def _drafters(lm, ref):
     }
 
 
-def _speculative(model, lm, drafter, new=NEW, eos=(EOS,)):
+def _through_generate(model, lm, drafter, new=NEW, eos=(EOS,), **kwargs):
     """SpecBound inside the model's own generate(): its generation config decides processors."""
+    stats: list = []
+    ids = torch.tensor([PROMPT])
+    out = model.generate(
+        ids,
+        custom_generate=custom_generate_for(model, lm, lambda _eos: drafter),
+        specbound_stats=stats,
+        **{**generate_arguments(new, eos), **kwargs},
+    )
+    assert out[0, : len(PROMPT)].tolist() == PROMPT
+    return out[0, len(PROMPT) :].tolist(), stats
 
-    def decode(input_ids, logits_processor, stopping_criteria):
-        return generate(
-            lm, input_ids[0].tolist(), new, drafter, eos,
-            logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-        )
 
-    return list(run_through_generate(model, PROMPT, new, eos, decode).token_ids)
+def _speculative(model, lm, drafter, new=NEW, eos=(EOS,)):
+    tokens, stats = _through_generate(model, lm, drafter, new, eos)
+    assert list(stats[0].token_ids) == tokens
+    return tokens
 
 
 # -- the model's own generation settings --------------------------------------------------------
@@ -113,12 +121,8 @@ def test_guidance_scale_is_refused_by_name(llama):
 
 def test_sampling_config_is_refused_not_decoded_greedily(llama):
     model, lm = llama
-
-    def decode(*args):
-        raise AssertionError("must not decode")
-
     with pytest.raises(UsageError, match="do_sample"):
-        run_through_generate(model, PROMPT, 4, (EOS,), decode, do_sample=True)
+        _through_generate(model, lm, NoDrafter(), do_sample=True)
 
 
 def test_stopping_criteria_stop_at_the_first_token_they_fire_on(llama):
@@ -138,12 +142,9 @@ def test_stopping_criteria_stop_at_the_first_token_they_fire_on(llama):
     ref = reference_greedy(model, PROMPT, NEW, (EOS,), stopping_criteria=criteria)
     assert len(ref) < len(plain) and ref[-1] == stop_token
 
-    def decode(input_ids, logits_processor, stopping_criteria):
-        drafter = ScriptedDrafter(plain, len(PROMPT), 1.0, 6, seed=0)
-        return generate(lm, input_ids[0].tolist(), NEW, drafter, (EOS,), stopping_criteria=stopping_criteria)
-
-    ours = run_through_generate(model, PROMPT, NEW, (EOS,), decode, stopping_criteria=criteria)
-    assert list(ours.token_ids) == ref
+    drafter = ScriptedDrafter(plain, len(PROMPT), 1.0, 6, seed=0)
+    tokens, [ours] = _through_generate(model, lm, drafter, stopping_criteria=criteria)
+    assert tokens == ref
     # the pass that stopped counts only the tokens it emitted
     assert sum(ours.accept_lengths) == len(ref) and ours.accept_lengths[-1] < 7
 

@@ -1,0 +1,215 @@
+"""The Python API: load a model (and its artifact) once, then generate like transformers.
+
+    import torch, specbound_runtime as sb
+
+    m = sb.load("smollm2-135m", artifact="artifacts/smollm2-135m.safetensors")
+    ids = m.generate(input_ids, max_new_tokens=128)            # LongTensor [1, n + new]
+    out = m.generate_with_stats(input_ids, max_new_tokens=128)  # .sequences, .stats
+    hf_model.generate(input_ids, custom_generate=m.custom_generate, max_new_tokens=128)
+
+Decoding always runs inside the model's own `generate()` (see generation.py): transformers
+prepares the generation config, logits processors and stopping criteria, SpecBound decodes.
+The output equals `model.generate(...)` with the same arguments, token for token.
+
+Nothing is stored on the model: a `SpecBound` holds the model, its layer adapter, the exit
+policy and the tokenizer; statistics of a run come back with the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import HFCausalLM
+from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
+from .errors import ModelError, UsageError
+from .generation import custom_generate_for
+from .policy import ExitPolicy
+
+@dataclass(frozen=True)
+class Generated:
+    """What `generate_with_stats` returns: the ids `generate()` would return, and how the run went."""
+
+    sequences: torch.Tensor  # LongTensor [1, prompt + new]
+    stats: GenerationResult  # accepted lengths, exit layers, drafts, wall time (engine.py)
+
+
+class SpecBound:
+    """A model ready for speculative decoding. Build it with `load`."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        policy: ExitPolicy | None = None,
+        exit_weights=None,
+        *,
+        source: str = "",
+        fingerprint=None,
+        tokenizer_fingerprint: str | None = None,
+        artifact_metadata=None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lm = HFCausalLM(model, exit_weights=exit_weights)
+        self.exit_weights = exit_weights
+        self.calibrated = policy is not None
+        self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
+        self.source = source
+        self.fingerprint = fingerprint
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.artifact_metadata = dict(artifact_metadata or {})
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids: the generation config's (int or list), else the tokenizer's; may be ()."""
+        value = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if value is None:
+            value = getattr(self.tokenizer, "eos_token_id", None)
+        if value is None:
+            return ()
+        values = [value] if isinstance(value, int) else list(value)
+        return tuple(dict.fromkeys(int(v) for v in values))
+
+    def uncalibrated(self) -> "SpecBound":
+        """The same model with the paper's default schedule (no artifact): a baseline."""
+        return self.with_policy(None)
+
+    def with_artifact(self, artifact: str | Path) -> "SpecBound":
+        """The same model under a calibrated artifact, checked against this model and tokenizer."""
+        from .artifact import load_artifact
+
+        art = load_artifact(artifact, self.fingerprint, self.tokenizer_fingerprint)
+        return SpecBound(
+            self.model, self.tokenizer, art.policy, art.exit_weights, source=self.source,
+            fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
+            artifact_metadata=art.metadata,
+        )
+
+    def with_policy(self, policy: ExitPolicy | None, exit_weights=None) -> "SpecBound":
+        """The same model under another policy and exit head (calibration measures candidates)."""
+        return SpecBound(
+            self.model, self.tokenizer, policy, exit_weights, source=self.source,
+            fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    # -- generate ---------------------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """`model.generate(input_ids, **kwargs)`, decoded speculatively: same arguments (those that
+        apply: max_new_tokens, eos_token_id, streamer, generation_config, attention_mask, ...),
+        same return value for return_dict_in_generate=False."""
+        return self.generate_with_stats(input_ids, **kwargs).sequences
+
+    def generate_with_stats(
+        self, input_ids: torch.Tensor, *, streamer=None, on_tokens=None, speculation: bool = True, **kwargs
+    ) -> Generated:
+        """Like `generate`, and also the run's statistics. on_tokens(list of ids) is called with
+        each accepted run of new tokens (a lighter streamer). speculation=False decodes plainly
+        through the same engine (the fair baseline)."""
+        input_ids = _as_batch_of_one(input_ids)
+        sink: list[GenerationResult] = []
+        custom = self._custom_generate(speculation, on_tokens)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # as generate() does: the prompt first
+        try:
+            sequences = self.model.generate(
+                input_ids.to(self.device),
+                custom_generate=custom,
+                specbound_stats=sink,
+                specbound_streamer=streamer,
+                **kwargs,
+            )
+        finally:
+            if streamer is not None:
+                streamer.end()  # also on an error, so a reader of TextIteratorStreamer never hangs
+        return Generated(sequences=sequences, stats=sink[-1])
+
+    @property
+    def custom_generate(self):
+        """For `hf_model.generate(ids, custom_generate=m.custom_generate, ...)` (transformers 5.24's
+        callable form). transformers does not hand a callable its `streamer`: pass
+        `specbound_streamer=` instead. `specbound_stats=[]` collects each run's statistics."""
+        return self._custom_generate(True)
+
+    def _custom_generate(self, speculation: bool, on_tokens=None):
+        policy = self.policy
+
+        def make_drafter(eos):
+            return EarlyExitDrafter(policy, frozenset(eos)) if speculation else NoDrafter()
+
+        return custom_generate_for(self.model, self.lm, make_drafter, on_tokens)
+
+
+def _as_batch_of_one(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise UsageError(f"batch size {input_ids.shape[0]} is not supported yet; pass one sequence ([1, n] ids)")
+    if input_ids.shape[1] == 0:
+        raise UsageError("the prompt is empty; pass at least one token id")
+    return input_ids.long()
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+def load(
+    model: str | Path | torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    artifact: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> SpecBound:
+    """A model ready for speculative decoding.
+
+    model: a built-in name (`smollm2-135m`), a local Hugging Face folder, a `.gguf` file, or a
+      transformers *ForCausalLM already loaded (then pass its tokenizer; it is used as it is,
+      so device and dtype must not be given).
+    artifact: a calibrated artifact from `specbound calibrate`; it must have been fitted for
+      this model (the same checkpoint, in any precision). Without one, the paper's uncalibrated
+      schedule is used, which is slower than plain decoding on the models measured so far.
+    device, dtype: for a name or path: cpu (default), cuda, mps; float32 (default on cpu),
+      bfloat16, float16 (default on an accelerator: the checkpoint's own dtype).
+
+    Raises SpecBoundError subclasses (ModelError, ArtifactError, ...) with a message that says
+    what to do."""
+    from .fingerprints import fingerprint_model, fingerprint_tokenizer
+
+    if isinstance(model, torch.nn.Module):
+        if device is not None or dtype is not None:
+            raise UsageError("device and dtype apply to a model loaded by name or path; move or cast your model yourself before sb.load")
+        if not hasattr(model, "generate") or not hasattr(model, "config"):
+            raise ModelError(f"{type(model).__name__} is not a transformers model with generate()")
+        hf_model, source = model.eval(), type(model).__name__
+        fingerprint = fingerprint_model(hf_model)
+        tokenizer_fingerprint = fingerprint_tokenizer(tokenizer) if tokenizer is not None else None
+    elif isinstance(model, (str, Path)):
+        if tokenizer is not None:
+            raise UsageError("tokenizer= goes with an already loaded model; a name or path brings its own")
+        from .models import resolve_model
+
+        loaded = resolve_model(str(model), dtype=dtype, device=device)
+        hf_model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+        fingerprint, tokenizer_fingerprint = loaded.fingerprint, loaded.tokenizer_fingerprint
+    else:
+        raise UsageError(f"model must be a name, a path or a transformers model, not {type(model).__name__}")
+    m = SpecBound(hf_model, tokenizer, source=source, fingerprint=fingerprint, tokenizer_fingerprint=tokenizer_fingerprint)
+    return m if artifact is None else m.with_artifact(artifact)
+
+
+__all__ = ["Generated", "SpecBound", "load"]

@@ -1,0 +1,203 @@
+"""The Python API: sb.load, m.generate, m.custom_generate inside transformers' generate(),
+streaming, devices and dtypes on CPU, and how often the loop reads from the device."""
+
+from __future__ import annotations
+
+import io
+import threading
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import TextIteratorStreamer, TextStreamer
+
+import specbound_runtime as sb
+from clitools import save_tiny_artifact
+from helpers import make_tiny_model_folder
+from specbound_runtime.errors import ArtifactError, ModelError, SpecBoundError, UsageError
+from specbound_runtime.models import resolve_model
+from specbound_runtime.policy import ExitPolicy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = [[1, 9, 10, 11, 12, 13, 9, 10, 11]]  # "9 10 11" recurs: prompt lookup has work to do
+DRAFTING = ExitPolicy(4, (1, 2, 3), (1.0,) * 3, (0.0,) * 3, d_max=3, w_max=4, lookup_ngram=2, lookup_max=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    folder = make_tiny_model_folder(root / "model", num_layers=4, seed=3)
+    loaded = resolve_model(str(folder))
+    artifact = save_tiny_artifact(loaded, root / "drafting.safetensors", policy=DRAFTING)
+    return folder, loaded, artifact
+
+
+def _reference(model, ids, **kwargs):
+    with torch.inference_mode():
+        return model.generate(torch.tensor(ids), do_sample=False, **kwargs)
+
+
+def test_load_by_path_with_artifact_generates_what_generate_does(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    assert m.calibrated and m.policy == DRAFTING
+    ref = _reference(m.model, PROMPT, max_new_tokens=24)
+    out = m.generate(torch.tensor(PROMPT), max_new_tokens=24, do_sample=False)
+    assert out.dtype == torch.long and out.shape == ref.shape and torch.equal(out, ref)
+    run = m.generate_with_stats(torch.tensor(PROMPT), max_new_tokens=24, do_sample=False)
+    assert torch.equal(run.sequences, ref)
+    stats = run.stats
+    assert stats.drafted > 0 and stats.accepted > 0  # speculation happened and paid somewhere
+    assert sum(stats.accept_lengths) == stats.new_tokens == 24
+    assert stats.verify_passes < 24 and stats.wall_time_s > 0
+    assert set(stats.exit_layers) <= {0, 1, 2, 3}
+
+
+def test_load_an_already_loaded_model_and_its_tokenizer(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(loaded.model, tokenizer=loaded.tokenizer, artifact=artifact)
+    assert m.model is loaded.model and m.tokenizer is loaded.tokenizer
+    assert torch.equal(m.generate(torch.tensor(PROMPT), max_new_tokens=16), _reference(loaded.model, PROMPT, max_new_tokens=16))
+    assert not hasattr(loaded.model, "specbound") and "specbound" not in vars(loaded.model.config)
+
+
+def test_load_refuses_bad_input_with_library_errors(tiny, tmp_path):
+    folder, loaded, artifact = tiny
+    other = resolve_model(str(make_tiny_model_folder(tmp_path / "other", num_layers=4, seed=9)))
+    with pytest.raises(ArtifactError, match="fitted for model") as info:
+        sb.load(other.model, tokenizer=other.tokenizer, artifact=artifact)
+    assert "--" not in str(info.value)  # library messages name no CLI flags
+    with pytest.raises(ModelError, match="no such file"):
+        sb.load(str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="device and dtype"):
+        sb.load(loaded.model, tokenizer=loaded.tokenizer, dtype="bfloat16")
+    with pytest.raises(ModelError, match="unknown dtype"):
+        sb.load(str(folder), dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            sb.load(str(folder), device="cuda")
+    assert issubclass(ArtifactError, SpecBoundError) and issubclass(UsageError, SpecBoundError)
+
+
+def test_batches_larger_than_one_are_refused_clearly(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(loaded.model, tokenizer=loaded.tokenizer)
+    with pytest.raises(UsageError, match="batch size 2"):
+        m.generate(torch.tensor(PROMPT * 2), max_new_tokens=4)
+    with pytest.raises(UsageError, match="batch size 2"):
+        loaded.model.generate(torch.tensor(PROMPT * 2), custom_generate=m.custom_generate, max_new_tokens=4)
+
+
+def test_custom_generate_returns_exactly_what_generate_returns(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(loaded.model, tokenizer=loaded.tokenizer, artifact=artifact)
+    model = loaded.model
+    saved = model.generation_config
+    try:
+        for extra in ({}, {"repetition_penalty": 1.4, "no_repeat_ngram_size": 3}):
+            model.generation_config = saved.__class__.from_dict({**saved.to_dict(), **extra})
+            for n in (1, 7, 30):
+                ref = _reference(model, PROMPT, max_new_tokens=n)
+                stats: list = []
+                with torch.inference_mode():
+                    out = model.generate(
+                        torch.tensor(PROMPT), custom_generate=m.custom_generate, max_new_tokens=n,
+                        do_sample=False, specbound_stats=stats,
+                    )
+                assert torch.equal(out, ref), (extra, n)
+                assert len(stats) == 1 and list(stats[0].token_ids) == ref[0, len(PROMPT[0]) :].tolist()
+    finally:
+        model.generation_config = saved
+
+
+def test_custom_generate_of_another_model_is_refused(tiny, tmp_path):
+    folder, loaded, artifact = tiny
+    m = sb.load(loaded.model, tokenizer=loaded.tokenizer)
+    other = resolve_model(str(make_tiny_model_folder(tmp_path / "o", num_layers=4, seed=5))).model
+    with pytest.raises(UsageError, match="another model"):
+        other.generate(torch.tensor(PROMPT), custom_generate=m.custom_generate, max_new_tokens=3)
+
+
+def test_text_streamer_prints_what_generate_returns(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    tok = m.tokenizer
+    out = io.StringIO()
+    with redirect_stdout(out):
+        ids = m.generate(torch.tensor(PROMPT), max_new_tokens=20, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    expected = tok.decode(ids[0, len(PROMPT[0]) :], skip_special_tokens=True)
+    assert out.getvalue().strip() == expected.strip() and expected
+
+
+def test_text_iterator_streamer_read_by_a_thread_while_generating(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    streamer = TextIteratorStreamer(m.tokenizer, skip_prompt=True, timeout=60, skip_special_tokens=True)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("ids", m.generate(torch.tensor(PROMPT), max_new_tokens=20, streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)  # blocks until generation ends the stream
+    worker.join(60)
+    assert text.strip() == m.tokenizer.decode(result["ids"][0, len(PROMPT[0]) :], skip_special_tokens=True).strip()
+
+
+def test_a_failed_generation_still_ends_the_stream(tiny):
+    """A reader thread on TextIteratorStreamer must never hang when generation raises."""
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    streamer = TextIteratorStreamer(m.tokenizer, timeout=30, skip_special_tokens=True)
+    with pytest.raises(UsageError):
+        m.generate(torch.tensor(PROMPT), max_new_tokens=5, streamer=streamer, num_beams=2)
+    # without end() this would raise queue.Empty after the timeout; with it, only the prompt came
+    assert "".join(streamer).strip() == m.tokenizer.decode(PROMPT[0], skip_special_tokens=True).strip()
+
+
+def test_bf16_on_cpu_matches_generate_in_bf16(tiny):
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact, dtype="bfloat16")
+    assert m.dtype == torch.bfloat16 and m.calibrated  # an fp32-fitted artifact serves bf16
+    ref = _reference(m.model, PROMPT, max_new_tokens=24)
+    assert torch.equal(m.generate(torch.tensor(PROMPT), max_new_tokens=24), ref)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host: `.item()`, `int()`, `float()`, `bool()` of a
+    tensor, and copies to the CPU (on a GPU, each one is a synchronisation)."""
+
+    SCALAR_READS = ("item", "is_nonzero", "_local_scalar_dense")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        to_cpu = name in ("to", "_to_copy") and any(
+            str(a) == "cpu" for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))
+        )
+        if name in self.SCALAR_READS or to_cpu:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_host_reads_are_at_most_one_per_exit_decision_and_per_verification(tiny, monkeypatch):
+    from specbound_runtime import engine
+
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    decisions = []
+    real = engine.decide_exit
+    monkeypatch.setattr(engine, "decide_exit", lambda *a: decisions.append(1) or real(*a))
+    from specbound_runtime.engine import EarlyExitDrafter, generate
+
+    with torch.inference_mode():
+        generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)  # builds the RoPE table once
+        decisions.clear()
+        with HostReads() as reads:
+            result = generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)
+    passes = result.verify_passes + result.fallbacks
+    assert len(decisions) > 0 and result.drafted > 0
+    assert reads.count <= len(decisions) + passes, (reads.count, len(decisions), passes)
