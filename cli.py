@@ -52,7 +52,7 @@ def _one_error_path():
     except SpecBoundError as e:
         if _state["debug"]:
             raise
-        _err(f"Error: {e}")
+        _err(f"Error: {_redact(str(e))}")
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         _err("Error: interrupted; work already written to disk is kept, rerun to resume")
@@ -62,7 +62,7 @@ def _one_error_path():
     except Exception as e:  # a bug, not a user error: say so, keep the traceback behind --debug
         if _state["debug"]:
             raise
-        _err(f"Error: internal error ({type(e).__name__}: {e}); rerun with --debug and report the traceback")
+        _err(f"Error: internal error ({type(e).__name__}: {_redact(str(e))}); rerun with --debug and report the traceback")
         raise typer.Exit(EXIT_INTERNAL)
     finally:
         if previous is not None:
@@ -73,7 +73,7 @@ def _one_error_path():
 # extra is missing, not that SpecBound is broken. tests/test_packaging.py checks this against the
 # extra's distributions in pyproject.toml.
 EXTRA_MODULES = {
-    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow", "tqdm"),
+    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow", "tqdm", "threadpoolctl", "psycopg2"),
 }
 
 
@@ -99,6 +99,13 @@ def _requires_extra(extra: str, command: str):
             f"`specbound {command}` needs the '{extra}' extra ({root} is not installed); "
             f"run: pip install 'specbound[{extra}]'"
         ) from None
+
+
+def _redact(text: str) -> str:
+    """A storage URL's password never reaches a message."""
+    from specbound.calibrate.study import redact
+
+    return redact(text)
 
 
 def _terminate(signum, frame):
@@ -231,13 +238,14 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
 
 @app.command(epilog=EXIT_CODES_HELP)
 def calibrate(
+    ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Local HF folder, .gguf file, or built-in name smollm2-135m."),
     corpus: str = typer.Option("default", "--corpus", help="`default` (built-in essays, Wikipedia and chat prompts) or local .txt/.jsonl/.json/.parquet files, comma-separated; rows with `text` (human text) and/or `prompt` (answered by the model)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact path (default artifacts/<model>.safetensors)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the tuning sampler and of the prompt draw."),
     trials: int = typer.Option(200, "--trials", help="Optuna trials against the simulator (milliseconds each)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file in the work folder; a study resumes)."),
-    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default derived from model and seed)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file in the work folder; a study resumes). Give a PostgreSQL password in PGPASSWORD or ~/.pgpass, not in the URL."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default derived from the job)."),
     multi_objective: bool = typer.Option(False, "--multi-objective", help="Tune speed vs waste; writes the Pareto front as JSON and PNG."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Folder for answers, shards and the study (default runs/calibrate-...); rerun to resume."),
     prompts: int = typer.Option(64, "--prompts", help="Prompts whose greedy answers are recorded (20% held out)."),
@@ -247,33 +255,84 @@ def calibrate(
     measure_prompts: int = typer.Option(6, "--measure-prompts", help="Held-out prompts decoded for real at the end (0: skip)."),
     measure_tokens: int = typer.Option(128, "--measure-tokens", help="New tokens per measured prompt."),
     remeasure_costs: bool = typer.Option(False, "--remeasure-costs", help="Measure the cost model again instead of using the cached one."),
+    costs: Optional[str] = typer.Option(None, "--costs", help="A cost model pinned with `specbound costs` (default: measured on this machine, cached)."),
+    workers: int = typer.Option(1, "--workers", help="Local worker processes sharing collection and tuning (more than 1 needs a postgresql:// --storage)."),
+    job: Optional[Path] = typer.Option(None, "--job", help="A TOML job file holding every setting (see README); flags given too override it."),
+    check: bool = typer.Option(False, "--check", help="With --job or --from-artifact: rebuild in a temporary folder and compare with the committed artifact byte for byte (exit 8 and a field-by-field report when they differ)."),
+    from_artifact: Optional[Path] = typer.Option(None, "--from-artifact", help="Rebuild from the job and cost model an artifact recorded (relative paths from the current folder)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (or the --check result) as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help="Where the model runs while recording: cpu (default), cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). The artifact serves the same checkpoint in any dtype."),
 ):
     """Fit temperatures, thresholds and bounds for a model; export one safetensors artifact.
 
-    Collect per-layer statistics over a corpus (resumable Arrow shards), fit per-layer temperatures
-    and a ridge lens, tune the policy with Optuna against a simulator of the decode loop under a
-    cost model measured on this machine, export, then decode held-out prompts for real."""
+    Collect per-layer statistics over a corpus (resumable shards), fit per-layer temperatures and a
+    ridge lens, tune the policy with Optuna against a simulator of the decode loop under a cost
+    model (measured on this machine, or pinned), export, then decode held-out prompts for real.
+    The artifact records the resolved job; the same job gives the same bytes with any number of
+    workers."""
     with _one_error_path():
         with _requires_extra("calibrate", "calibrate"):
             from specbound.calibrate.pipeline import CalibrateOptions, run_calibration
+        from specbound.calibrate.job import options_from_artifact, options_from_job
 
-        opts = CalibrateOptions(
-            model=model, corpus=corpus, out=out, seed=seed, trials=trials, storage=storage,
-            study_name=study_name, multi_objective=multi_objective, force=force, work_dir=work_dir,
-            prompts=prompts, documents=documents, answer_tokens=answer_tokens,
-            shortlist_size=shortlist_size, measure_prompts=measure_prompts,
-            measure_tokens=measure_tokens, remeasure_costs=remeasure_costs, device=device, dtype=dtype,
-        )
+        values = {
+            "model": model, "corpus": corpus, "out": out, "seed": seed, "trials": trials, "storage": storage,
+            "study_name": study_name, "multi_objective": multi_objective, "force": force, "work_dir": work_dir,
+            "prompts": prompts, "documents": documents, "answer_tokens": answer_tokens,
+            "shortlist_size": shortlist_size, "measure_prompts": measure_prompts, "measure_tokens": measure_tokens,
+            "remeasure_costs": remeasure_costs, "costs_file": costs, "workers": workers, "device": device, "dtype": dtype,
+        }
+        if job is not None and from_artifact is not None:
+            raise UsageError("give --job or --from-artifact, not both")
+        if job is None and from_artifact is None:
+            if check:
+                raise UsageError("--check needs --job (or --from-artifact): the job says which artifact to rebuild and compare")
+            opts = CalibrateOptions(**values)
+        else:
+            given = {
+                name: values[name] for name in values
+                if ctx.get_parameter_source("costs" if name == "costs_file" else name).name == "COMMANDLINE"
+            }
+            opts = options_from_job(job, given, _err) if job is not None else options_from_artifact(from_artifact, given, _err)
+        if check:
+            _check(opts, from_artifact, as_json)
+            return
         outcome = run_calibration(opts)
         report = outcome.report
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
             return
         typer.echo(_calibration_summary(report))
+
+
+def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
+    import shutil
+
+    from specbound.calibrate.check import check_options, compare_files
+    from specbound.calibrate.pipeline import run_calibration
+    from specbound_runtime.errors import ArtifactError, MismatchError
+
+    committed = from_artifact or opts.resolve(opts.out)
+    if committed is None:
+        raise UsageError("the job names no [output] artifact to compare with")
+    if not committed.is_file():
+        raise ArtifactError(f"no artifact at {committed} to check; build it first: specbound calibrate --job JOB")
+    if opts.cost_model is None and opts.costs_file is None:
+        _err("note: the job pins no cost model ([costs] file), so the rebuild uses this machine's; it can match only where the artifact was built")
+    tmp, rebuild = check_options(opts, committed)
+    try:
+        _err(f"rebuilding {committed.name} in {tmp} ...")
+        result = compare_files(committed, run_calibration(rebuild).artifact)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.report())
+    if not result.identical:
+        raise MismatchError(
+            f"the rebuilt artifact differs from {committed} ({len(result.differences)} field(s); the report above says "
+            "what moved and by how much)"
+        )
 
 
 def _calibration_summary(report: dict) -> str:
@@ -370,6 +429,43 @@ def _maybe_json(value: str):
         return json.loads(value)
     except ValueError:
         return value
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def costs(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Local HF folder, .gguf file, or built-in name smollm2-135m."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the cost model (JSON), for a job's [costs] file."),
+    shortlist_size: int = typer.Option(4096, "--shortlist-size", help="Vocabulary short-list of the exit head (the job's [collect] shortlist_size)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the cost model as JSON on stdout."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU)."),
+):
+    """Measure the cost model of the decode loop (ms per layer call, LM head, exit check, round)
+    on this machine and write it to a file, so that a job can pin it: every machine that runs the
+    job then tunes against the same costs."""
+    with _one_error_path():
+        with _requires_extra("calibrate", "costs"):
+            from specbound.calibrate.costs import measure_costs, pinned_costs
+        import specbound_runtime as sb
+        from specbound_runtime.files import atomic_write_bytes
+
+        if shortlist_size < 1:
+            raise UsageError(f"--shortlist-size must be >= 1, got {shortlist_size}")
+        if out.exists() and not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+        loaded = sb.load(model, device=device, dtype=dtype)
+        _err(f"measuring the cost model of {loaded.fingerprint.short()} ...")
+        document = pinned_costs(measure_costs(loaded.lm, shortlist_size), loaded.fingerprint, shortlist_size)
+        atomic_write_bytes(out, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+        if as_json:
+            typer.echo(json.dumps(document, sort_keys=True))
+            return
+        c = document["cost_model"]
+        typer.echo(
+            f"wrote {out}: layer {c['layer_base']:.4f} ms (+{c['layer_extra']:.4f} per extra position), LM head "
+            f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms"
+        )
 
 
 @app.command(epilog=EXIT_CODES_HELP)

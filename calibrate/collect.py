@@ -1,10 +1,12 @@
 """Collect: run the model over a corpus and record, per position and candidate layer, what fitting
-and simulation need. Streams to Arrow shards; an interrupted run resumes where it stopped.
+and simulation need, shard by shard (the pipeline writes each shard once, whichever worker makes
+it; an interrupted run resumes where it stopped).
 
 What a record keeps, per position and candidate exit layer, for two draft heads (the plain
 short-list head, and the short-list head after the fitted ridge lens):
   - right: whether the head's short-list argmax equals the full model's argmax (the final token);
-  - conf: max softmax(z / T) at each temperature of fit.TEMPERATURE_GRID, computed exactly.
+  - conf: max softmax(z / T) at each temperature of fit.TEMPERATURE_GRID, computed exactly and
+    kept to calibrate.precision.STAT_BITS significant bits.
 Plus the sequence id, held-out flag, whether the text is the model's own greedy output, and the
 final token. What it loses: the logits themselves (30 layers x 49,152 floats a token), so a new
 head or a temperature outside the grid's range needs a new collection.
@@ -14,9 +16,10 @@ the rest, half fits the lens and the short-list ("lens" split) and half fits tem
 tunes the policy ("calibration" split). Fitting a temperature on the data its lens was fitted to
 makes it overconfident: the lens looks better there than anywhere else.
 
-Two passes: pass A accumulates, over the lens split only, the Gram matrices of the ridge lens
-([x 1]^T [x 1] and [x 1]^T y, float64) and the counts of the final tokens (for the short-list);
-pass B records the calibration and held-out splits.
+Two passes: pass A accumulates, over the lens split only, the moments of the ridge lens
+([x 1]^T [x 1] and [x 1]^T y, exact int64 sums of rounded states: calibrate.precision) and the
+counts of the final tokens (for the short-list); pass B records the calibration and held-out
+splits.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import numpy as np
 import torch
 
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.files import atomic_write_bytes
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 
 from .fit import TEMPERATURE_GRID, ridge_lens
+from .precision import exact_moments, moments_as_float, round_bits
 
 HEADS = ("plain", "lens")
 
@@ -63,7 +66,6 @@ class CollectSettings:
     candidate_layers: tuple[int, ...]
     shortlist_size: int
     ridge_lambda: float = 1.0
-    sequences_per_shard: int = 8
 
 
 def fingerprint_sequences(sequences: list[RecordedSequence]) -> str:
@@ -74,56 +76,34 @@ def fingerprint_sequences(sequences: list[RecordedSequence]) -> str:
     return h.hexdigest()
 
 
-# -- pass A: lens Gram matrices and short-list counts ------------------------------------------
+# -- pass A: lens moments and short-list counts (summed over shards by the pipeline) -----------
 
 
-def accumulate(lm: HFCausalLM, sequences: list[RecordedSequence], settings: CollectSettings, state_path: Path, progress: Callable[[int], None]):
-    """Gram matrices per candidate layer and final-token counts over the lens split."""
-    fitting = [s for s in sequences if s.lens_split]
-    H = lm.lm_head_weight.shape[1]
-    C = len(settings.candidate_layers)
-    done = 0
-    gram = np.zeros((C, H + 1, H + 1))
-    cross = np.zeros((C, H + 1, H))
-    counts = np.zeros(lm.vocab_size, dtype=np.int64)
-    if state_path.exists():
-        saved = np.load(state_path)
-        if saved["gram"].shape == gram.shape:
-            done, gram, cross, counts = int(saved["done"]), saved["gram"], saved["cross"], saved["counts"]
-            progress(sum(s.recorded for s in fitting[:done]))
+def lens_moments(lm: HFCausalLM, seq: RecordedSequence, layers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One lens-split sequence's exact moments per candidate layer ([x 1]^T [x 1] and [x 1]^T y
+    of the normalised layer state x and final state y, in calibrate.precision's int64 units) and
+    the counts of its final tokens."""
     with torch.inference_mode():
-        for i in range(done, len(fitting)):
-            seq = fitting[i]
-            states, logits = lm.layer_states(list(seq.ids))
-            rows = slice(seq.record_from, len(seq.ids))
-            final = logits[rows].argmax(-1)
-            counts += np.bincount(final.numpy(), minlength=lm.vocab_size)
-            y = lm.normed(states[-1][rows]).double().numpy()
-            for c, layer in enumerate(settings.candidate_layers):
-                x = lm.normed(states[layer - 1][rows]).double().numpy()
-                x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-                gram[c] += x1.T @ x1
-                cross[c] += x1.T @ y
-            progress(seq.recorded)
-            if (i + 1) % 8 == 0 or i + 1 == len(fitting):
-                _save_state(state_path, i + 1, gram, cross, counts)
-    return gram, cross, counts
-
-
-def _save_state(path: Path, done: int, gram, cross, counts) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, done=np.int64(done), gram=gram, cross=cross, counts=counts)
-    atomic_write_bytes(path, buf.getvalue())
+        states, logits = lm.layer_states(list(seq.ids))
+        rows = slice(seq.record_from, len(seq.ids))
+        counts = np.bincount(logits[rows].argmax(-1).numpy(), minlength=lm.vocab_size).astype(np.int64)
+        y = lm.normed(states[-1][rows]).double().numpy()
+        moments = [exact_moments(lm.normed(states[layer - 1][rows]).double().numpy(), y) for layer in layers]
+    return np.stack([g for g, _ in moments]), np.stack([c for _, c in moments]), counts
 
 
 def fit_exit_head(lm: HFCausalLM, gram, cross, counts, settings: CollectSettings, eos_ids) -> ExitHeadWeights:
-    """The ridge lens per candidate layer and the short-list: the most frequent final tokens."""
+    """The ridge lens per candidate layer and the short-list: the most frequent final tokens.
+
+    gram and cross are exact int64 moments (lens_moments, summed); the solve runs on one BLAS
+    thread and the weights keep STAT_BITS significant bits, so they do not depend on threads."""
+    from threadpoolctl import threadpool_limits
+
     lens = {}
     for c, layer in enumerate(settings.candidate_layers):
-        w, b = ridge_lens(gram[c], cross[c], settings.ridge_lambda)
-        lens[layer] = (torch.from_numpy(w).float(), torch.from_numpy(b).float())
+        with threadpool_limits(1):
+            w, b = ridge_lens(moments_as_float(gram[c]), moments_as_float(cross[c]), settings.ridge_lambda)
+        lens[layer] = (torch.from_numpy(round_bits(w)).float(), torch.from_numpy(round_bits(b)).float())
     size = min(settings.shortlist_size, lm.vocab_size)
     # most frequent first; ties by token id, so the choice is deterministic
     order = np.lexsort((np.arange(len(counts)), -counts))
@@ -165,65 +145,51 @@ def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Recor
             z = head.logits(normed, layer)
             draft = head.token_ids[z.argmax(-1)]
             right[:, h, c] = (draft == final).numpy()
-            conf[:, h, c] = _confidences(z.float()).numpy()
+            conf[:, h, c] = round_bits(_confidences(z.float()).numpy())
     return {"final": final.numpy().astype(np.int32), "right": right, "conf": conf}
 
 
-def write_records(
-    lm: HFCausalLM,
-    weights: ExitHeadWeights,
-    sequences: list[RecordedSequence],
-    settings: CollectSettings,
-    shard_dir: Path,
-    progress: Callable[[int], None],
-) -> list[Path]:
-    """Record the calibration and held-out sequences into Arrow shards; shards already on disk
-    are kept (resume)."""
-    import pyarrow as pa
-
-    heads = {
+def exit_heads(lm: HFCausalLM, weights: ExitHeadWeights) -> dict[str, FittedExitHead]:
+    """The two draft heads recorded: the plain short-list head and the one after the lens."""
+    return {
         "plain": FittedExitHead(ExitHeadWeights(weights.shortlist, {}), lm.normed, lm.lm_head_weight, lm.softcap),
         "lens": FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap),
     }
-    layers = settings.candidate_layers
-    per = settings.sequences_per_shard
-    sequences = [s for s in sequences if not s.lens_split]
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with torch.inference_mode():
-        for first in range(0, len(sequences), per):
-            path = shard_dir / f"shard-{first // per:05d}.arrow"
-            paths.append(path)
-            group = sequences[first : first + per]
-            if path.exists():
-                progress(sum(s.recorded for s in group))
-                continue
-            columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf")}
-            for index, seq in enumerate(group, start=first):
-                rec = record_sequence(lm, heads, seq, layers)
-                k = len(rec["final"])
-                columns["seq"].append(np.full(k, index, dtype=np.int32))
-                columns["held_out"].append(np.full(k, seq.held_out))
-                columns["own"].append(np.full(k, seq.own))
-                columns["final"].append(rec["final"])
-                columns["right"].append(rec["right"].reshape(k, -1))
-                columns["conf"].append(rec["conf"].reshape(k, -1))
-                progress(seq.recorded)
-            table = pa.table(
-                {
-                    "seq": pa.array(np.concatenate(columns["seq"])),
-                    "held_out": pa.array(np.concatenate(columns["held_out"])),
-                    "own": pa.array(np.concatenate(columns["own"])),
-                    "final": pa.array(np.concatenate(columns["final"])),
-                    "right": _fixed_list(np.concatenate(columns["right"])),
-                    "conf": _fixed_list(np.concatenate(columns["conf"])),
-                }
-            )
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
-            atomic_write_bytes(path, sink.getvalue().to_pybytes())
-    return paths
+
+
+def records_shard(
+    lm: HFCausalLM, heads: dict[str, FittedExitHead], group: list[RecordedSequence], first: int, layers,
+    progress: Callable[[int], None],
+) -> bytes:
+    """Record sequences first, first+1, ... (of the calibration and held-out splits, in order) as
+    one Arrow stream."""
+    import pyarrow as pa
+
+    columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf")}
+    for index, seq in enumerate(group, start=first):
+        rec = record_sequence(lm, heads, seq, layers)
+        k = len(rec["final"])
+        columns["seq"].append(np.full(k, index, dtype=np.int32))
+        columns["held_out"].append(np.full(k, seq.held_out))
+        columns["own"].append(np.full(k, seq.own))
+        columns["final"].append(rec["final"])
+        columns["right"].append(rec["right"].reshape(k, -1))
+        columns["conf"].append(rec["conf"].reshape(k, -1))
+        progress(seq.recorded)
+    table = pa.table(
+        {
+            "seq": pa.array(np.concatenate(columns["seq"])),
+            "held_out": pa.array(np.concatenate(columns["held_out"])),
+            "own": pa.array(np.concatenate(columns["own"])),
+            "final": pa.array(np.concatenate(columns["final"])),
+            "right": _fixed_list(np.concatenate(columns["right"])),
+            "conf": _fixed_list(np.concatenate(columns["conf"])),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _fixed_list(matrix: np.ndarray):

@@ -2,7 +2,8 @@
 
 Timings vary from run to run, so a measurement is cached per machine, model and short-list size:
 tuning from the same recorded data then gives the same artifact, byte for byte. Pass
-`remeasure=True` (`--remeasure-costs`) to refresh it.
+`remeasure=True` (`--remeasure-costs`) to refresh it. `specbound costs` writes a measurement to
+a file that a job pins ([costs] file), so that every machine tunes against the same costs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from specbound_runtime.engine import NoDrafter, generate
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 from specbound_runtime.policy import decide_exit
 
+from specbound_runtime.errors import InputError
 from specbound_runtime.files import atomic_write_bytes
+
 from .simulate import CostModel
+
+COSTS_KIND = "specbound-cost-model"
 
 
 def _time(fn, repeats: int) -> float:
@@ -97,3 +102,45 @@ def cached_costs(lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: P
     cost = measure_costs(lm, shortlist_size)
     atomic_write_bytes(path, json.dumps(cost.to_dict(), sort_keys=True).encode())
     return CostModel(**json.loads(path.read_text()))
+
+
+def pinned_costs(cost: CostModel, fingerprint, shortlist_size: int) -> dict:
+    """The document `specbound costs --out` writes: the cost model, what it was measured for, and
+    where (for the reader; only the first two are checked)."""
+    import torch as _torch
+
+    return {
+        "kind": COSTS_KIND,
+        "format": 1,
+        "cost_model": cost.to_dict(),
+        "model": {"model_type": fingerprint.model_type, "num_layers": fingerprint.num_layers, "weights_sha256": fingerprint.weights_sha256},
+        "shortlist_size": shortlist_size,
+        "measured_on": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": _torch.get_num_threads(), "torch": _torch.__version__},
+    }
+
+
+def read_pinned_costs(path: Path, fingerprint, shortlist_size: int) -> CostModel:
+    """A cost model pinned by `specbound costs`, checked against the model and short-list size."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"cost file {path} does not exist; make it with: specbound costs --model M --out {path}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read cost file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != COSTS_KIND:
+        raise InputError(f"{path} is not a cost model written by `specbound costs`")
+    theirs = (data.get("model") or {}).get("weights_sha256")
+    if theirs != fingerprint.weights_sha256:
+        raise InputError(
+            f"cost file {path} was measured for model weights {str(theirs)[:12]}, not this model's "
+            f"{fingerprint.weights_sha256[:12]}; measure it again with specbound costs"
+        )
+    if data.get("shortlist_size") != shortlist_size:
+        raise InputError(
+            f"cost file {path} was measured with short-list size {data.get('shortlist_size')}, the job uses "
+            f"{shortlist_size}; measure it again with specbound costs --shortlist-size {shortlist_size}"
+        )
+    try:
+        return CostModel(**data["cost_model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"cost file {path} holds no valid cost model ({e})") from None

@@ -1,5 +1,7 @@
 """`specbound calibrate`: collect, fit, tune, export. Every step's output lives in a work folder,
-so an interrupted run resumes where it stopped and reproduces the same artifact."""
+shard by shard, so an interrupted run resumes where it stopped and reproduces the same artifact,
+and several workers (local processes, or other machines sharing the work folder and the study
+storage) split the work without changing a byte of the result."""
 
 from __future__ import annotations
 
@@ -7,28 +9,36 @@ import hashlib
 import json
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from specbound_runtime.artifact import Artifact, save_artifact
-from specbound_runtime.errors import InputError, UsageError
+from specbound_runtime.errors import InputError, ModelError, UsageError
 from specbound_runtime.files import atomic_write_bytes
 from specbound_runtime.policy import default_check_layers, paper_temperatures
 
 from . import collect as C
 from .corpus import Corpus, load_corpus
-from .fit import TEMPERATURE_GRID, confidence_at, fit_paper_alpha, fit_temperature, metrics
+from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
+from .job import file_sha256, job_digest, recorded_job
+from .precision import round_bits
 from .simulate import CostModel
-from .tune import Schedules, check_storage_url, evaluate, evaluate_oracle, paper_candidate, tune
+from .study import check_storage_url, is_shared
+from .tune import Schedules, evaluate, evaluate_oracle, paper_candidate, tune
 
 MIN_FIT_POSITIONS = 200  # below this, per-layer temperatures are not meaningful
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
+    """Everything a calibration run takes. calibrate/job.py maps each field to a job-file key
+    (and says which ones decide the artifact)."""
+
     model: str
     corpus: str = "default"
     out: Path | None = None
@@ -51,13 +61,20 @@ class CalibrateOptions:
     candidate_layers: tuple[int, ...] | None = None
     device: str | None = None  # where the model runs while recording (default cpu)
     dtype: str | None = None  # its dtype (default float32 on cpu)
+    model_fingerprint: str | None = None  # a pin: the weights' sha256, or a prefix of it
+    corpus_sha256: dict | None = None  # pins: corpus file as written -> sha256
+    trial_batch: int = 8  # trials proposed together (calibrate.study)
+    workers: int = 1  # local worker processes
+    costs_file: str | None = None  # a cost model pinned with `specbound costs`
+    cost_model: dict | None = None  # a cost model given in memory (from an artifact or a parent)
+    base_dir: Path | None = None  # where relative paths start (a job file's folder)
 
     def validate(self) -> None:
         if self.seed < 0:
             raise UsageError(f"--seed must be >= 0, got {self.seed}")
         if self.trials < 1:
             raise UsageError(f"--trials must be >= 1, got {self.trials}")
-        for name in ("prompts", "answer_tokens", "chunk_tokens", "shortlist_size"):
+        for name in ("prompts", "answer_tokens", "chunk_tokens", "shortlist_size", "trial_batch", "workers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("documents", "measure_prompts", "measure_tokens"):
@@ -67,6 +84,18 @@ class CalibrateOptions:
             raise UsageError(f"--held-out-fraction must lie in (0, 1), got {self.held_out_fraction}")
         if self.storage is not None:
             check_storage_url(self.storage)
+        if self.workers > 1 and not is_shared(self.storage or "sqlite"):
+            raise UsageError(
+                f"{self.workers} workers need a study storage that several processes can write: "
+                "a postgresql:// URL (SQLite serialises concurrent writers badly)"
+            )
+
+    def resolve(self, value: str | Path | None) -> Path | None:
+        """A path as written, made absolute against base_dir (or left relative to the current folder)."""
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
 
 
 def candidate_layers(num_layers: int) -> tuple[int, ...]:
@@ -76,10 +105,10 @@ def candidate_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(default_check_layers(num_layers)) | set(deep) | {num_layers - 1}))
 
 
-def _bar(total, desc, unit):
+def _bar(total, desc, unit, quiet: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True, disable=quiet)
 
 
 def _log(message: str) -> None:
@@ -95,42 +124,41 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
     return [int(i) for i in tokenizer(text)["input_ids"]]
 
 
-def own_answers(loaded, prompts, eos_ids, max_new_tokens: int, path: Path, batch_size: int = 8) -> dict[str, list[int]]:
-    """Greedy answers of the model to each prompt, cached line by line in `path` (resumable)."""
-    done: dict[str, list[int]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                done[row["id"]] = row["answer"]
-            except (ValueError, KeyError):
-                break  # a line cut short by an interruption: recompute from here
-    todo = [p for p in prompts if p.id not in done]
+ANSWER_BATCH = 8  # prompts answered together: a shard of answers (padding makes batches part of the result)
+LENS_SHARD = 16  # lens-split sequences per pass-A shard (exact sums: any size gives the same lens)
+RECORD_SHARD = 8  # sequences per pass-B shard
+
+
+def answers_shard(loaded, group, eos_ids, max_new_tokens: int) -> bytes:
+    """Greedy answers of the model to one batch of prompts, as JSON lines {id, answer}."""
     model, tok = loaded.model, loaded.tokenizer
     pad = eos_ids[0] if eos_ids else 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _bar(len(prompts), "own answers", "prompt") as bar, open(path, "a") as f, torch.inference_mode():
-        bar.update(len(prompts) - len(todo))
-        for i in range(0, len(todo), batch_size):
-            group = todo[i : i + batch_size]
-            encoded = [_chat_ids(tok, p.text) for p in group]
-            width = max(len(e) for e in encoded)
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-            out = model.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                eos_token_id=list(eos_ids) or None, pad_token_id=pad,
-            )
-            for p, row in zip(group, out[:, width:].tolist()):
-                answer = []
-                for t in row:
-                    answer.append(int(t))
-                    if t in eos_ids:
-                        break
-                done[p.id] = answer
-                f.write(json.dumps({"id": p.id, "answer": answer}) + "\n")
-                f.flush()
-            bar.update(len(group))
+    encoded = [_chat_ids(tok, p.text) for p in group]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=list(eos_ids) or None, pad_token_id=pad,
+        )
+    lines = []
+    for p, row in zip(group, out[:, width:].tolist()):
+        answer = []
+        for t in row:
+            answer.append(int(t))
+            if t in eos_ids:
+                break
+        lines.append(json.dumps({"id": p.id, "answer": answer}) + "\n")
+    return "".join(lines).encode()
+
+
+def read_answers(paths: list[Path]) -> dict[str, list[int]]:
+    done = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["id"]] = row["answer"]
     return done
 
 
@@ -170,8 +198,11 @@ def fit_schedules(records: C.Records, num_layers: int) -> tuple[Schedules, dict]
     layers = records.layers
     fitted, alpha, report = {}, {}, {}
     for h, head in enumerate(C.HEADS):
-        temps = tuple(fit_temperature(fit.conf[:, h, c], fit.right[:, h, c]) for c in range(len(layers)))
-        a = fit_paper_alpha([fit.conf[:, h, c] for c in range(len(layers))], [fit.right[:, h, c] for c in range(len(layers))], layers, num_layers)
+        # fitted values keep STAT_BITS significant bits before anything uses them (calibrate.precision)
+        temps = tuple(round_bits(fit_temperature(fit.conf[:, h, c], fit.right[:, h, c])) for c in range(len(layers)))
+        a = round_bits(
+            fit_paper_alpha([fit.conf[:, h, c] for c in range(len(layers))], [fit.right[:, h, c] for c in range(len(layers))], layers, num_layers)
+        )
         fitted[head], alpha[head] = temps, a
         paper_t = paper_temperatures(a, layers, num_layers)
         rows = []
@@ -255,38 +286,174 @@ class CalibrationOutcome:
     report: dict = field(default_factory=dict)
 
 
-def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
+@dataclass(frozen=True)
+class Plan:
+    """A run's resolved inputs: the loaded model, the corpus, the recorded job, where things go,
+    the study and the cost model. Every worker of a job resolves the same plan."""
+
+    opts: CalibrateOptions
+    loaded: Any
+    layers: tuple[int, ...]
+    corpus: Corpus
+    job: dict
+    work: Path
+    out: Path
+    storage: str
+    study_name: str
+    cost: CostModel
+
+    @property
+    def num_layers(self) -> int:
+        return self.loaded.lm.num_layers
+
+
+def _model_source(opts: CalibrateOptions) -> str:
+    """A model name as written: a path when one exists under base_dir, else a built-in name."""
+    candidate = opts.resolve(opts.model)
+    return str(candidate) if candidate is not None and candidate.exists() else opts.model
+
+
+def _corpus_files(opts: CalibrateOptions) -> tuple[str, dict[str, str]]:
+    """The corpus spec with paths resolved, and each file's sha256 (keyed as written), checked
+    against the job's pins."""
+    if opts.corpus == "default":
+        if opts.corpus_sha256:
+            raise InputError("[corpus] sha256 pins files, but the corpus is `default`")
+        return "default", {}
+    written = [p for p in opts.corpus.split(",") if p]
+    pins = dict(opts.corpus_sha256 or {})
+    unknown = sorted(set(pins) - set(written))
+    if unknown:
+        raise InputError(f"[corpus] sha256 pins {', '.join(unknown)}, which [corpus] files does not list")
+    resolved, digests = [], {}
+    for name in written:
+        path = opts.resolve(name)
+        resolved.append(str(path))
+        if path.is_file():
+            digests[name] = file_sha256(path)
+            if name in pins and pins[name] != digests[name]:
+                raise InputError(
+                    f"corpus file {name} has sha256 {digests[name][:16]}..., not the pinned {pins[name][:16]}...; "
+                    "restore the pinned file or update the pin"
+                )
+    return ",".join(resolved), digests  # a missing file is reported by load_corpus
+
+
+def _storage_url(opts: CalibrateOptions, work: Path) -> str:
+    if opts.storage is None:
+        return f"sqlite:///{(work / 'study.db').resolve()}"
+    url = opts.storage
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and opts.base_dir is not None:
+        return f"sqlite:///{opts.resolve(url[len('sqlite:///'):]).resolve()}"
+    return url
+
+
+def prepare(opts: CalibrateOptions) -> Plan:
+    """Load the model and corpus, resolve the job and check its pins, the work folder and the
+    cost model: everything before collection."""
     import specbound_runtime as sb
-    from specbound_runtime.models import cache_root
 
     opts.validate()
-    loaded = sb.load(opts.model, device=opts.device, dtype=opts.dtype)
+    loaded = sb.load(_model_source(opts), device=opts.device, dtype=opts.dtype)
     fp = loaded.fingerprint
-    lm = loaded.lm
-    L = lm.num_layers
+    if opts.model_fingerprint and not fp.weights_sha256.startswith(opts.model_fingerprint.lower()):
+        raise ModelError(
+            f"model {opts.model} has weights sha256 {fp.weights_sha256[:16]}..., not the job's pin "
+            f"{opts.model_fingerprint[:16]}...; point [model] name at the pinned model or update the pin"
+        )
+    L = loaded.lm.num_layers
     if L < 3:
         raise InputError(f"the model has {L} layers; early exit needs at least 3")
-    eos = loaded.eos_token_ids
-    layers = opts.candidate_layers or candidate_layers(L)
+    layers = tuple(opts.candidate_layers or candidate_layers(L))
     if any(not (1 <= l < L) for l in layers):
         raise UsageError(f"candidate layers must lie in 1..{L - 1}")
-    corpus = load_corpus(opts.corpus, opts.prompts, opts.documents, opts.held_out_fraction, opts.seed)
-    tag = f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}-seed{opts.seed}"
-    data_key = json.dumps(
-        [opts.corpus, opts.prompts, opts.documents, opts.answer_tokens, opts.chunk_tokens, opts.shortlist_size, list(layers)]
-    )
-    work = opts.work_dir or Path("runs") / f"calibrate-{tag}-{hashlib.sha256(data_key.encode()).hexdigest()[:8]}"
-    out = opts.out or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
-    if out.exists() and not opts.force:
-        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
-    study_name = opts.study_name or f"specbound-{tag}"
-    storage = opts.storage or f"sqlite:///{(work / 'study.db').resolve()}"
+    spec, digests = _corpus_files(opts)
+    corpus = load_corpus(spec, opts.prompts, opts.documents, opts.held_out_fraction, opts.seed)
+    device = next(loaded.model.parameters()).device
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    job = recorded_job(opts, fingerprint=fp.weights_sha256, corpus_sha256=digests, layers=layers, device=device.type, dtype=dtype)
+    # what the work folder's data depends on, and what the study's trials depend on
+    collect_key = job_digest({k: v for k, v in job.items() if k in ("model", "corpus", "collect")} | {"seed": opts.seed})
+    study_key = job_digest({**job, "tuning": {k: v for k, v in job["tuning"].items() if k != "trials"}})
+    work = opts.resolve(opts.work_dir) or Path("runs") / f"calibrate-{fp.model_type}-L{L}-{collect_key[:12]}"
+    out = opts.resolve(opts.out) or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
+    manifest = work / "manifest.json"
+    want = {"collect": collect_key}
+    if manifest.exists() and json.loads(manifest.read_text()) != want:
+        raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
-    _log(f"calibrating {fp.short()} on corpus {corpus.name!r}; work folder {work}")
+    atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
+    cost = resolve_cost(opts, loaded, fp)
+    return Plan(
+        opts=opts, loaded=loaded, layers=layers, corpus=corpus, job=job, work=work, out=out,
+        storage=_storage_url(opts, work), study_name=opts.study_name or f"specbound-{fp.model_type}-L{L}-{study_key[:12]}",
+        cost=cost,
+    )
 
-    # 1. collect
-    answers = own_answers(loaded, corpus.prompts, eos, opts.answer_tokens, work / "answers.jsonl")
-    sequences = build_sequences(loaded, corpus, answers, opts.chunk_tokens)
+
+def resolve_cost(opts: CalibrateOptions, loaded, fp) -> CostModel:
+    """The cost model: given in memory, pinned in a file, or measured here (cached per machine)."""
+    from .costs import read_pinned_costs
+
+    if opts.cost_model is not None:
+        return CostModel(**opts.cost_model)
+    if opts.costs_file is not None:
+        return read_pinned_costs(opts.resolve(opts.costs_file), fp, opts.shortlist_size)
+    from specbound_runtime.models import cache_root
+
+    return cached_cost(loaded.lm, fp, opts, cache_root())
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What collection, fitting and tuning leave for the export."""
+
+    weights: Any
+    coverage: float
+    sequences: list
+    records: C.Records
+    schedules: Schedules
+    calibration: dict
+    result: Any
+    n_lens: int
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _moments_shard(lm, group, layers) -> bytes:
+    import io
+
+    gram = cross = counts = None
+    for seq in group:
+        g, c, n = C.lens_moments(lm, seq, layers)
+        gram, cross, counts = (g, c, n) if gram is None else (gram + g, cross + c, counts + n)
+    buf = io.BytesIO()
+    np.savez(buf, gram=gram, cross=cross, counts=counts)
+    return buf.getvalue()
+
+
+def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool = False) -> Collected:
+    """One worker's share of a job: collection shard by shard (each made once, by whichever
+    worker claims it), then the fits, then tuning in the shared study. Every worker returns the
+    same result."""
+    from .workers import make_shards
+
+    opts, loaded, layers, work = plan.opts, plan.loaded, plan.layers, plan.work
+    lm, eos, L = loaded.lm, loaded.eos_token_ids, plan.num_layers
+    share = {"worker": worker, "workers": workers}
+    if not quiet:
+        _log(f"calibrating {loaded.fingerprint.short()} on corpus {opts.corpus!r}; work folder {work}")
+
+    # 1. collect: the model's own answers, then the lens moments (pass A), then the records (pass B)
+    groups = _chunks(list(plan.corpus.prompts), ANSWER_BATCH)
+    with _bar(len(plan.corpus.prompts), "own answers", "prompt", quiet) as bar:
+        paths = make_shards(
+            work / "answers", len(groups), ".jsonl", lambda i: answers_shard(loaded, groups[i], eos, opts.answer_tokens),
+            progress=lambda i: bar.update(len(groups[i])), **share,
+        )
+    sequences = build_sequences(loaded, plan.corpus, read_answers(paths), opts.chunk_tokens)
     n_lens = sum(s.recorded for s in sequences if s.lens_split)
     n_fit = sum(s.recorded for s in sequences if not s.held_out and not s.lens_split)
     if min(n_lens, n_fit) < MIN_FIT_POSITIONS:
@@ -294,35 +461,111 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
             f"the corpus gives {n_lens} lens-fitting and {n_fit} calibration positions; at least "
             f"{MIN_FIT_POSITIONS} of each are needed (add text or prompts)"
         )
-    corpus_fp = C.fingerprint_sequences(sequences)
-    settings = C.CollectSettings(candidate_layers=tuple(layers), shortlist_size=opts.shortlist_size)
-    manifest = work / "manifest.json"
-    want = {"corpus": corpus_fp, "layers": list(layers), "shortlist": opts.shortlist_size, "model": fp.weights_sha256}
-    if manifest.exists() and json.loads(manifest.read_text()) != want:
-        raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
-    atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
-
-    with _bar(n_lens, "pass A: lens Gram matrices", "tok") as bar:
-        gram, cross, counts = C.accumulate(lm, sequences, settings, work / "pass_a.npz", bar.update)
+    settings = C.CollectSettings(candidate_layers=layers, shortlist_size=opts.shortlist_size)
+    lens_groups = _chunks([s for s in sequences if s.lens_split], LENS_SHARD)
+    with _bar(n_lens, "pass A: lens moments", "tok", quiet) as bar:
+        paths = make_shards(
+            work / "pass_a", len(lens_groups), ".npz", lambda i: _moments_shard(lm, lens_groups[i], layers),
+            progress=lambda i: bar.update(sum(s.recorded for s in lens_groups[i])), **share,
+        )
+    gram = cross = counts = None
+    for path in paths:  # int64: exact, so the order and the shards do not matter
+        with np.load(path) as part:
+            g, c, n = part["gram"], part["cross"], part["counts"]
+        gram, cross, counts = (g, c, n) if gram is None else (gram + g, cross + c, counts + n)
     weights = C.fit_exit_head(lm, gram, cross, counts, settings, eos)
     coverage = C.shortlist_coverage(counts, weights.shortlist)
-    total = sum(s.recorded for s in sequences if not s.lens_split)
-    with _bar(total, "pass B: per-layer records", "tok") as bar:
-        shards = C.write_records(lm, weights, sequences, settings, work / "shards", bar.update)
-    records = C.with_lookups(C.load_records(shards, tuple(layers)), [s for s in sequences if not s.lens_split])
-    throughput = collection_throughput(lm, weights, [s for s in sequences if not s.lens_split][:2], settings)
+    recorded = [s for s in sequences if not s.lens_split]
+    record_groups = _chunks(recorded, RECORD_SHARD)
+    heads = C.exit_heads(lm, weights)
+    with _bar(sum(s.recorded for s in recorded), "pass B: per-layer records", "tok", quiet) as bar:
+        paths = make_shards(
+            work / "shards", len(record_groups), ".arrow",
+            lambda i: C.records_shard(lm, heads, record_groups[i], i * RECORD_SHARD, layers, lambda n: None),
+            progress=lambda i: bar.update(sum(s.recorded for s in record_groups[i])), **share,
+        )
+    records = C.with_lookups(C.load_records(paths, layers), recorded)
 
     # 2. fit
     schedules, calibration = fit_schedules(records, L)
-    reliability_png(records, schedules, work / "reliability.png")
 
-    # 3. tune
-    cost = cached_cost(lm, fp, opts, cache_root())
+    # 3. tune, in the study every worker of this job shares
+    data = hashlib.sha256()
+    for path in paths:
+        data.update(path.read_bytes())
+    study_key = job_digest(
+        {"job": {**plan.job, "tuning": {k: v for k, v in plan.job["tuning"].items() if k != "trials"}},
+         "cost": plan.cost.to_dict(), "records": data.hexdigest()}
+    )
     own = records.own if records.own.any() else np.ones_like(records.own)
-    fit_traj = records.select(own & ~records.held_out)
+    with _bar(opts.trials, "tuning (simulated)", "trial", quiet) as bar:
+        result = tune(
+            records.select(own & ~records.held_out), schedules, plan.cost, opts.trials, opts.seed, plan.storage,
+            plan.study_name, opts.multi_objective, bar.update, batch=opts.trial_batch, job_key=study_key, **share,
+        )
+    return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens)
+
+
+def payload(plan: Plan) -> dict:
+    """A plan's options for a worker process (through its stdin: the storage URL may hold a
+    password), with everything it must not resolve differently made explicit."""
+    opts = dataclasses.replace(
+        plan.opts, out=plan.out.resolve(), work_dir=plan.work.resolve(), storage=plan.storage,
+        study_name=plan.study_name, cost_model=plan.cost.to_dict(), force=True,
+    )
+    return {f.name: _plain(getattr(opts, f.name)) for f in dataclasses.fields(opts)}
+
+
+def _plain(value):
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+
+def options_from_payload(data: dict) -> CalibrateOptions:
+    paths = {"out", "work_dir", "base_dir"}
+    kwargs = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k not in ("worker", "workers")}
+    if kwargs.get("candidate_layers") is not None:
+        kwargs["candidate_layers"] = tuple(kwargs["candidate_layers"])
+    return CalibrateOptions(**kwargs)
+
+
+def run_worker(opts: CalibrateOptions, worker: int, workers: int, quiet: bool = True) -> Collected:
+    return collect_and_tune(prepare(opts), worker, workers, quiet)
+
+
+def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
+    """Collect, fit, tune and export one artifact; with workers > 1, workers 1.. run as local
+    processes beside this one (worker 0), sharing the work folder and the study."""
+    from .workers import start_local_workers
+
+    plan = prepare(opts)
+    if plan.out.exists() and not opts.force:
+        raise UsageError(f"{plan.out} already exists; pass --force to replace it or choose another --out")
+    children = start_local_workers(payload(plan), opts.workers) if opts.workers > 1 else []
+    try:
+        collected = collect_and_tune(plan, 0, opts.workers)
+    finally:
+        for child in children:
+            if child.poll() is None and sys.exc_info()[0] is not None:
+                child.terminate()
+        codes = [child.wait() for child in children]
+    for index, code in enumerate(codes, start=1):
+        if code:
+            _log(f"warning: worker {index} exited with code {code}; the others finished its share")
+    return export(plan, collected)
+
+
+def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
+    """Write the artifact (deterministic: nothing timed goes in), then measure beside it."""
+    from specbound_runtime.exit_head import ExitHeadWeights
+    import specbound_runtime
+
+    opts, loaded, work, L = plan.opts, plan.loaded, plan.work, plan.num_layers
+    records, schedules, result, cost = collected.records, collected.schedules, collected.result, plan.cost
+    fp = loaded.fingerprint
+    eos = loaded.eos_token_ids
+    reliability_png(records, schedules, work / "reliability.png")
+    own = records.own if records.own.any() else np.ones_like(records.own)
     held_traj = records.select(own & records.held_out)
-    with _bar(opts.trials, "tuning (simulated)", "trial") as bar:
-        result = tune(fit_traj, schedules, cost, opts.trials, opts.seed, storage, study_name, opts.multi_objective, bar.update)
     best = result.best
     policy = best.policy(schedules)
     held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
@@ -331,22 +574,18 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     if opts.multi_objective:
         (work / "pareto.json").write_text(json.dumps(result.pareto, indent=1, sort_keys=True))
         pareto_png(result.pareto, work / "pareto.png")
-
-    # 4. export (deterministic: nothing timed goes in)
+    weights = collected.weights
     keep = {l: weights.lens[l] for l in policy.check_layers} if best.head == "lens" else {}
-    from specbound_runtime.exit_head import ExitHeadWeights
-    import specbound_runtime
-
     head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep)
     predicted = held_best.speedup if held_best else result.value.speedup
     metadata = {
         "package_version": specbound_runtime.__version__,
         "model_fingerprint": json.dumps(fp.to_dict(), sort_keys=True),
         "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
-        "corpus_fingerprint": corpus_fp,
-        "corpus": corpus.name,
+        "corpus_fingerprint": C.fingerprint_sequences(collected.sequences),
+        "corpus": opts.corpus,
+        "job": json.dumps(plan.job, sort_keys=True),
         "seed": str(opts.seed),
-        "study_name": study_name,
         "best_trial": json.dumps({"number": result.best_trial, "params": _jsonable(best)}, sort_keys=True),
         "trials": str(result.trials),
         "cost_model": json.dumps(cost.to_dict(), sort_keys=True),
@@ -361,29 +600,35 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
             },
             sort_keys=True,
         ),
-        "calibration": json.dumps(calibration, sort_keys=True),
-        "shortlist_coverage": f"{coverage:.4f}",
-        "candidate_layers": json.dumps(list(layers)),
+        "calibration": json.dumps(collected.calibration, sort_keys=True),
+        "shortlist_coverage": f"{collected.coverage:.4f}",
+        "candidate_layers": json.dumps(list(records.layers)),
         "library_versions": json.dumps(library_versions(), sort_keys=True),
     }
-    path = save_artifact(out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
+    path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
+    recorded = [s for s in collected.sequences if not s.lens_split]
+    throughput = collection_throughput(loaded.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {
         "artifact": str(path),
         "work_dir": str(work),
+        "study_name": plan.study_name,
+        "workers": opts.workers,
+        "job": plan.job,
         "model": fp.short(),
-        "positions": {"lens": n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
-        "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(coverage, 4)},
+        "positions": {"lens": collected.n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
+        "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(collected.coverage, 4)},
         "collection_tokens_per_s": throughput,
         "policy": _jsonable(best),
         "cost_model_ms": cost.to_dict(),
         "simulated": json.loads(metadata["simulation"]),
         "predicted_speedup": round(predicted, 4),
-        "calibration": calibration,
+        "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
     if opts.measure_prompts and opts.measure_tokens:
-        report["measured"] = measure(loaded, eos, policy, head, [p for p in corpus.prompts if p.held_out][: opts.measure_prompts], opts.measure_tokens)
+        held_prompts = [p for p in plan.corpus.prompts if p.held_out][: opts.measure_prompts]
+        report["measured"] = measure(loaded, eos, policy, head, held_prompts, opts.measure_tokens)
         m = report["measured"]
         report["measured_speedup"] = m["speedup_tuned"]
         report["prediction_gap"] = round(m["speedup_tuned"] / predicted - 1.0, 4) if predicted else None

@@ -8,28 +8,16 @@ The paper's defaults are enqueued as the first trial, so tuning can only match o
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from specbound_runtime.errors import UsageError
 from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers, paper_temperatures
 
 from .collect import HEADS, LOOKUP_MAX, LOOKUP_NGRAMS, Records
 from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
-_STORAGE = re.compile(r"^(sqlite|postgresql|postgres|mysql)(\+\w+)?://")
-
-
-def check_storage_url(url: str) -> str:
-    if not _STORAGE.match(url):
-        raise UsageError(
-            f"unknown --storage URL {url!r}; use an Optuna RDB URL such as sqlite:///study.db or "
-            "postgresql://user:pass@host/db"
-        )
-    return url
 
 
 @dataclass(frozen=True)
@@ -152,74 +140,61 @@ def tune(
     study_name: str,
     multi_objective: bool = False,
     progress=None,
+    *,
+    batch: int = 8,
+    worker: int = 0,
+    workers: int = 1,
+    job_key: str = "",
 ) -> TuneResult:
+    """Tune in fixed batches (calibrate.study): the trials, and so the result, are the same with
+    one worker or many, and after any interruption."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    from .study import open_study, run_batches
+
     layers = records.layers
     L = schedules.num_layers
     paper = paper_candidate(layers, L)
     directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
 
-    def sampler_for(n_complete: int):
-        # Reseeded before each trial from (seed, trials done): a study resumed after an
-        # interruption suggests exactly what an uninterrupted one would have.
-        s = seed * 1_000_003 + n_complete
+    def make_sampler(s: int):
         return optuna.samplers.NSGAIISampler(seed=s) if multi_objective else optuna.samplers.TPESampler(seed=s)
 
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, sampler=sampler_for(0), directions=directions, load_if_exists=True
-    )
-    if len(study.directions) != len(directions):
-        raise UsageError(f"study {study_name!r} in {storage} was made with other objectives; use another --study-name")
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    paper_params = _params(paper, layers)
-    if not any(
-        t.params == paper_params or t.system_attrs.get("fixed_params") == paper_params
-        for t in study.trials
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
-    ):
-        study.enqueue_trial(paper_params)
-
-    def objective(trial):
-        candidate = _suggest(trial, layers, L)
+    def objective(params: dict):
+        candidate = _suggest(optuna.trial.FixedTrial(params), layers, L)
         if candidate is None:
             result = simulate(
                 decide_exits(records.conf[:, 0], records.right[:, 0], [], [], [], []), records.bounds(), cost, L, 1
             )
         else:
             result = evaluate(records, candidate, schedules, cost)
-        trial.set_user_attr("result", result.to_dict())
-        if progress is not None:
-            progress(1)
-        return (result.speedup, result.waste) if multi_objective else result.speedup
+        summary = result.to_dict()  # compared at its 6 decimals (calibrate.precision)
+        values = (summary["speedup"], summary["waste"]) if multi_objective else (summary["speedup"],)
+        return values, {"result": summary}
 
-    if progress is not None and finished:
-        progress(min(len(finished), n_trials))
-    done = len(finished)
-    while done < n_trials:
-        study.sampler = sampler_for(done)
-        study.optimize(objective, n_trials=1, gc_after_trial=False)
-        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    complete = [
-        t for t in study.trials
-        if t.state == optuna.trial.TrialState.COMPLETE and any(t.params.get(f"check_{l}") for l in layers if l <= t.params["d_max"])
-    ]
+    study = open_study(storage, study_name, directions, job_key)
+    trials = run_batches(
+        study, n_trials, batch, seed, make_sampler, lambda trial: _suggest(trial, layers, L), objective,
+        first_params=_params(paper, layers), worker=worker, workers=workers, progress=progress,
+    )
+    complete = [t for t in trials if any(t.params.get(f"check_{l}") for l in layers if l <= t.params["d_max"])]
     if multi_objective:
-        valid = {t.number for t in complete}
-        front = [t for t in study.best_trials if t.number in valid]
-        best_trial = max(front or complete, key=lambda t: (t.values[0], -t.number))
+        front = [
+            t for t in complete
+            if not any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in complete)
+        ]
+        best_trial = max(front or complete, key=lambda t: (t.values[0], -t.index))
     else:
         front = []
-        best_trial = max(complete, key=lambda t: (t.value, -t.number))
+        best_trial = max(complete, key=lambda t: (t.values[0], -t.index))
     best = _candidate_from_params(best_trial.params, layers)
     pareto = [
-        {"trial": t.number, "speedup": t.values[0], "waste": t.values[1], "params": t.params}
-        for t in sorted(front, key=lambda t: t.values[0])
+        {"trial": t.index, "speedup": t.values[0], "waste": t.values[1], "params": t.params}
+        for t in sorted(front, key=lambda t: (t.values[0], t.index))
     ]
     return TuneResult(
         best=best,
-        best_trial=best_trial.number,
+        best_trial=best_trial.index,
         value=evaluate(records, best, schedules, cost),
         paper=evaluate(records, paper, schedules, cost),
         trials=len(complete),

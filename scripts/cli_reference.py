@@ -18,7 +18,7 @@ def render() -> str:
 
     runner = CliRunner()
     parts = ["# CLI reference\n\nGenerated from `--help` by `scripts/cli_reference.py`; do not edit.\n"]
-    for args in ([], ["decode"], ["calibrate"], ["inspect"], ["bench"]):
+    for args in ([], ["decode"], ["calibrate"], ["costs"], ["inspect"], ["bench"]):
         result = runner.invoke(cli.app, [*args, "--help"], terminal_width=100, env={"COLUMNS": "100"}, prog_name="specbound")
         title = " ".join(["specbound", *args])
         parts.append(f"## `{title}`\n\n```\n{result.output.rstrip()}\n```\n")

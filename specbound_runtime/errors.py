@@ -11,13 +11,16 @@ EXIT_MODEL = 4  # model path, weights, architecture
 EXIT_ARTIFACT = 5  # artifact missing, corrupt, or fitted for another model
 EXIT_EXACTNESS = 6  # speculative output differed from plain greedy decoding
 EXIT_DEPENDENCY = 7  # an optional dependency (an install extra) is missing
+EXIT_MISMATCH = 8  # `calibrate --check`: the rebuilt artifact differs from the committed one
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 internal error (rerun with --debug); 2 bad flag values; "
-    "3 bad input (prompt, corpus, file); 4 model cannot be loaded or is unsupported; "
+    "3 bad input (prompt, corpus, job file, cost file, study storage); 4 model cannot be loaded or is unsupported; "
     "5 artifact missing, corrupt or for another model; 6 output not identical to greedy; "
-    "7 an optional dependency is missing (the message names the extra to install); 130 interrupted (work already written is kept)."
+    "7 an optional dependency is missing (the message names the extra to install); "
+    "8 `calibrate --check` rebuilt an artifact that differs from the committed one (the report says what moved); "
+    "130 interrupted (work already written is kept)."
 )
 
 
@@ -49,3 +52,7 @@ class ExactnessError(SpecBoundError):
 
 class DependencyError(SpecBoundError):
     exit_code = EXIT_DEPENDENCY
+
+
+class MismatchError(SpecBoundError):
+    exit_code = EXIT_MISMATCH

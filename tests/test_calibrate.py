@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def _exports_the_best_trial(art, work, report) -> None:
 
     from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, default_check_layers, paper_temperatures
 
-    study = optuna.load_study(study_name=art.metadata["study_name"], storage=f"sqlite:///{(work / 'study.db').resolve()}")
+    study = optuna.load_study(study_name=report["study_name"], storage=f"sqlite:///{(work / 'study.db').resolve()}")
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     layers = tuple(json.loads(art.metadata["candidate_layers"]))
     L = art.policy.num_layers
@@ -299,13 +300,13 @@ def test_interrupted_collection_resumes_to_the_same_artifact(tiny_setup, monkeyp
     root, model, corpus, cost = tiny_setup
     ref = _calibrate(root, model, corpus, cost, "ref", monkeypatch)
     work = root / "work-ref"
-    # as if killed mid-way: the last answers line cut short, a shard missing, pass A half done,
-    # and a study that never ran
-    answers = (work / "answers.jsonl").read_text().splitlines()
-    (work / "answers.jsonl").write_text("\n".join(answers[:5]) + "\n" + answers[5][:10])
+    # as if killed mid-way: a shard of answers, of lens moments and of records missing (one of
+    # them still claimed by a process that is gone), and a study that never ran
+    (work / "answers" / "shard-00001.jsonl").unlink()
+    (work / "pass_a" / "shard-00000.npz").unlink()
     shards = sorted((work / "shards").glob("*.arrow"))
     shards[-1].unlink()
-    (work / "pass_a.npz").unlink()
+    (work / "shards" / f".{shards[-1].name}.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1}))
     (work / "study.db").unlink()
     ref_bytes = ref.artifact.read_bytes()
     ref.artifact.unlink()
