@@ -14,7 +14,9 @@ Storage URLs can hold a password: every message here shows them through `redact`
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -147,7 +149,7 @@ def run_batches(
                 study.add_trial(
                     optuna.trial.create_trial(
                         params=params, distributions=distributions, values=list(values),
-                        user_attrs={**attrs, INDEX: i}, system_attrs=system_attrs,
+                        user_attrs={**attrs, INDEX: i, "worker": f"{socket.gethostname()}:{os.getpid()}"}, system_attrs=system_attrs,
                     )
                 )
                 done[i] = Finished(i, params, tuple(values), {**attrs, INDEX: i}, distributions, system_attrs)

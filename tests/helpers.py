@@ -5,9 +5,9 @@
         numbers), splitting on whitespace, with a ChatML-like chat template. Saved into
         `directory` when one is given. Any text made of those words round-trips exactly.
 
-    make_tiny_model_folder(directory, *, vocab_size=64, seed=0, num_layers=2, model_type="llama")
-        -> Path
-        Writes a randomly initialised fp32 *ForCausalLM (hidden 32, 4 heads, 2 KV heads) with
+    make_tiny_model_folder(directory, *, vocab_size=64, seed=0, num_layers=2, model_type="llama",
+        hidden_size=32) -> Path
+        Writes a randomly initialised fp32 *ForCausalLM (hidden 32 by default, 4 heads, 2 KV heads) with
         config.json + model.safetensors and the tiny tokenizer into `directory`, and returns it.
         The same seed gives the same weights. model_type: any of "llama", "mistral", "qwen2",
         "qwen3", or "gpt2" (an unsupported one, for error tests).
@@ -51,19 +51,19 @@ def make_tiny_tokenizer(vocab_size: int, directory: str | Path | None = None) ->
     return tokenizer
 
 
-def _tiny_config(model_type: str, vocab_size: int, num_layers: int):
+def _tiny_config(model_type: str, vocab_size: int, num_layers: int, hidden_size: int = 32):
     from transformers import AutoConfig, GPT2Config
 
     if model_type == "gpt2":
         return GPT2Config(n_embd=32, n_layer=num_layers, n_head=4, vocab_size=vocab_size, n_positions=128, bos_token_id=1, eos_token_id=2)
     return AutoConfig.for_model(
         model_type,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=hidden_size // 4,
         vocab_size=vocab_size,
         max_position_embeddings=256,
         bos_token_id=1,
@@ -79,11 +79,12 @@ def make_tiny_model_folder(
     seed: int = 0,
     num_layers: int = 2,
     model_type: str = "llama",
+    hidden_size: int = 32,
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    config = _tiny_config(model_type, vocab_size, num_layers)
+    config = _tiny_config(model_type, vocab_size, num_layers, hidden_size)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -1,0 +1,334 @@
+"""Calibration jobs: the job file, `calibrate --job/--check/--from-artifact`, `specbound costs`,
+the resolved job in the artifact, and byte identity across thread counts, noise below the stated
+precision and a clean clone running the CI example's commands. Tiny in-process models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clitools import assert_one_error, invoke
+from helpers import make_tiny_model_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+JOB = """\
+[model]
+name = "model"
+
+[corpus]
+files = ["corpus.jsonl"]
+
+[collect]
+answer_tokens = 12
+shortlist_size = 64
+
+[tuning]
+seed = 3
+trials = 20
+
+[costs]
+file = "costs.json"
+
+[measure]
+prompts = 0
+
+[output]
+artifact = "{artifact}"
+work_dir = "{work}"
+"""
+
+
+def write_corpus(path: Path, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(30):
+            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(50))}) + "\n")
+        for _ in range(16):
+            f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(6))}) + "\n")
+    return path
+
+
+def write_costs(folder: Path, model: Path, shortlist_size: int = 64) -> Path:
+    """A pinned cost model (fixed numbers, as `specbound costs` would write them)."""
+    import specbound_runtime as sb
+    from specbound.calibrate.costs import pinned_costs
+    from specbound.calibrate.simulate import CostModel
+
+    fp = sb.load(str(model)).fingerprint
+    cost = CostModel(num_layers=fp.num_layers, layer_base=0.2, layer_extra=0.01, head_base=0.05, head_extra=0.01, check=0.02, round_overhead=0.3)
+    path = folder / "costs.json"
+    path.write_text(json.dumps(pinned_costs(cost, fp, shortlist_size), sort_keys=True))
+    return path
+
+
+def job_folder(root: Path, hidden_size: int = 32) -> Path:
+    make_tiny_model_folder(root / "model", vocab_size=64, num_layers=4, seed=0, hidden_size=hidden_size)
+    write_corpus(root / "corpus.jsonl")
+    write_costs(root, root / "model")
+    return root
+
+
+def write_job(folder: Path, name: str, extra: str = "", **fields) -> Path:
+    text = JOB.format(artifact=fields.pop("artifact", f"out/{name}.safetensors"), work=fields.pop("work", f"runs/{name}"))
+    path = folder / f"{name}.toml"
+    path.write_text(text + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread):
+    """One job built with `specbound calibrate --job`: (folder, job path, artifact bytes)."""
+    folder = job_folder(tmp_path_factory.mktemp("jobs"))
+    job = write_job(folder, "ref")
+    result = invoke("calibrate", "--job", job)
+    assert result.exit_code == 0, result.stderr
+    return folder, job, (folder / "out" / "ref.safetensors").read_bytes()
+
+
+# -- the job file -------------------------------------------------------------------------------
+
+
+def test_every_calibrate_option_is_a_job_key():
+    from specbound.calibrate.job import BY_FIELD, NOT_IN_JOB
+    from specbound.calibrate.pipeline import CalibrateOptions
+
+    assert {f.name for f in dataclasses.fields(CalibrateOptions)} == set(BY_FIELD) | set(NOT_IN_JOB)
+
+
+def test_a_bad_section_or_value_is_an_error_naming_its_line(tmp_path):
+    job = write_job(tmp_path, "bad")
+    text = job.read_text()
+    job.write_text(text + "\n[extras]\nx = 1\n")
+    line = len(text.splitlines()) + 2
+    assert_one_error(invoke("calibrate", "--job", job), 3, f"{job}:{line}:", "unknown section [extras]")
+    job.write_text(text.replace('file = "costs.json"', 'file = "costs.json"\nremeasure = 3'))
+    line = job.read_text().splitlines().index("remeasure = 3") + 1
+    assert_one_error(invoke("calibrate", "--job", job), 3, f"{job}:{line}:", "[costs] remeasure must be true or false")
+
+
+def test_an_unknown_key_is_an_error_naming_the_key_and_its_line(tmp_path):
+    job = write_job(tmp_path, "typo")
+    lines = job.read_text().splitlines()
+    lines.insert(lines.index("trials = 20") + 1, "trails = 50")
+    job.write_text("\n".join(lines) + "\n")
+    number = lines.index("trails = 50") + 1
+    error = assert_one_error(invoke("calibrate", "--job", job), 3, f"{job}:{number}:", "unknown key 'trails' in [tuning]")
+    assert "trials" in error  # the known keys are listed
+
+
+# -- building, checking, rebuilding ---------------------------------------------------------------
+
+
+def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built):
+    from specbound_runtime.artifact import Artifact, read_artifact, save_artifact
+    from specbound_runtime.exit_head import ExitHeadWeights
+
+    folder, job, reference = built
+    ok = invoke("calibrate", "--job", job, "--check")
+    assert ok.exit_code == 0, ok.stderr
+    assert ok.stdout.startswith("identical:")
+    # tamper: another threshold, one short-list token dropped, the lens nudged, a metadata number changed
+    art = read_artifact(folder / "out" / "ref.safetensors")
+    policy = dataclasses.replace(art.policy, thresholds=tuple(t + 0.01 for t in art.policy.thresholds))
+    shortlist = art.exit_weights.shortlist[art.exit_weights.shortlist != 5]
+    lens = {l: (w + 1e-3, b) for l, (w, b) in art.exit_weights.lens.items()} or {2: (torch.eye(32), torch.zeros(32))}
+    meta = dict(art.metadata)
+    sim = json.loads(meta["simulation"])
+    sim["fit"]["speedup"] += 0.5
+    meta["simulation"] = json.dumps(sim, sort_keys=True)
+    meta.pop("checksum")
+    tampered = folder / "out" / "tampered.safetensors"
+    save_artifact(tampered, Artifact(policy, ExitHeadWeights(shortlist, lens), meta))
+    job2 = write_job(folder, "tampered", work="runs/ref")
+    result = invoke("calibrate", "--job", job2, "--check", "--json")
+    assert_one_error(result, 8, "differs from", str(tampered))
+    report = json.loads(result.stdout)
+    assert not report["identical"]
+    moved = {d["field"]: d for d in report["differences"]}
+    assert "max |difference| 0.01" in moved["policy.thresholds"]["by"]
+    assert moved["shortlist"]["by"] == "0 dropped [], 1 added [5]"  # the rebuilt one has token 5 back
+    assert any(f.startswith("lens.") and "values differ" in d["by"] for f, d in moved.items())
+    assert moved["metadata.simulation.fit.speedup"]["by"].startswith("by -0.5")
+
+
+def test_the_artifact_records_the_resolved_job_and_rebuilds_from_it_alone(built, tmp_path, monkeypatch):
+    from specbound.calibrate.job import KEYS
+    from specbound_runtime.artifact import read_artifact
+
+    folder, _, reference = built
+    art = read_artifact(folder / "out" / "ref.safetensors")
+    job = art.meta_json("job")
+    recorded = {(s, k) for s, t in job.items() if isinstance(t, dict) for k in t}
+    # every key that decides the content, defaults and pins resolved; nothing about where
+    assert recorded == {(k.section, k.name) for k in KEYS if k.recorded}
+    assert job["tuning"] == {"seed": 3, "trials": 20, "batch": 8, "multi_objective": False}
+    assert job["collect"]["chunk_tokens"] == 256 and job["collect"]["candidate_layers"] == [2, 3]
+    assert job["model"]["fingerprint"] == json.loads(art.metadata["model_fingerprint"])["weights_sha256"]
+    assert set(job["corpus"]["sha256"]) == {"corpus.jsonl"}
+    assert str(folder) not in json.dumps(dict(art.metadata))
+    # rebuilt from the artifact alone (paths in its job are relative to the current folder)
+    monkeypatch.chdir(folder)
+    result = invoke("calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "again.safetensors", "--work-dir", tmp_path / "w")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == reference
+    # a corpus that changed since is refused by the recorded pin
+    (folder / "corpus.jsonl").write_text((folder / "corpus.jsonl").read_text().replace("w5 ", "w6 ", 1))
+    try:
+        again = invoke("calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "x.safetensors")
+        assert_one_error(again, 3, "corpus file corpus.jsonl has sha256", "not the pinned")
+    finally:
+        write_corpus(folder / "corpus.jsonl")
+
+
+def test_flags_override_the_job_and_say_so(built, tmp_path):
+    folder, job, reference = built
+    out = tmp_path / "more.safetensors"
+    result = invoke("calibrate", "--job", job, "--trials", "24", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert "note: --trials overrides the job's [tuning] trials = 20" in result.stderr
+    assert "note: --out overrides the job's [output] artifact" in result.stderr
+    from specbound_runtime.artifact import read_artifact
+
+    assert read_artifact(out).meta_json("job")["tuning"]["trials"] == 24
+
+
+def test_a_pinned_cost_model_is_used_instead_of_measuring(built, tmp_path, monkeypatch):
+    """`specbound costs` writes the file; a job naming it never measures; the artifact carries it."""
+    from specbound.calibrate import costs as costs_module
+    from specbound_runtime.artifact import read_artifact
+
+    folder, _, _ = built
+    made = invoke("costs", "--model", folder / "model", "--out", tmp_path / "c.json", "--shortlist-size", "64", "--json")
+    assert made.exit_code == 0, made.stderr
+    pinned = json.loads((tmp_path / "c.json").read_text())
+    assert json.loads(made.stdout) == pinned and set(pinned["cost_model"]) >= {"layer_base", "check", "round_overhead"}
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the cost model was measured although the job pins one")
+
+    monkeypatch.setattr(costs_module, "measure_costs", no_measuring)
+    job = write_job(folder, "pinned", work="runs/ref")
+    job.write_text(job.read_text().replace('file = "costs.json"', f'file = "{tmp_path / "c.json"}"'))
+    result = invoke("calibrate", "--job", job, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert read_artifact(folder / "out" / "pinned.safetensors").meta_json("cost_model") == pinned["cost_model"]
+    # a cost model measured for another short-list size is refused
+    job.write_text(job.read_text().replace("shortlist_size = 64", "shortlist_size = 32").replace("runs/ref", "runs/s32"))
+    assert_one_error(invoke("calibrate", "--job", job, "--force"), 3, "short-list size 64", "uses 32")
+
+
+# -- identity across threads, noise, and a clean clone --------------------------------------------
+
+
+def _build_in_process(job: Path):
+    from specbound.calibrate.job import options_from_job
+    from specbound.calibrate.pipeline import run_calibration
+
+    return run_calibration(options_from_job(job, {"force": True}, lambda _: None)).artifact.read_bytes()
+
+
+def test_one_and_two_threads_give_identical_bytes(tmp_path):
+    """Hidden size 128: large enough for BLAS to split its work over threads. One thread here,
+    two in a fresh process (torch and OpenBLAS read their thread counts at start)."""
+    folder = job_folder(tmp_path, hidden_size=128)
+    job = write_job(folder, "threads")
+    job.write_text(job.read_text().replace("trials = 20", "trials = 8").replace("[collect]\n", "[collect]\ncandidate_layers = [1, 2, 3]\n"))
+    one = _build_in_process(job)
+    shutil.rmtree(folder / "runs")
+    threads = {"OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    two = subprocess.run(
+        [sys.executable, "-m", "specbound.cli", "calibrate", "--job", str(job), "--force"],
+        env=dict(os.environ, **threads), capture_output=True, text=True,
+    )
+    assert two.returncode == 0, two.stderr
+    assert (folder / "out" / "threads.safetensors").read_bytes() == one
+
+
+def test_moments_are_exact_in_any_order_and_lens_fits_do_not_depend_on_threads():
+    from threadpoolctl import threadpool_limits
+
+    from specbound.calibrate.fit import ridge_lens
+    from specbound.calibrate.precision import exact_moments, moments_as_float, round_bits
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1500, 128)) * 3, rng.normal(size=(1500, 128))
+    whole = exact_moments(x, y)
+    order = rng.permutation(1500)
+    parts = [exact_moments(x[order[a:b]], y[order[a:b]]) for a, b in ((0, 100), (100, 1100), (1100, 1500))]
+    assert all(np.array_equal(sum(p[i] for p in parts), whole[i]) for i in (0, 1))
+    fits = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            w, b = ridge_lens(moments_as_float(whole[0]), moments_as_float(whole[1]), 1.0)
+        fits.append((round_bits(w).tobytes(), round_bits(b).tobytes()))
+    assert fits[0] == fits[1]
+
+
+def test_noise_below_the_stated_precision_leaves_the_bytes_alone(built, tmp_path, monkeypatch):
+    """Perturb, far below 2^-16 relative, what float arithmetic can change from one machine to
+    another: the recorded confidences, the fitted temperatures and alpha, and the lens solve."""
+    from specbound.calibrate import collect, fit, pipeline
+
+    folder, _, reference = built
+    rng = np.random.default_rng(1)
+
+    def jitter(x, scale=1e-11):
+        return x * (1 + scale * rng.uniform(-1, 1, np.shape(x)))
+
+    confidences, temperature, alpha, lens = collect._confidences, pipeline.fit_temperature, pipeline.fit_paper_alpha, collect.ridge_lens
+    monkeypatch.setattr(collect, "_confidences", lambda z: confidences(z) * (1 + 1e-9 * torch.rand_like(confidences(z))))
+    monkeypatch.setattr(pipeline, "fit_temperature", lambda *a: float(jitter(temperature(*a))))
+    monkeypatch.setattr(pipeline, "fit_paper_alpha", lambda *a: float(jitter(alpha(*a))))
+    monkeypatch.setattr(collect, "ridge_lens", lambda *a: tuple(jitter(v) for v in lens(*a)))
+    job = write_job(folder, "noisy", artifact=str(tmp_path / "noisy.safetensors"), work=str(tmp_path / "w"))
+    assert _build_in_process(job) == reference
+    assert fit is not None
+
+
+def _workflow_commands(path: Path) -> list[str]:
+    """The `run:` commands of a GitHub Actions workflow, in order (one line each)."""
+    return [m.group(1).strip() for m in re.finditer(r"^\s*(?:-\s*)?run:\s*(.+)$", path.read_text(), re.M)]
+
+
+def test_a_clean_clone_runs_the_ci_example_and_its_check_passes(tmp_path):
+    """What examples/ci/workflow.yml does on GitHub, here: clone, install, run its commands. The
+    install is the venv scripts/setup.sh would make (its stamp matches), with the clone's own
+    code, so the check runs exactly what is committed."""
+    commands = _workflow_commands(ROOT / "examples" / "ci" / "workflow.yml")
+    assert commands == ["bash scripts/setup.sh", ".venv/bin/specbound calibrate --job examples/ci/job.toml --check"]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    venv = clone / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    shim = tmp_path / "site"
+    (shim).mkdir()
+    (shim / "specbound").symlink_to(clone)  # the wheel's layout: the clone's root is `specbound`
+    (venv / "bin" / "specbound").write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path[:0] = [{str(shim)!r}, {str(clone)!r}]\n"
+        "from specbound.cli import main\nsys.exit(main())\n"
+    )
+    (venv / "bin" / "specbound").chmod(0o755)
+    stamp = subprocess.run(
+        "cat requirements.lock requirements-data.lock pyproject.toml | sha256sum | cut -d' ' -f1",
+        shell=True, cwd=clone, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    (venv / ".specbound-setup").write_text(stamp + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {"OMP_NUM_THREADS": "1"}
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    assert done.stdout.startswith("identical: ")
+    assert str(clone) in done.stderr  # the clone's code and files, not this checkout's
