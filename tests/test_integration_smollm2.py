@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specbound_runtime.policy import ExitPolicy
+
 pytestmark = pytest.mark.integration
 
 N_PROMPTS = 20
@@ -70,3 +72,43 @@ def test_fitted_head_and_plain_engine_are_token_identical(smollm2, mt_bench_prom
         ref = reference_greedy(loaded.model, list(enc.ids), 64, eos)
         assert list(fitted.generate(enc).token_ids) == ref
         assert list(fitted.generate(enc, speculation=False).token_ids) == ref
+
+
+def test_model_generation_config_with_a_repetition_penalty_is_applied_exactly(smollm2, mt_bench_prompts):
+    """The model's own generation config decides what generate() does; SpecBound must follow it
+    (transformers builds the processors; each verified row gets its own prefix)."""
+    from specbound_runtime.decoder import Decoder
+    from specbound_runtime.exactness import reference_greedy
+
+    m, eos = smollm2
+    saved = m.model.generation_config
+    m.model.generation_config = saved.__class__.from_dict({**saved.to_dict(), "repetition_penalty": 1.3})
+    try:
+        decoder = Decoder(m.with_policy(ExitPolicy(30, (20, 25), (1.0, 1.0), (0.2, 0.2), 25, 6, 2, 3)))
+        changed = 0
+        for text in mt_bench_prompts[:3]:
+            enc = decoder.encode([{"role": "user", "content": text}], True, 64)
+            ref = reference_greedy(m.model, list(enc.ids), 64, eos)
+            m.model.generation_config = saved
+            plain = reference_greedy(m.model, list(enc.ids), 64, eos)
+            m.model.generation_config = saved.__class__.from_dict({**saved.to_dict(), "repetition_penalty": 1.3})
+            changed += plain != ref
+            result = decoder.generate(enc)
+            assert list(result.token_ids) == ref, _report(m.model, list(enc.ids), list(result.token_ids), ref)
+            assert result.drafted > 0
+        assert changed > 0  # the penalty really changes this model's greedy output
+    finally:
+        m.model.generation_config = saved
+
+
+def test_custom_generate_inside_the_models_generate(smollm2, mt_bench_prompts):
+    import torch
+
+    m, eos = smollm2
+    ids = m.tokenizer.apply_chat_template(
+        [{"role": "user", "content": mt_bench_prompts[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.inference_mode():
+        ref = m.model.generate(ids, max_new_tokens=48, do_sample=False)
+        out = m.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=48, do_sample=False)
+    assert torch.equal(out, ref)

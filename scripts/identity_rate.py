@@ -1,0 +1,107 @@
+"""How often SpecBound's output is token-identical to generate() on real prompts, and how far
+apart the two are where they differ; also the host reads (device synchronisations) per token.
+
+    .venv/bin/python scripts/identity_rate.py [--dtype bfloat16] [--artifact A] [--prompts 20] [--tokens 128] [--no-speculation]
+
+Prompts are the built-in MT-Bench questions (data.tasks). For each prompt, both decode the
+chat-templated prompt greedily on the same device and dtype; a difference is reported at its
+first position with the reference model's logit margin there (reference token minus ours).
+Prints one JSON object per prompt, then a summary object, on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (item/int/float/bool, copies to the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        to_cpu = name in ("to", "_to_copy") and any(
+            str(a) == "cpu" for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))
+        )
+        if name in ("item", "is_nonzero", "_local_scalar_dense") or to_cpu:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--artifact", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--no-speculation", action="store_true", help="plain decoding through the same engine")
+    args = parser.parse_args()
+
+    import specbound_runtime as sb
+    from specbound.data.tasks import task_prompts
+    from specbound_runtime.decoder import Decoder
+    from specbound_runtime.exactness import divergence, reference_greedy
+
+    m = sb.load(args.model, artifact=args.artifact, device=args.device, dtype=args.dtype)
+    decoder = Decoder(m)
+    identical = 0
+    reads = tokens = 0
+    ours_s = ref_s = 0.0
+    rows = []
+    for index, prompt in enumerate(task_prompts("mt-bench", args.prompts)):
+        enc = decoder.encode([{"role": "user", "content": prompt.text}], decoder.has_chat_template, args.tokens)
+        started = time.perf_counter()
+        with HostReads() as counter:
+            result = decoder.generate(enc, speculation=not args.no_speculation)
+        ours_s += time.perf_counter() - started
+        reads += counter.count
+        tokens += result.new_tokens
+        started = time.perf_counter()
+        ref = reference_greedy(m.model, list(enc.ids), enc.max_new_tokens, m.eos_token_ids)
+        ref_s += time.perf_counter() - started
+        div = divergence(m.model, list(enc.ids), list(result.token_ids), ref)
+        identical += div is None
+        row = {
+            "prompt": index,
+            "new_tokens": result.new_tokens,
+            "identical": div is None,
+            "first_divergence": None if div is None else div.position,
+            "logit_margin": None if div is None else div.margin,
+            "tokens_after_divergence_equal": None
+            if div is None
+            else sum(a == b for a, b in zip(result.token_ids[div.position :], ref[div.position :])),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        print(f"prompt {index}: {'identical' if div is None else div.describe()}", file=sys.stderr, flush=True)
+    summary = {
+        "model": args.model,
+        "artifact": args.artifact,
+        "speculation": not args.no_speculation,
+        "device": str(m.device),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "prompts": len(rows),
+        "max_new_tokens": args.tokens,
+        "identical": identical,
+        "identity_rate": identical / len(rows) if rows else None,
+        "host_reads_per_token": round(reads / tokens, 3) if tokens else None,
+        "specbound_s": round(ours_s, 2),
+        "generate_s": round(ref_s, 2),
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
