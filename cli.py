@@ -73,7 +73,7 @@ def _one_error_path():
 # extra is missing, not that SpecBound is broken. tests/test_packaging.py checks this against the
 # extra's distributions in pyproject.toml.
 EXTRA_MODULES = {
-    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow", "tqdm", "threadpoolctl", "psycopg2"),
+    "calibrate": ("optuna", "sklearn", "datasets", "matplotlib", "scipy", "pyarrow", "tqdm", "threadpoolctl", "psycopg"),
 }
 
 

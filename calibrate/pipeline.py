@@ -438,11 +438,12 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     """One worker's share of a job: collection shard by shard (each made once, by whichever
     worker claims it), then the fits, then tuning in the shared study. Every worker returns the
     same result."""
-    from .workers import make_shards
+    from .workers import log_event, make_shards
 
     opts, loaded, layers, work = plan.opts, plan.loaded, plan.layers, plan.work
     lm, eos, L = loaded.lm, loaded.eos_token_ids, plan.num_layers
     share = {"worker": worker, "workers": workers}
+    log_event(work, f"worker {worker} of {workers} started")
     if not quiet:
         _log(f"calibrating {loaded.fingerprint.short()} on corpus {opts.corpus!r}; work folder {work}")
 
@@ -503,6 +504,7 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
             records.select(own & ~records.held_out), schedules, plan.cost, opts.trials, opts.seed, plan.storage,
             plan.study_name, opts.multi_objective, bar.update, batch=opts.trial_batch, job_key=study_key, **share,
         )
+    log_event(work, f"worker {worker} of {workers} finished: all {opts.trials} trials are in study {plan.study_name}")
     return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens)
 
 

@@ -67,10 +67,10 @@ def open_study(storage: str, study_name: str, directions: list[str], job_key: st
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if storage.startswith(("postgresql", "postgres")):
         try:
-            import psycopg2  # noqa: F401  (SQLAlchemy's PostgreSQL driver)
+            import psycopg  # noqa: F401  (SQLAlchemy's PostgreSQL driver)
         except ModuleNotFoundError:
             raise DependencyError(
-                "a postgresql:// storage needs psycopg2 (part of the 'calibrate' extra); run: pip install 'specbound[calibrate]'"
+                "a postgresql:// storage needs psycopg (part of the 'calibrate' extra); run: pip install 'specbound[calibrate]'"
             ) from None
     try:
         rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})

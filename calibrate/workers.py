@@ -106,6 +106,16 @@ class Claims:
 CLAIMS = Claims()
 
 
+def log_event(work: Path, event: str) -> None:
+    """One line in <work>/workers.log: which process did what (appended whole, by any worker)."""
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()}:{os.getpid()} {event}\n"
+    fd = os.open(work / "workers.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def make_shards(
     folder: Path,
     count: int,
@@ -139,7 +149,9 @@ def make_shards(
                 continue
             try:
                 if not paths[i].exists():
+                    started = time.monotonic()
                     atomic_write_bytes(paths[i], build(i))
+                    log_event(folder.parent, f"built {folder.name}/{paths[i].name} in {time.monotonic() - started:.2f}s")
             finally:
                 CLAIMS.release(claim)
             if progress is not None:

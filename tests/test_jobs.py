@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -317,8 +318,12 @@ def test_a_clean_clone_runs_the_ci_example_and_its_check_passes(tmp_path):
     (shim).mkdir()
     (shim / "specbound").symlink_to(clone)  # the wheel's layout: the clone's root is `specbound`
     (venv / "bin" / "specbound").write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path[:0] = [{str(shim)!r}, {str(clone)!r}]\n"
-        "from specbound.cli import main\nsys.exit(main())\n"
+        # -S: this venv's site-packages without its .pth files, so not this checkout's editable install
+        f"#!{sys.executable} -S\nimport sys\nsys.path[:0] = [{str(shim)!r}, {str(clone)!r}]\n"
+        f"sys.path.append({sysconfig.get_path('purelib')!r})\n"
+        "import os, specbound.cli, specbound_runtime\n"
+        f"assert all(os.path.realpath(m.__file__).startswith({str(clone.resolve())!r}) for m in (specbound.cli, specbound_runtime))\n"
+        "sys.exit(specbound.cli.main())\n"
     )
     (venv / "bin" / "specbound").chmod(0o755)
     stamp = subprocess.run(
@@ -330,5 +335,4 @@ def test_a_clean_clone_runs_the_ci_example_and_its_check_passes(tmp_path):
     for command in commands:
         done = subprocess.run(command, shell=True, cwd=clone, env=env, capture_output=True, text=True)
         assert done.returncode == 0, (command, done.stdout, done.stderr)
-    assert done.stdout.startswith("identical: ")
-    assert str(clone) in done.stderr  # the clone's code and files, not this checkout's
+    assert done.stdout.startswith(f"identical: {clone / 'examples' / 'ci' / 'artifact.safetensors'}")
