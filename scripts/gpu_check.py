@@ -55,13 +55,11 @@ def exactness(device: str, dtype: torch.dtype) -> list[tuple[str, str, bool]]:
 
 
 def speed(device: str, dtype: str, artifact: str | None, prompts: int, tokens: int) -> dict:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
-    from identity_rate import HostReads
-
     import specbound_runtime as sb
     from specbound.data.tasks import task_prompts
     from specbound_runtime.decoder import Decoder
     from specbound_runtime.exactness import reference_greedy
+    from specbound_runtime.host import HostReadCounter
 
     m = sb.load("smollm2-135m", artifact=artifact, device=device, dtype=dtype)
     decoder = Decoder(m)
@@ -78,7 +76,7 @@ def speed(device: str, dtype: str, artifact: str | None, prompts: int, tokens: i
         sync()
         t_ref += time.perf_counter() - started
         started = time.perf_counter()
-        with HostReads() as counter:
+        with HostReadCounter() as counter:
             result = decoder.generate(enc)
         sync()
         t_ours += time.perf_counter() - started

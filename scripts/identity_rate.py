@@ -17,25 +17,6 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values on the host (item/int/float/bool, copies to the CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        to_cpu = name in ("to", "_to_copy") and any(
-            str(a) == "cpu" for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))
-        )
-        if name in ("item", "is_nonzero", "_local_scalar_dense") or to_cpu:
-            self.count += 1
-        return func(*args, **kwargs)
 
 
 def main() -> None:
@@ -53,6 +34,7 @@ def main() -> None:
     from specbound.data.tasks import task_prompts
     from specbound_runtime.decoder import Decoder
     from specbound_runtime.exactness import divergence, reference_greedy
+    from specbound_runtime.host import HostReadCounter
 
     m = sb.load(args.model, artifact=args.artifact, device=args.device, dtype=args.dtype)
     decoder = Decoder(m)
@@ -63,7 +45,7 @@ def main() -> None:
     for index, prompt in enumerate(task_prompts("mt-bench", args.prompts)):
         enc = decoder.encode([{"role": "user", "content": prompt.text}], decoder.has_chat_template, args.tokens)
         started = time.perf_counter()
-        with HostReads() as counter:
+        with HostReadCounter() as counter:
             result = decoder.generate(enc, speculation=not args.no_speculation)
         ours_s += time.perf_counter() - started
         reads += counter.count

@@ -6,10 +6,14 @@
     ids = m.generate(input_ids, max_new_tokens=128)            # LongTensor [1, n + new]
     out = m.generate_with_stats(input_ids, max_new_tokens=128)  # .sequences, .stats
     hf_model.generate(input_ids, custom_generate=m.custom_generate, max_new_tokens=128)
+    ids = m.generate(input_ids, do_sample=True, temperature=0.7, top_p=0.9, generator=g)
 
 Decoding always runs inside the model's own `generate()` (see generation.py): transformers
-prepares the generation config, logits processors and stopping criteria, SpecBound decodes.
-The output equals `model.generate(...)` with the same arguments, token for token.
+prepares the generation config, logits processors (and, with do_sample=True, warpers) and
+stopping criteria, SpecBound decodes. Greedy output equals `model.generate(...)` with the same
+arguments, token for token; sampled output is distributed exactly as `model.generate(...,
+do_sample=True)`'s, with randomness from `generator` (a torch.Generator) or, without one, from
+torch's global generator (`torch.manual_seed`).
 
 Nothing is stored on the model: a `SpecBound` holds the model, its layer adapter, the exit
 policy and the tokenizer; statistics of a run come back with the run.
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import torch
 
 from .adapter import HFCausalLM
@@ -28,6 +34,7 @@ from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
 from .errors import ModelError, UsageError
 from .generation import custom_generate_for
 from .policy import ExitPolicy
+from .sampling import DecodingMode
 
 @dataclass(frozen=True)
 class Generated:
@@ -62,17 +69,37 @@ class SpecBound:
         self.fingerprint = fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.artifact_metadata = dict(artifact_metadata or {})
+        self._mode_warned = False
+
+    @property
+    def tuned_mode(self) -> DecodingMode | None:
+        """The decoding mode the artifact's policy was tuned for (greedy for artifacts that do not
+        say); None without an artifact."""
+        if not self.calibrated or not self.artifact_metadata:
+            return None
+        raw = self.artifact_metadata.get("decoding_mode")
+        return DecodingMode() if raw is None else DecodingMode.from_json(raw)
+
+    def _check_mode(self, mode: DecodingMode) -> None:
+        """Warn once, on stderr, when decoding in another mode than the artifact was tuned for:
+        still exact, but the policy may be slow there."""
+        tuned = self.tuned_mode
+        if tuned is None or self._mode_warned or _same_mode(tuned, mode):
+            return
+        self._mode_warned = True
+        print(
+            f"warning: the artifact was tuned for {tuned.describe()}, decoding now in {mode.describe()}; "
+            "the output is still exact, but the policy may be slower here (calibrate for this mode)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """End-of-sequence ids: the generation config's (int or list), else the tokenizer's; may be ()."""
-        value = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if value is None:
-            value = getattr(self.tokenizer, "eos_token_id", None)
-        if value is None:
-            return ()
-        values = [value] if isinstance(value, int) else list(value)
-        return tuple(dict.fromkeys(int(v) for v in values))
+        from .models import eos_token_ids
+
+        return eos_token_ids(self)
 
     def uncalibrated(self) -> "SpecBound":
         """The same model with the paper's default schedule (no artifact): a baseline."""
@@ -108,8 +135,10 @@ class SpecBound:
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """`model.generate(input_ids, **kwargs)`, decoded speculatively: same arguments (those that
-        apply: max_new_tokens, eos_token_id, streamer, generation_config, attention_mask, ...),
-        same return value for return_dict_in_generate=False."""
+        apply: max_new_tokens, eos_token_id, streamer, generation_config, attention_mask,
+        do_sample, temperature, top_k, top_p, min_p, ...), same return value for
+        return_dict_in_generate=False. generator= (a torch.Generator) seeds sampling; without it,
+        torch's global generator is used."""
         return self.generate_with_stats(input_ids, **kwargs).sequences
 
     def generate_with_stats(
@@ -149,7 +178,16 @@ class SpecBound:
         def make_drafter(eos):
             return EarlyExitDrafter(policy, frozenset(eos)) if speculation else NoDrafter()
 
-        return custom_generate_for(self.model, self.lm, make_drafter, on_tokens)
+        return custom_generate_for(self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None)
+
+
+def _same_mode(a: DecodingMode, b: DecodingMode) -> bool:
+    if a.do_sample != b.do_sample:
+        return False
+    if not a.do_sample:
+        return True
+    close = lambda x, y: (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6)  # noqa: E731
+    return a.top_k == b.top_k and all(close(getattr(a, f), getattr(b, f)) for f in ("temperature", "top_p", "min_p"))
 
 
 def _as_batch_of_one(input_ids) -> torch.Tensor:

@@ -72,8 +72,9 @@ class LoadedModel:
             raise ValueError("tokenizer_fingerprint must be 64 lowercase hex digits")
 
 
-def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    """End-of-sequence ids: the generation config's (int or list), else the tokenizer's; may be ()."""
+def eos_token_ids(loaded) -> tuple[int, ...]:
+    """End-of-sequence ids of anything with .model and .tokenizer (a LoadedModel, a SpecBound):
+    the generation config's (int or list), else the tokenizer's; may be ()."""
     generation_config = getattr(loaded.model, "generation_config", None)
     value = getattr(generation_config, "eos_token_id", None)
     if value is None:

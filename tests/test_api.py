@@ -9,12 +9,12 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TextIteratorStreamer, TextStreamer
 
 import specbound_runtime as sb
 from clitools import save_tiny_artifact
 from helpers import make_tiny_model_folder
+from specbound_runtime.host import HostReadCounter
 from specbound_runtime.errors import ArtifactError, ModelError, SpecBoundError, UsageError
 from specbound_runtime.models import resolve_model
 from specbound_runtime.policy import ExitPolicy
@@ -162,27 +162,6 @@ def test_bf16_on_cpu_matches_generate_in_bf16(tiny):
     assert torch.equal(m.generate(torch.tensor(PROMPT), max_new_tokens=24), ref)
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values on the host: `.item()`, `int()`, `float()`, `bool()` of a
-    tensor, and copies to the CPU (on a GPU, each one is a synchronisation)."""
-
-    SCALAR_READS = ("item", "is_nonzero", "_local_scalar_dense")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        to_cpu = name in ("to", "_to_copy") and any(
-            str(a) == "cpu" for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))
-        )
-        if name in self.SCALAR_READS or to_cpu:
-            self.count += 1
-        return func(*args, **kwargs)
-
-
 def test_host_reads_are_at_most_one_per_exit_decision_and_per_verification(tiny, monkeypatch):
     from specbound_runtime import engine
 
@@ -196,7 +175,7 @@ def test_host_reads_are_at_most_one_per_exit_decision_and_per_verification(tiny,
     with torch.inference_mode():
         generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)  # builds the RoPE table once
         decisions.clear()
-        with HostReads() as reads:
+        with HostReadCounter() as reads:
             result = generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)
     passes = result.verify_passes + result.fallbacks
     assert len(decisions) > 0 and result.drafted > 0
