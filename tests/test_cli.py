@@ -194,3 +194,20 @@ def test_cli_reference_in_docs_matches_help():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (root / "docs" / "cli.md").read_text() == module.render()
+
+
+def test_decode_in_bfloat16_is_checked_against_generate_in_bfloat16(tiny):
+    folder, _, artifact = tiny
+    result = invoke("decode", "-m", folder, "-a", artifact, "-p", "w9 w10 w11", "-n", 12, "--dtype", "bfloat16", "--check-exact", "--json")
+    [record] = records(result)
+    assert record["exact"] is True and record["new_tokens"] == 12
+
+
+def test_impossible_device_and_dtype_are_one_error_line(tiny):
+    from clitools import assert_one_error
+
+    folder, _, _ = tiny
+    assert_one_error(invoke("decode", "-m", folder, "-p", "w5", "--dtype", "float8"), 4, "unknown dtype 'float8'")
+    if not torch.cuda.is_available():
+        assert_one_error(invoke("decode", "-m", folder, "-p", "w5", "--device", "cuda"), 4, "no CUDA GPU", "--device cpu")
+    assert_one_error(invoke("decode", "-m", folder, "-p", "w5", "--device", "tpu"), 4, "device")
