@@ -126,10 +126,12 @@ def run_batches(
     import optuna
 
     directions = study.directions
-    reported = 0
+    done = finished_trials(study)
+    counted = {i for i in done if i < n_trials}
+    if progress is not None and counted:
+        progress(len(counted))
     for k in range(-(-n_trials // batch)):
         indices = list(range(k * batch, min((k + 1) * batch, n_trials)))
-        done = finished_trials(study)
         if all(i in done for i in indices):
             continue
         proposals = _propose(done, indices, k, seed, directions, make_sampler, suggest, first_params)
@@ -153,13 +155,14 @@ def run_batches(
                     )
                 )
                 done[i] = Finished(i, params, tuple(values), {**attrs, INDEX: i}, distributions, system_attrs)
-        if progress is not None:
-            now = min(n_trials, indices[-1] + 1)
-            progress(now - reported)
-            reported = now
+                counted.add(i)
+                if progress is not None:
+                    progress(1)
+        by_others = [i for i in indices if i not in counted]
+        counted.update(by_others)
+        if progress is not None and by_others:
+            progress(len(by_others))
     done = finished_trials(study)
-    if progress is not None and reported < n_trials:
-        progress(n_trials - reported)
     return [done[i] for i in range(n_trials)]
 
 
