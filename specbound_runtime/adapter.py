@@ -39,6 +39,9 @@ class LayerModel(Protocol):
 
     def exit_token(self, index: int) -> int: ...
 
+    # token id of each exit_logits column on the device, or None when column i is token i
+    exit_columns: torch.Tensor | None
+
 
 class HFCausalLM:
     """LayerModel over a transformers *ForCausalLM of a supported architecture (decoder-only, RoPE)."""
@@ -76,11 +79,14 @@ class HFCausalLM:
         self._sdpa = attention == "sdpa"
         self._exit_head = None
         self._exit_tokens = None
+        self.exit_columns = None
         if exit_weights is not None:
             from .exit_head import FittedExitHead
 
             self._exit_head = FittedExitHead(exit_weights, self._norm, self._lm_head.weight, self._softcap)
             self._exit_tokens = self._exit_head.token_list
+            if self._exit_head.token_ids is not None:
+                self.exit_columns = self._exit_head.token_ids.to(self._lm_head.weight.device)
         layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self._layer_types = list(layer_types)

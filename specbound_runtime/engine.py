@@ -1,4 +1,9 @@
-"""The decode loop: draft, verify in one parallel pass, keep the longest agreeing prefix.
+"""The decode loop: draft, verify in one parallel pass, keep what verification accepts.
+
+One loop for both decoding modes. Greedy: drafts are argmaxes and verification keeps the longest
+prefix the full model's argmax agrees with (`acceptance.accept`). Sampling: drafts are drawn from
+the drafter's distribution q and verification is speculative sampling (`acceptance.speculative_accept`),
+whose output is distributed exactly as sampling from the full model token by token.
 
 A `DecodeState` holds one generation's state. Positions not yet run through every layer are
 "pending"; each keeps its hidden state at its current depth (the hidden-state cache). Depth never
@@ -14,18 +19,28 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .acceptance import Acceptance, accept
+from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
 from .policy import ExitPolicy, decide_exit, lookup_continuation
+from .sampling import Sampler, draft_probabilities, full_vocabulary, probabilities
 
 
 class DecodeState:
     """One generation: committed tokens, the layered KV cache and the pending positions."""
 
-    def __init__(self, lm: LayerModel, prompt_ids: list[int], max_length: int) -> None:
+    def __init__(
+        self,
+        lm: LayerModel,
+        prompt_ids: list[int],
+        max_length: int,
+        sampler: Sampler | None = None,
+        logits_processor: "LogitsProcessor | None" = None,
+    ) -> None:
         if not prompt_ids:
             raise ValueError("the prompt needs at least one token")
         self.lm = lm
+        self.sampler = sampler  # None: greedy decoding
+        self.logits_processor = logits_processor  # what generate() applies to every position
         self.tokens = list(prompt_ids)  # committed tokens (prompt and accepted output)
         self.cache = lm.new_cache(max_length)
         self.pending_start = 0  # position of the first pending token
@@ -33,6 +48,7 @@ class DecodeState:
         self.pending_depth = [0] * len(prompt_ids)
         self.drafts: list[int] = []
         self.draft_exit_layers: list[int] = []
+        self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
 
     @property
     def frontier_depth(self) -> int:
@@ -55,9 +71,12 @@ class DecodeState:
     def frontier_hidden(self) -> torch.Tensor:
         return self.pending_hidden[:, -1:]
 
-    def push_draft(self, token: int, exit_layer: int) -> None:
+    def push_draft(self, token: int, exit_layer: int, probs: torch.Tensor | None = None) -> None:
+        """Add a draft. probs: under sampling, the distribution over the vocabulary ([V]) the
+        token was drawn from; None for a deterministic proposal (q is one-hot)."""
         self.drafts.append(token)
         self.draft_exit_layers.append(exit_layer)
+        self.draft_probs.append(probs)
         hidden = self.lm.embed([token])
         self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
         self.pending_depth.append(0)
@@ -67,6 +86,7 @@ class DecodeState:
         self.cache.truncate(self.pending_start)
         self.drafts.clear()
         self.draft_exit_layers.clear()
+        self.draft_probs.clear()
         ids = self.tokens[self.pending_start :]
         self.pending_hidden = self.lm.embed(ids)
         self.pending_depth = [0] * len(ids)
@@ -88,7 +108,23 @@ class DecodeState:
         self.pending_depth = [0]
         self.drafts = []
         self.draft_exit_layers = []
+        self.draft_probs = []
         return new
+
+    def prefix_ids(self) -> torch.Tensor:
+        """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
+        return torch.tensor([self.tokens + self.drafts], device=self.lm.device)
+
+    def draft_matrix(self) -> torch.Tensor:
+        """q of every draft as rows [k, V] (one-hot rows for deterministic proposals)."""
+        V = self.lm.vocab_size
+        out = torch.zeros(len(self.drafts), V, dtype=torch.float64, device=self.lm.device)
+        for i, (token, q) in enumerate(zip(self.drafts, self.draft_probs)):
+            if q is None:
+                out[i, token] = 1.0
+            else:
+                out[i] = q
+        return out
 
 
 class Drafter(Protocol):
@@ -137,14 +173,21 @@ class EarlyExitDrafter:
             for layer, temperature, threshold in checks:
                 seq.advance_to(layer)
                 logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]
-                decision = decide_exit(logits, temperature, threshold)
+                if seq.sampler is None:
+                    q = None
+                    decision = decide_exit(logits, temperature, threshold)
+                else:  # sample the draft from q, in the same host read as the exit decision
+                    q = draft_probabilities(
+                        logits, seq.logits_processor, seq.prefix_ids(), seq.lm.exit_columns, seq.lm.vocab_size
+                    )
+                    decision = decide_exit(logits, temperature, threshold, q, seq.sampler.uniforms(1)[0])
                 if decision.exits:
                     break
             else:
                 seq.advance_to(policy.d_max)  # a hard token: drafting stops here
                 return
             token = seq.lm.exit_token(decision.token)
-            seq.push_draft(token, layer)
+            seq.push_draft(token, layer, None if q is None else full_vocabulary(q, seq.lm.exit_columns, seq.lm.vocab_size))
             if token in self.eos_token_ids:
                 return
 
@@ -207,6 +250,17 @@ def target_scores(
     return torch.cat(rows, dim=0)
 
 
+def verify(seq: DecodeState, logits: torch.Tensor, finite_rows: torch.Tensor | None = None) -> Acceptance:
+    """The acceptance step of the decoding mode: greedy `accept`, or `speculative_accept` with p
+    the full model's processed distributions, q the drafts' own, and fresh uniform numbers."""
+    scores = target_scores(logits, seq.tokens, seq.drafts, seq.logits_processor)
+    if seq.sampler is None:
+        return accept(torch.tensor(seq.drafts, dtype=torch.long), scores, finite_rows)
+    k = len(seq.drafts)
+    drafts = torch.tensor(seq.drafts, dtype=torch.long, device=scores.device)
+    return speculative_accept(drafts, seq.draft_matrix(), probabilities(scores), seq.sampler.uniforms(k + 1), finite_rows)
+
+
 def generate(
     lm: LayerModel,
     prompt_ids: list[int],
@@ -217,11 +271,15 @@ def generate(
     *,
     logits_processor: LogitsProcessor | None = None,
     stopping_criteria: StoppingCriteria | None = None,
+    sampler: Sampler | None = None,
 ) -> GenerationResult:
-    """Greedy decoding with speculation; token-identical to plain greedy decoding.
+    """Decoding with speculation. Greedy (sampler None): token-identical to plain greedy
+    decoding. Sampling (a Sampler, holding the run's generator): distributed exactly as
+    `generate(do_sample=True)` with the same processors and warpers.
 
     logits_processor and stopping_criteria are what `generate()` prepares from a generation
-    config; each is applied position by position, as in transformers' own greedy loop."""
+    config (under sampling, with its warpers); each is applied position by position, as in
+    transformers' own decoding loop."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     eos = frozenset(eos_token_ids)
@@ -231,7 +289,7 @@ def generate(
     exit_layers: list[int] = []
     drafted = accepted = fallbacks = 0
     with torch.inference_mode():
-        seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens)
+        seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens, sampler, logits_processor)
         first = True
         while True:
             if not first:
@@ -240,15 +298,12 @@ def generate(
                     drafter.draft(seq, budget)
             first = False
             logits = seq.verify_logits()
-            scores = target_scores(logits, seq.tokens, seq.drafts, logits_processor)
-            acceptance = accept(torch.tensor(seq.drafts, dtype=torch.long), scores, torch.isfinite(logits).all(-1))
+            acceptance = verify(seq, logits, torch.isfinite(logits).all(-1))
             if not acceptance.trusted:
                 # Never trust a token chosen from non-finite values: redo this step at full depth.
                 fallbacks += 1
                 seq.discard_drafts()
-                logits = seq.verify_logits()
-                scores = target_scores(logits, seq.tokens, [], logits_processor)
-                acceptance = accept(torch.tensor([], dtype=torch.long), scores)
+                acceptance = verify(seq, seq.verify_logits())
             exit_layers.extend(seq.draft_exit_layers)
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length

@@ -10,8 +10,9 @@ position in verification.
 
 A processor is only safe here when its output depends on nothing but (input_ids, scores):
 verification calls it once per verified row, on rows that may then be thrown away. The ones
-transformers builds for greedy decoding from a generation config are listed below; anything
-else is refused with an error naming it, never run silently.
+transformers builds from a generation config, for greedy decoding and the warpers it adds under
+do_sample=True, are listed below; anything else is refused with an error naming it, never run
+silently. Under sampling the same list also shapes the drafter's own distribution q.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 
 from .errors import UsageError
+from .sampling import DecodingMode, Sampler
 
 # Pure functions of (input_ids, scores): safe to call on speculative rows.
 POSITIONWISE_PROCESSORS = frozenset(
@@ -39,6 +41,16 @@ POSITIONWISE_PROCESSORS = frozenset(
         "LogitNormalization",
         "SuppressTokensLogitsProcessor",
         "SuppressTokensAtBeginLogitsProcessor",
+        # the warpers generate() adds under do_sample=True (temperature, top_k, top_p, min_p,
+        # typical_p, epsilon_cutoff, eta_cutoff, top_h): each a function of the scores alone
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "TopHLogitsWarper",
     }
 )
 
@@ -65,13 +77,11 @@ def check_processors(logits_processor) -> None:
 
 
 def check_generation_config(generation_config) -> None:
-    """Refuse what greedy speculative decoding does not do (yet), naming the setting."""
-    if getattr(generation_config, "do_sample", False):
-        raise UsageError("do_sample=True is not supported yet; SpecBound decodes greedily (do_sample=False)")
+    """Refuse what speculative decoding does not do (yet), naming the setting."""
     for name in ("num_beams", "num_return_sequences"):
         value = getattr(generation_config, name, 1) or 1
         if value != 1:
-            raise UsageError(f"{name}={value} is not supported; SpecBound decodes one greedy sequence")
+            raise UsageError(f"{name}={value} is not supported; SpecBound decodes one sequence (greedy or sampled)")
     if getattr(generation_config, "return_dict_in_generate", False):
         raise UsageError("return_dict_in_generate=True is not supported; SpecBound returns token ids")
 
@@ -87,11 +97,12 @@ def check_model_kwargs(input_ids: torch.Tensor, model_kwargs: dict) -> None:
         raise UsageError("a pre-filled cache is not supported; SpecBound keeps its own cache")
 
 
-def generate_arguments(max_new_tokens: int, eos_token_ids) -> dict:
-    """The `generate()` arguments of greedy decoding, the same for SpecBound and the reference."""
+def generate_arguments(max_new_tokens: int, eos_token_ids, mode: DecodingMode | None = None) -> dict:
+    """The `generate()` arguments of a decoding mode (default greedy), the same for SpecBound and
+    the reference."""
     eos = list(eos_token_ids) or None
     return dict(
-        do_sample=False,
+        **(mode or DecodingMode()).generate_kwargs(),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=eos[0] if eos else 0,
@@ -102,11 +113,15 @@ def generate_arguments(max_new_tokens: int, eos_token_ids) -> dict:
 _NATIVE_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria")
 
 
-def custom_generate_for(model, lm, make_drafter: Callable, on_tokens: Callable | None = None):
+def custom_generate_for(
+    model, lm, make_drafter: Callable, on_tokens: Callable | None = None, on_mode: Callable | None = None
+):
     """The callable for `model.generate(..., custom_generate=...)`: SpecBound's decode loop over
     `lm` (the model's layer adapter), with the drafter make_drafter(eos_token_ids) returns.
+    on_mode(DecodingMode), when given, hears the mode generate() resolved before decoding starts.
 
-    Extra keyword arguments it takes from generate(): specbound_stats (a list; each run's
+    Extra keyword arguments it takes from generate(): generator (a torch.Generator for
+    do_sample=True; without it, torch's global generator), specbound_stats (a list; each run's
     GenerationResult is appended) and specbound_streamer (transformers does not hand a callable
     custom_generate its `streamer`)."""
     from .engine import generate
@@ -117,6 +132,7 @@ def custom_generate_for(model, lm, make_drafter: Callable, on_tokens: Callable |
         logits_processor=None,
         stopping_criteria=None,
         generation_config=None,
+        generator: torch.Generator | None = None,
         specbound_stats: list | None = None,
         specbound_streamer=None,
         **model_kwargs,
@@ -124,6 +140,11 @@ def custom_generate_for(model, lm, make_drafter: Callable, on_tokens: Callable |
         if model_ is not model:
             raise UsageError("this custom_generate belongs to another model; use the one made for this model")
         check_generation_config(generation_config)
+        mode = DecodingMode.resolved(generation_config)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise UsageError(f"generator must be a torch.Generator, not {type(generator).__name__}")
+        if on_mode is not None:
+            on_mode(mode)
         check_processors(logits_processor)
         check_model_kwargs(input_ids, model_kwargs)
         prompt = input_ids[0].tolist()
@@ -137,6 +158,7 @@ def custom_generate_for(model, lm, make_drafter: Callable, on_tokens: Callable |
             lm, prompt, max_new, make_drafter(eos), eos, _fan_out([f for f in (on_tokens, streamed) if f]),
             logits_processor=logits_processor or None,
             stopping_criteria=_criteria(other_criteria),
+            sampler=Sampler(generator, lm.device) if mode.do_sample else None,
         )
         if specbound_stats is not None:
             specbound_stats.append(result)

@@ -125,12 +125,31 @@ def exit_confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Ten
     return torch.exp(top - torch.logsumexp(z, dim=-1)), token
 
 
-def decide_exit(logits: torch.Tensor, temperature: float, threshold: float) -> ExitDecision:
-    """The exit rule, with one host read (one device synchronisation) per decision."""
+def decide_exit(
+    logits: torch.Tensor,
+    temperature: float,
+    threshold: float,
+    draft_probs: torch.Tensor | None = None,
+    uniform: torch.Tensor | None = None,
+) -> ExitDecision:
+    """The exit rule, with one host read (one device synchronisation) per decision.
+
+    Greedy: the draft is the argmax. Sampling: pass draft_probs (q over the same columns as
+    logits) and a uniform number; the draft is drawn from q by inverse CDF (`sampling.sample_index`),
+    in the same read. The exit rule itself is the same in both modes: calibrated confidence
+    max softmax(z / T) against the threshold."""
     confidence, token = exit_confidence(logits, temperature)
     # NaN or +inf never produces a draft: the token goes on to the depth bound. (-inf is a
     # legitimate "impossible token", e.g. outside a fitted vocabulary short-list.)
     broken = torch.isnan(logits).any() | torch.isposinf(logits).any()
+    if draft_probs is not None:
+        from .sampling import sample_index
+
+        if uniform is None:
+            raise ValueError("sampling a draft needs a uniform number")
+        # a q without finite mass (every column removed by the processors) drafts nothing
+        broken = broken | ~torch.isfinite(draft_probs).all() | ~(draft_probs.sum() > 0)
+        token = sample_index(torch.nan_to_num(draft_probs, nan=0.0), uniform)
     exits = ~broken & (confidence >= threshold)
     # float64 holds any token id exactly; one transfer carries all three values
     flag, index, conf = read(torch.stack([exits.double(), token.double(), confidence.double()]))

@@ -119,10 +119,17 @@ def test_guidance_scale_is_refused_by_name(llama):
         model.generation_config = saved
 
 
-def test_sampling_config_is_refused_not_decoded_greedily(llama):
+def test_a_sampling_config_is_sampled_not_decoded_greedily(llama):
+    """do_sample=True in the call (or the model's generation config) samples; beams stay refused."""
     model, lm = llama
-    with pytest.raises(UsageError, match="do_sample"):
-        _through_generate(model, lm, NoDrafter(), do_sample=True)
+    greedy = reference_greedy(model, PROMPT, NEW, (EOS,))
+    sampled = [
+        _through_generate(model, lm, NoDrafter(), do_sample=True, temperature=2.0, generator=torch.Generator().manual_seed(s))[0]
+        for s in range(3)
+    ]
+    assert all(s != greedy for s in sampled) and len({tuple(s) for s in sampled}) == 3
+    with pytest.raises(UsageError, match="num_beams=2"):
+        _through_generate(model, lm, NoDrafter(), do_sample=True, num_beams=2)
 
 
 def test_stopping_criteria_stop_at_the_first_token_they_fire_on(llama):

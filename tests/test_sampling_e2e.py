@@ -1,0 +1,256 @@
+"""Sampling end to end on tiny models: the exact distribution of short continuations against
+SpecBound's samples, a biased acceptance rule caught by the same test, seeds, the API and
+custom_generate, and the host-read budget.
+
+The distribution test. On a tiny Llama (vocabulary 16), generate()'s own processors for the
+sampling settings are captured, and the exact probability of every continuation of 4 tokens is
+enumerated from the model's plain forward pass (transformers' code, not ours). SpecBound draws
+N continuations with drafters that are often right and often wrong (early exit at a shallow and a
+deep layer, short-list exit heads, prompt lookup's one-hot drafts). Pearson's chi-square
+goodness-of-fit test compares the counts with N times the exact probabilities, continuations
+expected fewer than 5 times pooled into one cell. The threshold is fixed in advance: reject when
+the p-value is below ALPHA = 1e-3, so a correct sampler fails with probability 0.1% for a seed
+drawn at random (the seeds here are fixed, so the test is deterministic). The same test, run on a
+deliberately biased rule (on rejection, draw from p instead of the residual max(0, p - q)), must
+reject: it does, with p-values far below ALPHA (about 1e-30 at N = 1000 when this was written).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import specbound_runtime as sb
+from clitools import save_tiny_artifact
+from helpers import make_tiny_model_folder
+from specbound_runtime import engine
+from specbound_runtime.acceptance import Acceptance
+from specbound_runtime.adapter import HFCausalLM
+from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.exit_head import ExitHeadWeights
+from specbound_runtime.models import resolve_model
+from specbound_runtime.policy import ExitPolicy
+from specbound_runtime.sampling import DecodingMode, Sampler, sample_index
+from specbound_runtime.host import HostReadCounter
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALPHA = 1e-3  # fixed in advance: the false-alarm rate of each goodness-of-fit test
+PROMPT = [5, 9, 5, 9]  # "5 9" recurs: prompt lookup drafts one-hot proposals
+LENGTH = 4
+EOS = 3
+
+
+def generate_processors(model, **sampling):
+    """The logits processors and warpers generate() builds for these settings (captured from
+    generate() itself through custom_generate)."""
+    seen = {}
+
+    def capture(model_, input_ids, logits_processor=None, **kwargs):
+        seen["processors"] = logits_processor
+        return input_ids
+
+    model.generate(torch.tensor([PROMPT]), custom_generate=capture, max_new_tokens=1, **sampling)
+    return seen["processors"]
+
+
+def exact_distribution(model, processors, prompt=PROMPT, length=LENGTH, eos=EOS) -> dict[tuple, float]:
+    """P(continuation) for every continuation of `length` tokens (shorter when it ends at EOS),
+    from the model's full forward pass and generate()'s processors."""
+    out, frontier = {}, [((), 1.0)]
+    with torch.inference_mode():
+        while frontier:
+            seq, prob = frontier.pop()
+            if len(seq) == length or (seq and seq[-1] == eos):
+                out[seq] = prob
+                continue
+            ids = torch.tensor([prompt + list(seq)])
+            p = torch.softmax(processors(ids, model(ids).logits[:, -1].float()), -1)[0].double()
+            frontier += [(seq + (t,), prob * float(p[t])) for t in torch.nonzero(p > 0).flatten().tolist()]
+    return out
+
+
+def chi_square_pvalue(exact: dict[tuple, float], samples: list[tuple]) -> float:
+    n = len(samples)
+    counts: dict[tuple, int] = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert set(counts) <= set(exact), "a continuation the model cannot produce was sampled"
+    big = [s for s in exact if exact[s] * n >= 5]
+    observed = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    expected = np.array([exact[s] for s in big] + [1.0 - sum(exact[s] for s in big)])
+    assert len(big) >= 20  # enough cells for the test to see a shape, not only a mean
+    return float(chisquare(observed, expected * n / expected.sum()).pvalue)
+
+
+def draw(lm, drafter_for, processors, n: int, seed: int) -> tuple[list[tuple], int, int]:
+    g = torch.Generator().manual_seed(seed)
+    samples, drafted, accepted = [], 0, 0
+    for _ in range(n):
+        r = generate(lm, PROMPT, LENGTH, drafter_for(), [EOS], logits_processor=processors, sampler=Sampler(g))
+        samples.append(tuple(r.token_ids))
+        drafted += r.drafted
+        accepted += r.accepted
+    return samples, drafted, accepted
+
+
+@pytest.fixture(scope="module")
+def tiny16():
+    model = tiny_model("llama", seed=1, vocab_size=16)
+    return model
+
+
+def _rejects_often_and_accepts_often(drafted, accepted):
+    assert drafted > 0 and 0.1 < accepted / drafted < 0.9  # both the accept and the residual paths run
+
+
+def test_samples_follow_the_exact_distribution_with_top_k_and_a_shallow_exit(tiny16):
+    model = tiny16
+    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    exact = exact_distribution(model, processors)
+    policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
+    samples, drafted, accepted = draw(HFCausalLM(model), lambda: EarlyExitDrafter(policy), processors, 600, seed=0)
+    _rejects_often_and_accepts_often(drafted, accepted)
+    assert chi_square_pvalue(exact, samples) >= ALPHA
+
+
+def test_samples_follow_the_exact_distribution_with_top_p_and_a_short_list_head(tiny16):
+    model = tiny16
+    processors = generate_processors(model, do_sample=True, temperature=0.9, top_p=0.85, top_k=0)
+    exact = exact_distribution(model, processors)
+    g = torch.Generator().manual_seed(7)
+    weights = ExitHeadWeights(
+        shortlist=torch.tensor([0, 1, 2, 4, 5, 6, 7, 9, 10, 12, 13, 15]),
+        lens={2: (torch.eye(64) + 0.05 * torch.randn(64, 64, generator=g), torch.zeros(64))},
+    )
+    lm = HFCausalLM(model, exit_weights=weights)
+    policy = ExitPolicy(6, (2, 5), (1.0, 1.0), (0.5, 0.0), 5, 3)
+    samples, drafted, accepted = draw(lm, lambda: EarlyExitDrafter(policy), processors, 600, seed=1)
+    _rejects_often_and_accepts_often(drafted, accepted)
+    assert chi_square_pvalue(exact, samples) >= ALPHA
+
+
+def _draw_from_p_on_rejection(draft_tokens, q, p, u, finite_rows=None):
+    """A deliberately biased rule: right acceptance test, wrong distribution after a rejection."""
+    k = len(draft_tokens)
+    n = 0
+    while n < k and u[n] * q[n, draft_tokens[n]] < p[n, draft_tokens[n]]:
+        n += 1
+    return Acceptance(n, int(sample_index(p[n], u[k])), k)
+
+
+def test_the_same_test_rejects_a_biased_acceptance_rule(tiny16, monkeypatch):
+    model = tiny16
+    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    exact = exact_distribution(model, processors)
+    policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
+    monkeypatch.setattr(engine, "speculative_accept", _draw_from_p_on_rejection)
+    samples, drafted, accepted = draw(HFCausalLM(model), lambda: EarlyExitDrafter(policy), processors, 400, seed=0)
+    assert drafted > accepted > 0
+    assert chi_square_pvalue(exact, samples) < ALPHA
+
+
+# -- seeds, the API, custom_generate -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling-api")
+    folder = make_tiny_model_folder(root / "model", num_layers=4, seed=3)
+    loaded = resolve_model(str(folder))
+    policy = ExitPolicy(4, (1, 2, 3), (1.0,) * 3, (0.0,) * 3, d_max=3, w_max=4, lookup_ngram=2, lookup_max=3)
+    greedy_tuned = save_tiny_artifact(loaded, root / "greedy.safetensors", policy=policy)
+    mode = DecodingMode.resolved(type(loaded.model.generation_config)(do_sample=True, temperature=0.7, top_k=50, top_p=0.9))
+    sampling_tuned = save_tiny_artifact(loaded, root / "sampling.safetensors", policy=policy, metadata={"decoding_mode": mode.to_json()})
+    return folder, greedy_tuned, sampling_tuned
+
+
+IDS = torch.tensor([[1, 9, 10, 11, 12, 13, 9, 10, 11]])
+SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=24)
+
+
+def test_the_same_seed_gives_the_same_output_through_every_entry_point(tiny):
+    folder, _, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    by_generator = [m.generate(IDS, generator=torch.Generator().manual_seed(s), **SAMPLING) for s in (0, 0, 1)]
+    assert torch.equal(by_generator[0], by_generator[1]) and not torch.equal(by_generator[0], by_generator[2])
+    torch.manual_seed(0)
+    a = m.generate(IDS, **SAMPLING)
+    torch.manual_seed(0)
+    b = m.generate(IDS, **SAMPLING)
+    c = m.generate(IDS, **SAMPLING)  # the global generator moved on
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    stats: list = []
+    with torch.inference_mode():
+        via_hf = m.model.generate(
+            IDS, custom_generate=m.custom_generate, generator=torch.Generator().manual_seed(0), specbound_stats=stats, **SAMPLING
+        )
+    assert torch.equal(via_hf, by_generator[0]) and stats[0].drafted > 0
+
+
+def test_sampled_generation_drafts_accepts_and_stops_like_generate(tiny):
+    folder, _, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    eos = m.eos_token_ids[0]
+    total_drafted = total_accepted = 0
+    for s in range(6):
+        run = m.generate_with_stats(IDS, generator=torch.Generator().manual_seed(s), min_p=0.05, **SAMPLING)
+        out, stats = run.sequences[0, IDS.shape[1] :].tolist(), run.stats
+        assert len(out) == stats.new_tokens == sum(stats.accept_lengths) <= 24
+        assert eos not in out[:-1] and (len(out) == 24 or out[-1] == eos)
+        total_drafted += stats.drafted
+        total_accepted += stats.accepted
+    assert total_drafted > total_accepted > 0
+
+
+def test_decoding_in_another_mode_than_tuned_warns_once(tiny, capsys):
+    folder, greedy_tuned, sampling_tuned = tiny
+    m = sb.load(str(folder), artifact=sampling_tuned)
+    m.generate(IDS, generator=torch.Generator().manual_seed(0), **SAMPLING)
+    assert "warning" not in capsys.readouterr().err  # the mode it was tuned for
+    m.generate(IDS, max_new_tokens=4)
+    m.generate(IDS, max_new_tokens=4, do_sample=True, temperature=1.3)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "tuned for sampling (temperature=0.7, top_k=50, top_p=0.9" in err and "greedy" in err
+    old = sb.load(str(folder), artifact=greedy_tuned)  # an artifact that names no mode was tuned greedily
+    assert old.tuned_mode == DecodingMode()
+    old.generate(IDS, generator=torch.Generator().manual_seed(0), **SAMPLING)
+    old.generate(IDS, generator=torch.Generator().manual_seed(1), **SAMPLING)
+    assert capsys.readouterr().err.count("tuned for greedy") == 1
+    assert json.loads(DecodingMode.sampling(temperature=0.5).to_json())["temperature"] == 0.5
+
+
+def test_host_reads_under_sampling_stay_one_per_exit_decision_and_per_verification(tiny, monkeypatch):
+    folder, _, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    processors = generate_processors(m.model, do_sample=True, temperature=0.7, top_p=0.9)
+    decisions = []
+    real = engine.decide_exit
+    monkeypatch.setattr(engine, "decide_exit", lambda *a: decisions.append(1) or real(*a))
+    drafter = EarlyExitDrafter(m.policy)
+    with torch.inference_mode():
+        generate(m.lm, IDS[0].tolist(), 40, drafter, m.eos_token_ids, logits_processor=processors, sampler=Sampler(torch.Generator().manual_seed(0)))
+        decisions.clear()
+        with HostReadCounter() as reads:
+            result = generate(
+                m.lm, IDS[0].tolist(), 40, drafter, m.eos_token_ids, logits_processor=processors,
+                sampler=Sampler(torch.Generator().manual_seed(1)),
+            )
+    assert len(decisions) > 0 and result.drafted > 0
+    assert reads.count <= len(decisions) + result.verify_passes + result.fallbacks, (reads.count, len(decisions), result.verify_passes)
+
+
+def test_plain_sampling_through_the_engine_is_generate_sampling_in_distribution(tiny16):
+    """NoDrafter under sampling: one token per pass, from p (the first-token distribution)."""
+    model = tiny16
+    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    exact = exact_distribution(model, processors, length=1)
+    g = torch.Generator().manual_seed(3)
+    samples = [tuple(generate(HFCausalLM(model), PROMPT, 1, NoDrafter(), [EOS], logits_processor=processors, sampler=Sampler(g)).token_ids) for _ in range(300)]
+    counts = [samples.count(s) for s in exact]
+    assert sum(counts) == 300 and chisquare(counts, np.array(list(exact.values())) * 300 / sum(exact.values())).pvalue >= ALPHA
