@@ -43,7 +43,7 @@ class OracleSetup:
 
 def oracle_setup(loaded, artifact) -> OracleSetup | None:
     """The replay's setup, or None (with a warning) when the artifact has no cost model."""
-    from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
+    from specbound_runtime.exit_head import ExitHeadWeights
 
     raw = artifact.artifact_metadata.get("cost_model")
     try:
@@ -55,11 +55,8 @@ def oracle_setup(loaded, artifact) -> OracleSetup | None:
     weights = artifact.exit_weights
     shortlist = weights.shortlist if weights is not None and weights.shortlist is not None else torch.arange(lm.vocab_size)
     lens = weights.lens if weights is not None else {}
-    # as write_records builds them; "lens" is exactly the runtime's exit head for this artifact
-    heads = {
-        "plain": FittedExitHead(ExitHeadWeights(shortlist, {}), lm.normed, lm.lm_head_weight, lm.softcap),
-        "lens": FittedExitHead(ExitHeadWeights(shortlist, lens), lm.normed, lm.lm_head_weight, lm.softcap),
-    }
+    # as calibration records them; "lens" is exactly the runtime's exit head for this artifact
+    heads = C.exit_heads(lm, ExitHeadWeights(shortlist, lens))
     active = artifact.policy.active_checks
     return OracleSetup(
         lm=lm,

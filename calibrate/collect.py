@@ -263,7 +263,7 @@ LOOKUP_MAX = 10
 def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     """Add, per recorded position, what prompt lookup proposes from the true context (as
     specbound_runtime.policy.lookup_continuation does) and how much of it is right.
-    `recorded` are the sequences in the order write_records stored them."""
+    `recorded` are the sequences in the order their shards (records_shard) stored them."""
     n = len(records.seq)
     proposed = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)
     right = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)

@@ -68,8 +68,23 @@ class CalibrateOptions:
     costs_file: str | None = None  # a cost model pinned with `specbound costs`
     cost_model: dict | None = None  # a cost model given in memory (from an artifact or a parent)
     base_dir: Path | None = None  # where relative paths start (a job file's folder)
+    # the decoding mode tuned for: greedy when all are None (calibrate --temperature/--top-p ...)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def mode(self):
+        """The decoding mode tuned for, as requested (transformers fills in its defaults)."""
+        from specbound_runtime.sampling import DecodingMode
+
+        try:
+            return DecodingMode.sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        except ValueError as e:
+            raise UsageError(f"decoding mode: {e}") from None
 
     def validate(self) -> None:
+        self.mode()
         if self.seed < 0:
             raise UsageError(f"--seed must be >= 0, got {self.seed}")
         if self.trials < 1:
@@ -524,14 +539,10 @@ def _plain(value):
 
 def options_from_payload(data: dict) -> CalibrateOptions:
     paths = {"out", "work_dir", "base_dir"}
-    kwargs = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k not in ("worker", "workers")}
+    kwargs = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k not in ("worker", "workers", "ready")}
     if kwargs.get("candidate_layers") is not None:
         kwargs["candidate_layers"] = tuple(kwargs["candidate_layers"])
     return CalibrateOptions(**kwargs)
-
-
-def run_worker(opts: CalibrateOptions, worker: int, workers: int, quiet: bool = True) -> Collected:
-    return collect_and_tune(prepare(opts), worker, workers, quiet)
 
 
 def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
@@ -542,7 +553,7 @@ def run_calibration(opts: CalibrateOptions) -> CalibrationOutcome:
     plan = prepare(opts)
     if plan.out.exists() and not opts.force:
         raise UsageError(f"{plan.out} already exists; pass --force to replace it or choose another --out")
-    children = start_local_workers(payload(plan), opts.workers) if opts.workers > 1 else []
+    children = start_local_workers(payload(plan), opts.workers, plan.work) if opts.workers > 1 else []
     try:
         collected = collect_and_tune(plan, 0, opts.workers)
     finally:
@@ -644,12 +655,7 @@ def collection_throughput(lm, weights, sample, settings) -> dict:
     """Tokens/s of recording (pass B) beside a plain teacher-forced forward, on a few sequences."""
     import time
 
-    from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
-
-    heads = {
-        "plain": FittedExitHead(ExitHeadWeights(weights.shortlist, {}), lm.normed, lm.lm_head_weight, lm.softcap),
-        "lens": FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap),
-    }
+    heads = C.exit_heads(lm, weights)
     tokens = sum(len(s.ids) for s in sample)
     if not tokens:
         return {}

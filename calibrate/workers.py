@@ -26,6 +26,7 @@ from typing import Callable
 STALE_AFTER_S = 60.0
 HEARTBEAT_S = 5.0
 POLL_S = 0.2
+READY_TIMEOUT_S = 600.0  # how long local workers may take to load the model
 
 
 def _alive(pid: int) -> bool:
@@ -166,9 +167,14 @@ def make_shards(
 # -- local worker processes --------------------------------------------------------------------
 
 
-def start_local_workers(payload: dict, workers: int) -> list[subprocess.Popen]:
-    """Start workers 1..workers-1 as child processes (this process is worker 0). The options,
-    storage URL included, go through the child's stdin: never on a command line or on disk."""
+def start_local_workers(payload: dict, workers: int, work: Path) -> list[subprocess.Popen]:
+    """Start workers 1..workers-1 as child processes (this process is worker 0) and wait until
+    each has loaded the model, so that all start collecting together. The options, storage URL
+    included, go through the child's stdin: never on a command line or on disk."""
+    import tempfile
+
+    ready = Path(tempfile.mkdtemp(prefix=".ready-", dir=work))
+    payload = {**payload, "ready": str(ready)}
     children = []
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), SPECBOUND_WORKER_THREADS=str(threads))
@@ -180,6 +186,14 @@ def start_local_workers(payload: dict, workers: int) -> list[subprocess.Popen]:
         child.stdin.write(json.dumps({**payload, "worker": index, "workers": workers}).encode())
         child.stdin.close()
         children.append(child)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while len(list(ready.iterdir())) < workers - 1 and time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            break  # one failed to start: the others, and this process, do its share
+        time.sleep(POLL_S)
+    for entry in ready.iterdir():
+        entry.unlink()
+    ready.rmdir()
     return children
 
 
@@ -190,13 +204,18 @@ def main() -> None:
 
     from specbound_runtime.errors import SpecBoundError
 
-    from .pipeline import options_from_payload, run_worker
+    from .pipeline import collect_and_tune, options_from_payload, prepare
 
     request = json.loads(sys.stdin.read())
     torch.set_num_threads(int(os.environ.get("SPECBOUND_WORKER_THREADS", "1")))
     index = request["worker"]
     try:
-        run_worker(options_from_payload(request), index, request["workers"], quiet=True)
+        plan = prepare(options_from_payload(request))
+        try:
+            (Path(request["ready"]) / str(index)).touch()
+        except OSError:
+            pass  # the parent stopped waiting
+        collect_and_tune(plan, index, request["workers"], quiet=True)
     except SpecBoundError as e:
         print(f"Error: [worker {index}] {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

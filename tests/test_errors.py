@@ -744,7 +744,7 @@ def _interrupted(sig, model, corpus, out: Path, tmp_path: Path, cache: Path) -> 
 
 
 def _signal_calibration(sig, model, args, work: Path, cache: Path) -> tuple[int | None, str]:
-    """Start `specbound calibrate ARGS` in a subprocess, send `sig` once its answers file appears
+    """Start `specbound calibrate ARGS` in a subprocess, send `sig` once its workers.log appears
     (collection has begun), and return its exit code and stderr."""
     specbound = Path(sys.executable).with_name("specbound")
     proc = subprocess.Popen(
@@ -754,7 +754,7 @@ def _signal_calibration(sig, model, args, work: Path, cache: Path) -> tuple[int 
     )
     try:
         deadline = time.monotonic() + 120
-        while not (work / "answers.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not (work / "workers.log").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         if proc.poll() is not None:
             proc.communicate()
@@ -803,7 +803,7 @@ def test_interrupted_calibration_prints_its_error_on_a_line_of_its_own(tiny, cor
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_chat_ids", interrupted)  # first called inside own_answers' bar
+    monkeypatch.setattr(pipeline, "_chat_ids", interrupted)  # first called inside the own answers' bar
     assert_one_error(calibrate_cli(tiny[0], corpus, tmp_path), EXIT_INTERRUPTED, "Error: interrupted")
 
 

@@ -44,6 +44,8 @@ def _password(url: str) -> str:
 
 
 def test_four_local_workers_give_the_bytes_of_one(reference, postgres_server, capfd):
+    import optuna
+
     folder, one = reference
     url = new_database(postgres_server, "four")
     result = invoke("calibrate", "--job", pg_job(folder, "four", url, workers=4))
@@ -53,6 +55,12 @@ def test_four_local_workers_give_the_bytes_of_one(reference, postgres_server, ca
     log = (folder / "runs" / "four" / "workers.log").read_text()
     started = {line.split()[1] for line in log.splitlines() if " started" in line}
     assert len(started) == 4 and all(f"worker {i} of 4 started" in log for i in range(4))
+    # the work was shared: shards built by several processes, trials evaluated by several
+    builders = {line.split()[1] for line in log.splitlines() if " built " in line}
+    storage = optuna.storages.RDBStorage(url)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    evaluators = {t.user_attrs["worker"] for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials}
+    assert len(builders) >= 2 and len(evaluators) >= 2, (builders, evaluators)
     # the password of the storage URL is nowhere: artifact, report, messages, work folder
     secret = _password(url)
     assert len(secret) >= 16
