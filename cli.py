@@ -119,6 +119,23 @@ def _load_decoder(model: str, artifact: Optional[Path], device: Optional[str] = 
     return Decoder(sb.load(model, artifact=artifact, device=device, dtype=dtype))
 
 
+# Sampling options, the same on decode, bench and calibrate.
+_TEMPERATURE_HELP = "Sample at this temperature (do_sample=True; 0 = greedy). Sampling is on when any of --temperature, --top-k, --top-p, --min-p is given; the output is distributed exactly as generate(do_sample=True)'s."
+_TOP_K_HELP = "Sample from the k most likely tokens (0: off; transformers' default when sampling is 50)."
+_TOP_P_HELP = "Sample from the smallest set of tokens holding this probability (nucleus sampling)."
+_MIN_P_HELP = "Drop tokens less likely than min-p times the most likely one."
+
+
+def _sampling_mode(temperature, top_k, top_p, min_p):
+    from specbound_runtime.sampling import DecodingMode
+
+    try:
+        return DecodingMode.sampling(temperature, top_k, top_p, min_p)
+    except ValueError as e:
+        flags = str(e).replace("top_k", "--top-k").replace("top_p", "--top-p").replace("min_p", "--min-p")
+        raise UsageError(flags.replace("temperature", "--temperature", 1)) from None
+
+
 def _prompts(prompt: Optional[str], prompt_file: Optional[Path]):
     from specbound_runtime.prompts import Prompt, read_prompt_file, validate_prompt_text
 
@@ -138,18 +155,32 @@ def decode(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Plain text (one prompt) or JSONL with a `prompt` (or `turns`) field per line."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per prompt; clamped with a warning to fit the model's context."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the tokenizer's chat template (default: on when it has one)."),
-    no_speculation: bool = typer.Option(False, "--no-speculation", help="Plain greedy decoding through the same engine (the fair baseline)."),
-    check_exact: bool = typer.Option(False, "--check-exact", help="Also run transformers' generate() and fail (exit 6) if any token differs."),
+    no_speculation: bool = typer.Option(False, "--no-speculation", help="Plain decoding (greedy or sampled) through the same engine (the fair baseline)."),
+    check_exact: bool = typer.Option(False, "--check-exact", help="Also run transformers' generate() and fail (exit 6) if any token differs (greedy only)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout instead of streamed text."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). Exactness is against generate() on the same device and dtype."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=_TEMPERATURE_HELP),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help=_TOP_K_HELP),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of sampling: prompt i of a file is seeded from (seed, i), so each output is reproducible alone (default: a fresh random seed per run)."),
 ):
-    """Generate greedily with bounded early-exit self-speculation; output equals plain greedy decoding.
+    """Generate with bounded early-exit self-speculation: greedy output equals plain greedy
+    decoding token for token; sampled output (--temperature, --top-k, --top-p) is distributed
+    exactly as generate(do_sample=True)'s.
 
     Text streams to stdout as it is accepted; statistics go to stderr."""
     with _one_error_path():
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        mode = _sampling_mode(temperature, top_k, top_p, min_p)
+        if mode.do_sample and check_exact:
+            raise UsageError("--check-exact compares greedy outputs token by token; sampled outputs are checked in distribution (see `specbound bench --temperature`)")
+        if seed is not None and not mode.do_sample:
+            raise UsageError("--seed seeds sampling; give --temperature (or --top-k, --top-p, --min-p) too")
+        if seed is not None and seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {seed}")
         prompts = _prompts(prompt, prompt_file)
         decoder = _load_decoder(model, artifact, device, dtype)
         if artifact is None and not no_speculation:
@@ -161,11 +192,12 @@ def decode(
         failures = 0
         for index, p in enumerate(prompts):
             messages: list[dict] = []
+            sampling = _prompt_sampling(mode, seed, index)
             for turn_index, turn in enumerate(p.turns or (p.text,)):
                 messages.append({"role": "user", "content": turn})
                 failures += _decode_one(
                     decoder, messages, use_chat, max_new_tokens, not no_speculation,
-                    check_exact, as_json, index, turn_index,
+                    check_exact, as_json, index, turn_index, sampling,
                 )
         if failures:
             from specbound_runtime.errors import ExactnessError
@@ -173,7 +205,21 @@ def decode(
             raise ExactnessError(f"{failures} output(s) differed from generate(); see the lines above")
 
 
-def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn):
+def _prompt_sampling(mode, seed: Optional[int], index: int) -> dict:
+    """Prompt `index`'s decoding mode, generator and seed: seeded from (seed, index) when a seed is
+    given, else torch's global generator (unseeded, so a fresh sample each run). Turns of one
+    prompt share its generator."""
+    import torch
+
+    from specbound_runtime.sampling import prompt_seed
+
+    if not mode.do_sample or seed is None:
+        return {"mode": mode, "generator": None, "seed": None}
+    s = prompt_seed(seed, index)
+    return {"mode": mode, "generator": torch.Generator().manual_seed(s), "seed": s}
+
+
+def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn, sampling):
     from specbound_runtime.decoder import TextStream, exit_layer_histogram
     from specbound_runtime.exactness import divergence, reference_greedy
 
@@ -182,7 +228,9 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
         _err(f"warning: --max-new-tokens clamped to {encoded.max_new_tokens} to fit the model's context")
     stream = None if as_json else TextStream(decoder.tokenizer)
     started = time.perf_counter()
-    result = decoder.generate(encoded, speculation=speculation, on_tokens=stream)
+    result = decoder.generate(
+        encoded, speculation=speculation, on_tokens=stream, mode=sampling["mode"], generator=sampling["generator"]
+    )
     call_s = time.perf_counter() - started  # the whole call, as generate()'s is timed below
     text = stream.finish() if stream else decoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     messages.append({"role": "assistant", "content": text})
@@ -202,6 +250,8 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
         "fallbacks": result.fallbacks,
         "clamped": encoded.clamped,
         "rss_mb": _rss_mb(),  # resident memory after this prompt: flat across prompts
+        "decoding": sampling["mode"].describe(),
+        "seed": sampling["seed"],  # the prompt's own seed, from (--seed, prompt index)
     }
     failed = 0
     if check_exact:
@@ -226,6 +276,7 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
             f"| acceptance {result.acceptance_rate:.0%} of {result.drafted} drafts | {result.verify_passes} "
             f"verify passes | exit layers {hist}"
             + (f" | {result.fallbacks} full-depth fallbacks" if result.fallbacks else "")
+            + (f" | {record['decoding']}" + (f", seed {record['seed']}" if record["seed"] is not None else "") if sampling["mode"].do_sample else "")
             + (
                 ""
                 if not check_exact
@@ -264,6 +315,10 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the report (or the --check result) as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help="Where the model runs while recording: cpu (default), cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). The artifact serves the same checkpoint in any dtype."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Tune for sampling at this temperature (default: greedy): the model's own answers are sampled, drafts scored by their acceptance probability under speculative sampling; the artifact records the mode."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Tune for sampling with this top-k."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Tune for sampling with this top-p."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Tune for sampling with this min-p."),
 ):
     """Fit temperatures, thresholds and bounds for a model; export one safetensors artifact.
 
@@ -283,6 +338,7 @@ def calibrate(
             "prompts": prompts, "documents": documents, "answer_tokens": answer_tokens,
             "shortlist_size": shortlist_size, "measure_prompts": measure_prompts, "measure_tokens": measure_tokens,
             "remeasure_costs": remeasure_costs, "costs_file": costs, "workers": workers, "device": device, "dtype": dtype,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
         }
         if job is not None and from_artifact is not None:
             raise UsageError("give --job or --from-artifact, not both")
@@ -341,7 +397,7 @@ def _calibration_summary(report: dict) -> str:
     lines = [
         f"artifact: {report['artifact']}",
         f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
-        f"policy: head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']} lookup={pol['lookup_ngram']}-gram x{pol['lookup_max']}",
+        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']} lookup={pol['lookup_ngram']}-gram x{pol['lookup_max']}",
         f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
     ]
     if sim.get("held_out"):
@@ -416,12 +472,23 @@ def inspect(
         typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max}")
         if info["exit_head"]:
             typer.echo(f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}")
+        typer.echo(f"tuned for: {_tuned_for(art.metadata)}")
         for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
             if key in art.metadata:
                 typer.echo(f"{key}: {art.metadata[key]}")
         if info.get("measured"):
             m = info["measured"]
             typer.echo(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x, paper defaults {m.get('speedup_paper')}x, exact {m.get('exact')}")
+
+
+def _tuned_for(metadata: dict) -> str:
+    from specbound_runtime.sampling import DecodingMode
+
+    raw = metadata.get("decoding_mode")
+    try:
+        return (DecodingMode() if raw is None else DecodingMode.from_json(raw)).describe()
+    except (ValueError, TypeError):
+        return f"unreadable decoding_mode {raw!r}"
 
 
 def _maybe_json(value: str):

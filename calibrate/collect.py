@@ -6,7 +6,10 @@ What a record keeps, per position and candidate exit layer, for two draft heads 
 short-list head, and the short-list head after the fitted ridge lens):
   - right: whether the head's short-list argmax equals the full model's argmax (the final token);
   - conf: max softmax(z / T) at each temperature of fit.TEMPERATURE_GRID, computed exactly and
-    kept to calibrate.precision.STAT_BITS significant bits.
+    kept to calibrate.precision.STAT_BITS significant bits;
+  - accept (calibrating for a sampling mode only): the probability that speculative sampling
+    accepts the head's draft, sum_x min(p(x), q(x)) = 1 - TV(p, q), with p the full model's
+    distribution and q the head's (over its short-list), both after the mode's warpers.
 Plus the sequence id, held-out flag, whether the text is the model's own greedy output, and the
 final token. What it loses: the logits themselves (30 layers x 49,152 floats a token), so a new
 head or a temperature outside the grid's range needs a new collection.
@@ -24,6 +27,7 @@ splits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -130,14 +134,25 @@ def _confidences(z: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def _warped_probs(scores: torch.Tensor, warpers) -> torch.Tensor:
+    """softmax after value-only warpers, rows at once ([k, n] -> [k, n], float64). Value-only
+    warpers ignore input_ids (sampling.VALUE_ONLY_WARPERS), so none are passed."""
+    scores = scores.float()
+    if warpers:
+        scores = warpers(torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device), scores.clone())
+    return torch.softmax(scores.double(), dim=-1)
+
+
 @torch.inference_mode()
-def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: RecordedSequence, layers) -> dict[str, np.ndarray]:
+def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: RecordedSequence, layers, warpers=None) -> dict[str, np.ndarray]:
     states, logits = lm.layer_states(list(seq.ids))
     rows = slice(seq.record_from, len(seq.ids))
     final = logits[rows].argmax(-1)
     k = final.shape[0]
     right = np.zeros((k, len(HEADS), len(layers)), dtype=bool)
     conf = np.zeros((k, len(HEADS), len(layers), len(TEMPERATURE_GRID)), dtype=np.float32)
+    accept = np.zeros((k, len(HEADS), len(layers)), dtype=np.float32) if warpers is not None else None
+    p = _warped_probs(logits[rows], warpers) if warpers is not None else None
     for c, layer in enumerate(layers):
         normed = lm.normed(states[layer - 1][rows])
         for h, name in enumerate(HEADS):
@@ -146,7 +161,14 @@ def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Recor
             draft = head.token_ids[z.argmax(-1)]
             right[:, h, c] = (draft == final).numpy()
             conf[:, h, c] = round_bits(_confidences(z.float()).numpy())
-    return {"final": final.numpy().astype(np.int32), "right": right, "conf": conf}
+            if p is not None:  # q lives on the short-list; p's mass elsewhere is never drafted
+                q = _warped_probs(z, warpers)
+                overlap = torch.minimum(p[:, head.token_ids], q).sum(-1).clamp(0.0, 1.0)
+                accept[:, h, c] = round_bits(overlap.float().numpy())
+    out = {"final": final.numpy().astype(np.int32), "right": right, "conf": conf}
+    if accept is not None:
+        out["accept"] = accept
+    return out
 
 
 def exit_heads(lm: HFCausalLM, weights: ExitHeadWeights) -> dict[str, FittedExitHead]:
@@ -159,15 +181,15 @@ def exit_heads(lm: HFCausalLM, weights: ExitHeadWeights) -> dict[str, FittedExit
 
 def records_shard(
     lm: HFCausalLM, heads: dict[str, FittedExitHead], group: list[RecordedSequence], first: int, layers,
-    progress: Callable[[int], None],
+    progress: Callable[[int], None], warpers=None,
 ) -> bytes:
     """Record sequences first, first+1, ... (of the calibration and held-out splits, in order) as
-    one Arrow stream."""
+    one Arrow stream. With a sampling mode's warpers, also each draft's acceptance probability."""
     import pyarrow as pa
 
-    columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf")}
+    columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf", "accept")}
     for index, seq in enumerate(group, start=first):
-        rec = record_sequence(lm, heads, seq, layers)
+        rec = record_sequence(lm, heads, seq, layers, warpers)
         k = len(rec["final"])
         columns["seq"].append(np.full(k, index, dtype=np.int32))
         columns["held_out"].append(np.full(k, seq.held_out))
@@ -175,17 +197,20 @@ def records_shard(
         columns["final"].append(rec["final"])
         columns["right"].append(rec["right"].reshape(k, -1))
         columns["conf"].append(rec["conf"].reshape(k, -1))
+        if "accept" in rec:
+            columns["accept"].append(rec["accept"].reshape(k, -1))
         progress(seq.recorded)
-    table = pa.table(
-        {
-            "seq": pa.array(np.concatenate(columns["seq"])),
-            "held_out": pa.array(np.concatenate(columns["held_out"])),
-            "own": pa.array(np.concatenate(columns["own"])),
-            "final": pa.array(np.concatenate(columns["final"])),
-            "right": _fixed_list(np.concatenate(columns["right"])),
-            "conf": _fixed_list(np.concatenate(columns["conf"])),
-        }
-    )
+    table = {
+        "seq": pa.array(np.concatenate(columns["seq"])),
+        "held_out": pa.array(np.concatenate(columns["held_out"])),
+        "own": pa.array(np.concatenate(columns["own"])),
+        "final": pa.array(np.concatenate(columns["final"])),
+        "right": _fixed_list(np.concatenate(columns["right"])),
+        "conf": _fixed_list(np.concatenate(columns["conf"])),
+    }
+    if columns["accept"]:
+        table["accept"] = _fixed_list(np.concatenate(columns["accept"]))
+    table = pa.table(table)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -212,13 +237,29 @@ class Records:
     layers: tuple[int, ...]
     lookup_proposed: np.ndarray | None = None  # [N, ngrams]: prompt lookup per n-gram size 1..
     lookup_right: np.ndarray | None = None
+    accept: np.ndarray | None = None  # [N, heads, C]: acceptance probability under sampling
+    draws: np.ndarray | None = None  # [N]: a uniform number per position, deciding acceptance in replay
 
     def select(self, mask: np.ndarray) -> "Records":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Records(
             self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask],
             self.conf[mask], self.layers, pick(self.lookup_proposed), pick(self.lookup_right),
+            pick(self.accept), pick(self.draws),
         )
+
+    def draft_right(self, head: int) -> np.ndarray:
+        """[N, C]: whether head `head`'s draft at each position and candidate layer is kept in
+        replay. Greedy: it equals the full model's argmax. Sampling: speculative sampling
+        accepts it, drawn once per position from its acceptance probability (`draws`; a position
+        is drafted at most once on the path the replay follows)."""
+        if self.accept is None:
+            return self.right[:, head]
+        return self.draws[:, None] < self.accept[:, head]
+
+    def with_draws(self, seed: int) -> "Records":
+        """The same records with the acceptance draws of another seed (replay variance)."""
+        return dataclasses.replace(self, draws=np.random.default_rng(seed).random(len(self.seq)))
 
     def bounds(self) -> list[tuple[int, int]]:
         """[start, end) of each sequence's decode trajectory (records are stored sequence by
@@ -245,7 +286,8 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
     C, G = len(layers), len(TEMPERATURE_GRID)
     right = np.asarray(ds["right"]).reshape(n, len(HEADS), C)
     conf = np.asarray(ds["conf"]).reshape(n, len(HEADS), C, G)
-    return Records(
+    accept = np.asarray(ds["accept"]).reshape(n, len(HEADS), C) if "accept" in ds.column_names else None
+    records = Records(
         seq=np.asarray(ds["seq"]),
         held_out=np.asarray(ds["held_out"]).astype(bool),
         own=np.asarray(ds["own"]).astype(bool),
@@ -253,7 +295,12 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
         right=right.astype(bool),
         conf=conf,
         layers=tuple(layers),
+        accept=accept,
     )
+    return records if accept is None else records.with_draws(REPLAY_SEED)
+
+
+REPLAY_SEED = 0  # the acceptance draws of a sampling replay: fixed, so tuning is deterministic
 
 
 LOOKUP_NGRAMS = (1, 2, 3)
@@ -286,7 +333,4 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
                     right[row, g] = k
                 if tail is not None:
                     last_end[tail] = p
-    return Records(
-        records.seq, records.held_out, records.own, records.final, records.right, records.conf,
-        records.layers, proposed, right,
-    )
+    return dataclasses.replace(records, lookup_proposed=proposed, lookup_right=right)

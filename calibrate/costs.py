@@ -8,6 +8,7 @@ a file that a job pins ([costs] file), so that every machine tunes against the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.engine import NoDrafter, generate
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 from specbound_runtime.policy import decide_exit
+from specbound_runtime.sampling import Sampler, draft_probabilities
 
 from specbound_runtime.errors import InputError
 from specbound_runtime.files import atomic_write_bytes
@@ -39,7 +41,9 @@ def _time(fn, repeats: int) -> float:
     return min(samples) * 1000.0
 
 
-def measure_costs(lm: HFCausalLM, shortlist_size: int, context: int = 128, repeats: int = 5) -> CostModel:
+def measure_costs(lm: HFCausalLM, shortlist_size: int, context: int = 128, repeats: int = 5, warpers=None) -> CostModel:
+    """With a sampling mode's warpers, an exit check includes drawing the draft from q and a
+    decoding step includes speculative acceptance: both are timed that way."""
     L = lm.num_layers
     cache = lm.new_cache(context + 16)
     ids = [(7 * i + 3) % lm.vocab_size for i in range(context)]
@@ -66,10 +70,24 @@ def measure_costs(lm: HFCausalLM, shortlist_size: int, context: int = 128, repea
         size = min(shortlist_size, lm.vocab_size)
         weights = ExitHeadWeights(shortlist=torch.arange(size), lens={1: (torch.eye(h1.shape[-1]), torch.zeros(h1.shape[-1]))})
         head = FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap)
-        check = _time(lambda: decide_exit(head(h1, 1)[-1], 1.0, 0.5), repeats * 4)
+        if warpers is None:
+            check = _time(lambda: decide_exit(head(h1, 1)[-1], 1.0, 0.5), repeats * 4)
+            sampling = {}
+        else:
+            sampler = Sampler(torch.Generator().manual_seed(0), lm.device)
+            prefix = torch.tensor([ids], device=lm.device)
+            columns = head.token_ids.to(lm.device)
+
+            def sampled_check():
+                logits = head(h1, 1)[-1]
+                q = draft_probabilities(logits, warpers, prefix, columns, lm.vocab_size)
+                return decide_exit(logits, 1.0, 0.5, q, sampler.uniforms(1)[0])
+
+            check = _time(sampled_check, repeats * 4)
+            sampling = {"logits_processor": warpers, "sampler": sampler}
         # plain decoding per token, without the prefill: (17 tokens - 1 token) / 16
-        long = min(generate(lm, ids[:32], 17, NoDrafter()).wall_time_s for _ in range(3))
-        short = min(generate(lm, ids[:32], 1, NoDrafter()).wall_time_s for _ in range(3))
+        long = min(generate(lm, ids[:32], 17, NoDrafter(), **sampling).wall_time_s for _ in range(3))
+        short = min(generate(lm, ids[:32], 1, NoDrafter(), **sampling).wall_time_s for _ in range(3))
         per_token = (long - short) * 1000.0 / 16
     overhead = max(0.0, per_token - (L * one + head1))
     return CostModel(
@@ -83,23 +101,25 @@ def measure_costs(lm: HFCausalLM, shortlist_size: int, context: int = 128, repea
     )
 
 
-def cached_costs(lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False) -> CostModel:
-    key = "-".join(
-        [
-            fingerprint.weights_sha256[:16],
-            f"s{shortlist_size}",
-            f"t{torch.get_num_threads()}",
-            platform.machine(),
-            f"c{os.cpu_count()}",
-        ]
-    )
+def cached_costs(lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None) -> CostModel:
+    parts = [
+        fingerprint.weights_sha256[:16],
+        f"s{shortlist_size}",
+        f"t{torch.get_num_threads()}",
+        platform.machine(),
+        f"c{os.cpu_count()}",
+    ]
+    if warpers is not None:  # a sampling mode costs more per check and per step: its own entry
+        settings = repr([(type(w).__name__, sorted(vars(w).items())) for w in warpers])
+        parts.append("sample" + hashlib.sha256(settings.encode()).hexdigest()[:8])
+    key = "-".join(parts)
     path = cache_root / "costs" / f"{key}.json"
     if path.exists() and not remeasure:
         try:
             return CostModel(**json.loads(path.read_text()))
         except (ValueError, TypeError):
             pass  # unreadable cache entry: measure again
-    cost = measure_costs(lm, shortlist_size)
+    cost = measure_costs(lm, shortlist_size, warpers=warpers)
     atomic_write_bytes(path, json.dumps(cost.to_dict(), sort_keys=True).encode())
     return CostModel(**json.loads(path.read_text()))
 

@@ -6,6 +6,7 @@
     [collect]  answer_tokens, chunk_tokens, shortlist_size, candidate_layers
     [tuning]   seed, trials, batch, multi_objective, storage, study_name, workers
     [costs]    file (a cost model pinned with `specbound costs`), remeasure
+    [decoding] temperature, top_k, top_p, min_p: the sampling mode to tune for (none: greedy)
     [measure]  prompts, tokens (the live check on held-out prompts after export)
     [output]   artifact, work_dir, force
 
@@ -67,6 +68,10 @@ KEYS = (
     Key("tuning", "workers", "workers", "int", False),
     Key("costs", "file", "costs_file", "str", True, optional=True),
     Key("costs", "remeasure", "remeasure_costs", "bool", False),
+    Key("decoding", "temperature", "temperature", "float", True, optional=True),
+    Key("decoding", "top_k", "top_k", "int", True, optional=True),
+    Key("decoding", "top_p", "top_p", "float", True, optional=True),
+    Key("decoding", "min_p", "min_p", "float", True, optional=True),
     Key("measure", "prompts", "measure_prompts", "int", False),
     Key("measure", "tokens", "measure_tokens", "int", False),
     Key("output", "artifact", "out", "path", False, optional=True),
@@ -212,7 +217,10 @@ def recorded_job(opts, *, fingerprint: str, corpus_sha256: dict[str, str], layer
             value = str(value)
         job.setdefault(key.section, {})[key.name] = value
     # TOML has no null: a key whose value is None is left out (and means its default)
-    return {s: ({k: v for k, v in t.items() if v is not None} if isinstance(t, dict) else t) for s, t in job.items()}
+    job = {s: ({k: v for k, v in t.items() if v is not None} if isinstance(t, dict) else t) for s, t in job.items()}
+    if not job.get("decoding"):
+        job.pop("decoding", None)  # greedy: a greedy job (and its artifact) reads as before sampling existed
+    return job
 
 
 def job_digest(job: dict) -> str:

@@ -21,6 +21,7 @@ from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.errors import InputError, ModelError, UsageError
 from specbound_runtime.files import atomic_write_bytes
 from specbound_runtime.policy import default_check_layers, paper_temperatures
+from specbound_runtime.sampling import prompt_seed
 
 from . import collect as C
 from .corpus import Corpus, load_corpus
@@ -144,17 +145,24 @@ LENS_SHARD = 16  # lens-split sequences per pass-A shard (exact sums: any size g
 RECORD_SHARD = 8  # sequences per pass-B shard
 
 
-def answers_shard(loaded, group, eos_ids, max_new_tokens: int) -> bytes:
-    """Greedy answers of the model to one batch of prompts, as JSON lines {id, answer}."""
+def answers_shard(loaded, group, eos_ids, max_new_tokens: int, mode=None, seed: int = 0) -> bytes:
+    """The model's own answers to one batch of prompts, as JSON lines {id, answer}: greedy, or
+    under a sampling mode sampled (seeded by `seed`, torch's global generator restored after),
+    so that the records follow the trajectories decoding in that mode takes."""
+    from specbound_runtime.sampling import DecodingMode
+
+    mode = mode or DecodingMode()
     model, tok = loaded.model, loaded.tokenizer
     pad = eos_ids[0] if eos_ids else 0
     encoded = [_chat_ids(tok, p.text) for p in group]
     width = max(len(e) for e in encoded)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.inference_mode():
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         out = model.generate(
-            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            ids, attention_mask=mask, **mode.generate_kwargs(), max_new_tokens=max_new_tokens,
             eos_token_id=list(eos_ids) or None, pad_token_id=pad,
         )
     lines = []
@@ -316,6 +324,8 @@ class Plan:
     storage: str
     study_name: str
     cost: CostModel
+    mode: Any = None  # the decoding mode tuned for, as generate() resolves it (DecodingMode)
+    warpers: Any = None  # under sampling: the processors generate() applies (scoring p and q)
 
     @property
     def num_layers(self) -> int:
@@ -388,7 +398,7 @@ def prepare(opts: CalibrateOptions) -> Plan:
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     job = recorded_job(opts, fingerprint=fp.weights_sha256, corpus_sha256=digests, layers=layers, device=device.type, dtype=dtype)
     # what the work folder's data depends on, and what the study's trials depend on
-    collect_key = job_digest({k: v for k, v in job.items() if k in ("model", "corpus", "collect")} | {"seed": opts.seed})
+    collect_key = job_digest({k: v for k, v in job.items() if k in ("model", "corpus", "collect", "decoding")} | {"seed": opts.seed})
     study_key = job_digest({**job, "tuning": {k: v for k, v in job["tuning"].items() if k != "trials"}})
     work = opts.resolve(opts.work_dir) or Path("runs") / f"calibrate-{fp.model_type}-L{L}-{collect_key[:12]}"
     out = opts.resolve(opts.out) or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
@@ -398,16 +408,37 @@ def prepare(opts: CalibrateOptions) -> Plan:
         raise UsageError(f"work folder {work} holds another calibration's data; pass another --work-dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
-    cost = resolve_cost(opts, loaded, fp)
+    mode, warpers = sampling_setup(loaded.model, opts.mode())
+    cost = resolve_cost(opts, loaded, fp, warpers)
     return Plan(
         opts=opts, loaded=loaded, layers=layers, corpus=corpus, job=job, work=work, out=out,
         storage=_storage_url(opts, work), study_name=opts.study_name or f"specbound-{fp.model_type}-L{L}-{study_key[:12]}",
-        cost=cost,
+        cost=cost, mode=mode, warpers=warpers,
     )
 
 
-def resolve_cost(opts: CalibrateOptions, loaded, fp) -> CostModel:
-    """The cost model: given in memory, pinned in a file, or measured here (cached per machine)."""
+def sampling_setup(model, requested):
+    """The resolved decoding mode and, under sampling, the warpers generate() builds for it; only
+    value-only warpers (temperature, top-k, top-p, min-p) score records, others are named and
+    left out (the records would need each position's context)."""
+    from specbound_runtime.generation import prepared_by_generate
+    from specbound_runtime.sampling import VALUE_ONLY_WARPERS
+
+    if not requested.do_sample:
+        return requested, None
+    mode, processors = prepared_by_generate(model, requested)
+    skipped = [type(p).__name__ for p in processors if type(p).__name__ not in VALUE_ONLY_WARPERS]
+    if skipped:
+        _log(f"note: calibration scores sampling without {', '.join(skipped)} (from the generation config); decoding applies them")
+    from transformers import LogitsProcessorList
+
+    return mode, LogitsProcessorList([p for p in processors if type(p).__name__ in VALUE_ONLY_WARPERS])
+
+
+def resolve_cost(opts: CalibrateOptions, loaded, fp, warpers=None) -> CostModel:
+    """The cost model: given in memory, pinned in a file, or measured here (cached per machine;
+    under sampling, measured with the sampling work: draft distributions and speculative
+    acceptance)."""
     from .costs import read_pinned_costs
 
     if opts.cost_model is not None:
@@ -416,7 +447,7 @@ def resolve_cost(opts: CalibrateOptions, loaded, fp) -> CostModel:
         return read_pinned_costs(opts.resolve(opts.costs_file), fp, opts.shortlist_size)
     from specbound_runtime.models import cache_root
 
-    return cached_cost(loaded.lm, fp, opts, cache_root())
+    return cached_cost(loaded.lm, fp, opts, cache_root(), warpers)
 
 
 @dataclass(frozen=True)
@@ -466,7 +497,8 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     groups = _chunks(list(plan.corpus.prompts), ANSWER_BATCH)
     with _bar(len(plan.corpus.prompts), "own answers", "prompt", quiet) as bar:
         paths = make_shards(
-            work / "answers", len(groups), ".jsonl", lambda i: answers_shard(loaded, groups[i], eos, opts.answer_tokens),
+            work / "answers", len(groups), ".jsonl",
+            lambda i: answers_shard(loaded, groups[i], eos, opts.answer_tokens, plan.mode, prompt_seed(opts.seed, i)),
             progress=lambda i: bar.update(len(groups[i])), **share,
         )
     sequences = build_sequences(loaded, plan.corpus, read_answers(paths), opts.chunk_tokens)
@@ -497,7 +529,7 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     with _bar(sum(s.recorded for s in recorded), "pass B: per-layer records", "tok", quiet) as bar:
         paths = make_shards(
             work / "shards", len(record_groups), ".arrow",
-            lambda i: C.records_shard(lm, heads, record_groups[i], i * RECORD_SHARD, layers, lambda n: None),
+            lambda i: C.records_shard(lm, heads, record_groups[i], i * RECORD_SHARD, layers, lambda n: None, plan.warpers),
             progress=lambda i: bar.update(sum(s.recorded for s in record_groups[i])), **share,
         )
     records = C.with_lookups(C.load_records(paths, layers), recorded)
@@ -618,6 +650,8 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "candidate_layers": json.dumps(list(records.layers)),
         "library_versions": json.dumps(library_versions(), sort_keys=True),
     }
+    if plan.mode is not None and plan.mode.do_sample:  # an artifact without it was tuned for greedy
+        metadata["decoding_mode"] = plan.mode.to_json()
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     recorded = [s for s in collected.sequences if not s.lens_split]
     throughput = collection_throughput(loaded.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
@@ -637,11 +671,12 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "predicted_speedup": round(predicted, 4),
         "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
+        "decoding_mode": (plan.mode or opts.mode()).describe(),
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
     if opts.measure_prompts and opts.measure_tokens:
         held_prompts = [p for p in plan.corpus.prompts if p.held_out][: opts.measure_prompts]
-        report["measured"] = measure(loaded, eos, policy, head, held_prompts, opts.measure_tokens)
+        report["measured"] = measure(loaded, eos, policy, head, held_prompts, opts.measure_tokens, opts.mode(), opts.seed)
         m = report["measured"]
         report["measured_speedup"] = m["speedup_tuned"]
         report["prediction_gap"] = round(m["speedup_tuned"] / predicted - 1.0, 4) if predicted else None
@@ -684,18 +719,23 @@ def _jsonable(candidate) -> dict:
     }
 
 
-def cached_cost(lm, fp, opts: CalibrateOptions, root: Path) -> CostModel:
+def cached_cost(lm, fp, opts: CalibrateOptions, root: Path, warpers=None) -> CostModel:
     from .costs import cached_costs
 
     _log("measuring the cost model (cached per machine and model)")
-    return cached_costs(lm, fp, opts.shortlist_size, root, opts.remeasure_costs)
+    return cached_costs(lm, fp, opts.shortlist_size, root, opts.remeasure_costs, warpers)
 
 
-def measure(loaded, eos, policy, head, prompts, max_new_tokens: int) -> dict:
+def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, seed: int = 0) -> dict:
     """Decode held-out prompts for real: plain (engine, no speculation), the paper's defaults, tuned.
 
-    Interleaved per prompt so machine drift hits all three alike; exactness checked on token ids."""
+    Interleaved per prompt so machine drift hits all three alike; greedy exactness checked on token
+    ids. Under a sampling mode all three sample prompt i with the seed (seed, i); their outputs
+    then differ (only the distribution is the same), so "exact" is None."""
     from specbound_runtime.decoder import Decoder
+    from specbound_runtime.sampling import DecodingMode
+
+    mode = mode or DecodingMode()
 
     plain = Decoder(loaded.uncalibrated())
     tuned = Decoder(loaded.with_policy(policy, head))
@@ -704,11 +744,15 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int) -> dict:
     accept = {"paper": [], "tuned": []}
     exact = True
     with _bar(len(prompts), "measuring held-out decode", "prompt") as bar:
-        for p in prompts:
+        for i, p in enumerate(prompts):
             enc = plain.encode([{"role": "user", "content": p.text}], plain.has_chat_template, max_new_tokens)
-            ref = plain.generate(enc, speculation=False)
-            a = plain.generate(enc, speculation=True)  # paper default policy, full-vocabulary head
-            b = tuned.generate(enc, speculation=True)
+            run = lambda decoder, speculation: decoder.generate(  # noqa: E731
+                enc, speculation=speculation, mode=mode,
+                generator=torch.Generator().manual_seed(prompt_seed(seed, i)) if mode.do_sample else None,
+            )
+            ref = run(plain, False)
+            a = run(plain, True)  # paper default policy, full-vocabulary head
+            b = run(tuned, True)
             exact &= a.token_ids == ref.token_ids == b.token_ids
             for k, r in (("plain", ref), ("paper", a), ("tuned", b)):
                 times[k] += r.wall_time_s
@@ -724,5 +768,6 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int) -> dict:
         "speedup_tuned": round(tps["tuned"] / tps["plain"], 4) if tps["plain"] else 0.0,
         "speedup_paper": round(tps["paper"] / tps["plain"], 4) if tps["plain"] else 0.0,
         "mean_accepted_length": {k: round(sum(v) / max(1, len(v)), 3) for k, v in accept.items()},
-        "exact": bool(exact),
+        "exact": None if mode.do_sample else bool(exact),
+        "decoding_mode": mode.describe(),
     }

@@ -6,6 +6,13 @@ catch-up of earlier drafts to the frontier's depth; one verification pass from e
 depth) over the model's own greedy sequences, and charges each layer call, exit check and LM-head
 product what it costs on this machine. The one approximation: after a wrong draft, later drafts
 of the same round are charged with the statistics of the true context (they are rejected anyway).
+
+Under sampling the same replay runs over the model's own sampled sequences, with a draft "right"
+when speculative sampling accepts it: drawn once per position from its recorded acceptance
+probability 1 - TV(p, q) (`collect.Records.draft_right`); prompt lookup's one-hot drafts count as
+accepted while they match the sampled continuation, which happens with probability p(x), their
+acceptance probability. After a rejection the engine emits a residual token, the replay the
+recorded one: both continue along a sample of the model, so the approximation is of the same kind.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost:
     policy = candidate.policy(schedules)
     columns = [records.layers.index(l) for l in policy.check_layers]
     exits = decide_exits(
-        records.conf[:, h], records.right[:, h], columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
+        records.conf[:, h], records.draft_right(h), columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
     return simulate(
         exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max
@@ -91,7 +91,7 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     """The same drafts with every exit decided perfectly: the policy's own limit."""
     h = HEADS.index(candidate.head)
     columns = [records.layers.index(l) for l in candidate.checks]
-    exits = oracle_exits(records.right[:, h], columns, list(candidate.checks))
+    exits = oracle_exits(records.draft_right(h), columns, list(candidate.checks))
     return simulate(
         exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max
     )

@@ -212,6 +212,13 @@ def read_artifact(path: str | Path) -> Artifact:
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None
+    if "decoding_mode" in metadata:  # absent: tuned for greedy decoding
+        from .sampling import DecodingMode
+
+        try:
+            DecodingMode.from_json(metadata["decoding_mode"])
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{path}: metadata decoding_mode is malformed ({e}); recalibrate") from None
     shortlist = tensors.get("head.shortlist")
     if shortlist is not None:
         shortlist = _require(tensors, "head.shortlist", 1, "int", path)

@@ -10,6 +10,7 @@ import torch
 from .engine import GenerationResult
 from .errors import InputError
 from .generation import generate_arguments
+from .sampling import DecodingMode
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,16 @@ class Decoder:
                 max_new_tokens, clamped = self.context - len(ids), True
         return Encoded(ids=tuple(ids), max_new_tokens=max_new_tokens, clamped=clamped)
 
-    def generate(self, encoded: Encoded, speculation: bool = True, on_tokens=None) -> GenerationResult:
-        """Greedy decoding inside the model's own `generate()`, so its generation config's
-        processors and stopping rules apply exactly as they do there."""
+    def generate(
+        self, encoded: Encoded, speculation: bool = True, on_tokens=None, mode: DecodingMode | None = None, generator=None
+    ) -> GenerationResult:
+        """Decoding inside the model's own `generate()`, so its generation config's processors
+        and stopping rules apply exactly as they do there. mode: greedy (default) or sampling
+        settings; generator: a torch.Generator for sampling (None: torch's global generator)."""
         return self.m.generate_with_stats(
             torch.tensor([encoded.ids]),
-            **generate_arguments(encoded.max_new_tokens, self.eos_token_ids),
+            **generate_arguments(encoded.max_new_tokens, self.eos_token_ids, mode),
+            generator=generator,
             on_tokens=on_tokens,
             speculation=speculation,
         ).stats

@@ -1,4 +1,5 @@
-"""The ground truth: transformers' own greedy decoding, and where another output departs from it."""
+"""The ground truth: transformers' own decoding (greedy, or sampling for the bench's baselines),
+and where another output departs from greedy's."""
 
 from __future__ import annotations
 
@@ -7,18 +8,27 @@ from dataclasses import dataclass
 import torch
 
 from .generation import generate_arguments
+from .sampling import DecodingMode
 
 
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=(), **generate_kwargs) -> list[int]:
     """`model.generate(do_sample=False)`: the tokens SpecBound must reproduce exactly, with the
     model's own generation config. Extra keyword arguments go to `generate` (the benchmark
     passes transformers' assisted modes)."""
+    return reference_generate(model, prompt_ids, max_new_tokens, eos_token_ids, None, **generate_kwargs)
+
+
+def reference_generate(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=(), mode: DecodingMode | None = None, **generate_kwargs
+) -> list[int]:
+    """`model.generate(...)` in a decoding mode (greedy by default; under sampling its randomness
+    is torch's global generator, as transformers has it)."""
     ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            **generate_arguments(max_new_tokens, eos_token_ids),
+            **generate_arguments(max_new_tokens, eos_token_ids, mode),
             **generate_kwargs,
         )
     return out[0, len(prompt_ids) :].tolist()

@@ -109,8 +109,22 @@ def generate_arguments(max_new_tokens: int, eos_token_ids, mode: DecodingMode | 
     )
 
 
-# Stopping rules the decode loop applies itself (on the host, without a device read per token).
-_NATIVE_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria")
+def prepared_by_generate(model, mode: DecodingMode | None = None) -> tuple[DecodingMode, object]:
+    """The mode and the logits processors (warpers included) that `model.generate()` prepares
+    for these settings and the model's own generation config, taken from generate() itself; for
+    calibration and checks that must score tokens exactly as generate() samples them."""
+    seen = {}
+
+    def capture(model_, input_ids, logits_processor=None, generation_config=None, **kwargs):
+        seen["mode"] = DecodingMode.resolved(generation_config)
+        seen["processors"] = logits_processor
+        return input_ids
+
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    model.generate(ids, custom_generate=capture, max_new_tokens=1, **(mode or DecodingMode()).generate_kwargs())
+    return seen["mode"], seen["processors"]
+
+
 
 
 def custom_generate_for(

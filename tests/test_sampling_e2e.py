@@ -32,6 +32,7 @@ from specbound_runtime.acceptance import Acceptance
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
 from specbound_runtime.exit_head import ExitHeadWeights
+from specbound_runtime.generation import prepared_by_generate
 from specbound_runtime.models import resolve_model
 from specbound_runtime.policy import ExitPolicy
 from specbound_runtime.sampling import DecodingMode, Sampler, sample_index
@@ -47,16 +48,8 @@ EOS = 3
 
 
 def generate_processors(model, **sampling):
-    """The logits processors and warpers generate() builds for these settings (captured from
-    generate() itself through custom_generate)."""
-    seen = {}
-
-    def capture(model_, input_ids, logits_processor=None, **kwargs):
-        seen["processors"] = logits_processor
-        return input_ids
-
-    model.generate(torch.tensor([PROMPT]), custom_generate=capture, max_new_tokens=1, **sampling)
-    return seen["processors"]
+    """The logits processors and warpers generate() builds for these settings (from generate())."""
+    return prepared_by_generate(model, DecodingMode.sampling(**sampling))[1]
 
 
 def exact_distribution(model, processors, prompt=PROMPT, length=LENGTH, eos=EOS) -> dict[tuple, float]:
@@ -111,7 +104,7 @@ def _rejects_often_and_accepts_often(drafted, accepted):
 
 def test_samples_follow_the_exact_distribution_with_top_k_and_a_shallow_exit(tiny16):
     model = tiny16
-    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    processors = generate_processors(model, temperature=1.5, top_k=3)
     exact = exact_distribution(model, processors)
     policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
     samples, drafted, accepted = draw(HFCausalLM(model), lambda: EarlyExitDrafter(policy), processors, 600, seed=0)
@@ -121,7 +114,7 @@ def test_samples_follow_the_exact_distribution_with_top_k_and_a_shallow_exit(tin
 
 def test_samples_follow_the_exact_distribution_with_top_p_and_a_short_list_head(tiny16):
     model = tiny16
-    processors = generate_processors(model, do_sample=True, temperature=0.9, top_p=0.85, top_k=0)
+    processors = generate_processors(model, temperature=0.9, top_p=0.85, top_k=0)
     exact = exact_distribution(model, processors)
     g = torch.Generator().manual_seed(7)
     weights = ExitHeadWeights(
@@ -146,7 +139,7 @@ def _draw_from_p_on_rejection(draft_tokens, q, p, u, finite_rows=None):
 
 def test_the_same_test_rejects_a_biased_acceptance_rule(tiny16, monkeypatch):
     model = tiny16
-    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    processors = generate_processors(model, temperature=1.5, top_k=3)
     exact = exact_distribution(model, processors)
     policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
     monkeypatch.setattr(engine, "speculative_accept", _draw_from_p_on_rejection)
@@ -228,7 +221,7 @@ def test_decoding_in_another_mode_than_tuned_warns_once(tiny, capsys):
 def test_host_reads_under_sampling_stay_one_per_exit_decision_and_per_verification(tiny, monkeypatch):
     folder, _, artifact = tiny
     m = sb.load(str(folder), artifact=artifact)
-    processors = generate_processors(m.model, do_sample=True, temperature=0.7, top_p=0.9)
+    processors = generate_processors(m.model, temperature=0.7, top_p=0.9)
     decisions = []
     real = engine.decide_exit
     monkeypatch.setattr(engine, "decide_exit", lambda *a: decisions.append(1) or real(*a))
@@ -248,7 +241,7 @@ def test_host_reads_under_sampling_stay_one_per_exit_decision_and_per_verificati
 def test_plain_sampling_through_the_engine_is_generate_sampling_in_distribution(tiny16):
     """NoDrafter under sampling: one token per pass, from p (the first-token distribution)."""
     model = tiny16
-    processors = generate_processors(model, do_sample=True, temperature=1.5, top_k=3)
+    processors = generate_processors(model, temperature=1.5, top_k=3)
     exact = exact_distribution(model, processors, length=1)
     g = torch.Generator().manual_seed(3)
     samples = [tuple(generate(HFCausalLM(model), PROMPT, 1, NoDrafter(), [EOS], logits_processor=processors, sampler=Sampler(g)).token_ids) for _ in range(300)]
