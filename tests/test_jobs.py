@@ -182,9 +182,14 @@ def test_the_artifact_records_the_resolved_job_and_rebuilds_from_it_alone(built,
     assert job["model"]["fingerprint"] == json.loads(art.metadata["model_fingerprint"])["weights_sha256"]
     assert set(job["corpus"]["sha256"]) == {"corpus.jsonl"}
     assert str(folder) not in json.dumps(dict(art.metadata))
-    # rebuilt from the artifact alone (paths in its job are relative to the current folder)
+    # rebuilt from the artifact alone (paths in its job are relative to the current folder), its
+    # cost model included: the pinned file is not needed any more
     monkeypatch.chdir(folder)
-    result = invoke("calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "again.safetensors", "--work-dir", tmp_path / "w")
+    (folder / "costs.json").rename(tmp_path / "costs.json")
+    try:
+        result = invoke("calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "again.safetensors", "--work-dir", tmp_path / "w")
+    finally:
+        (tmp_path / "costs.json").rename(folder / "costs.json")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "again.safetensors").read_bytes() == reference
     # a corpus that changed since is refused by the recorded pin
