@@ -187,7 +187,10 @@ def test_the_artifact_records_the_resolved_job_and_rebuilds_from_it_alone(built,
     monkeypatch.chdir(folder)
     (folder / "costs.json").rename(tmp_path / "costs.json")
     try:
-        result = invoke("calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "again.safetensors", "--work-dir", tmp_path / "w")
+        result = invoke(
+            "calibrate", "--from-artifact", "out/ref.safetensors", "--out", tmp_path / "again.safetensors",
+            "--work-dir", tmp_path / "w", "--measure-prompts", "0",
+        )
     finally:
         (tmp_path / "costs.json").rename(folder / "costs.json")
     assert result.exit_code == 0, result.stderr
