@@ -227,14 +227,6 @@ def job_digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def describe(field: str, value: Any) -> str:
     """`[section] key = value` for messages (storage URLs redacted)."""
     from .study import redact

@@ -19,14 +19,14 @@ import torch
 
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.errors import InputError, ModelError, UsageError
-from specbound_runtime.files import atomic_write_bytes
+from specbound_runtime.files import atomic_write_bytes, sha256_file
 from specbound_runtime.policy import default_check_layers, paper_temperatures
 from specbound_runtime.sampling import prompt_seed
 
 from . import collect as C
 from .corpus import Corpus, load_corpus
 from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
-from .job import file_sha256, job_digest, recorded_job
+from .job import job_digest, recorded_job
 from .precision import round_bits
 from .simulate import CostModel
 from .study import check_storage_url, is_shared
@@ -355,7 +355,7 @@ def _corpus_files(opts: CalibrateOptions) -> tuple[str, dict[str, str]]:
         path = opts.resolve(name)
         resolved.append(str(path))
         if path.is_file():
-            digests[name] = file_sha256(path)
+            digests[name] = sha256_file(path)
             if name in pins and pins[name] != digests[name]:
                 raise InputError(
                     f"corpus file {name} has sha256 {digests[name][:16]}..., not the pinned {pins[name][:16]}...; "
