@@ -541,19 +541,26 @@ def bench(
     artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Calibrated artifact; needed by the specbound and oracle methods (skipped without it)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks (default all): mt-bench, code, summarization, qa, rag, math."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per answer at most."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (always runs: the reference), ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (greedy) or hf-sample (sampling): the reference, always runs; ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle (greedy only)."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per answer (speedup: ratio of medians); hf-early-exit runs once."),
     prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 23 min on 2 cores."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>); rerunning the same command there resumes."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout instead of the Markdown table."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps; every method runs there."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample, every method with the same settings: " + _TEMPERATURE_HELP),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help=_TOP_K_HELP),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of sampling: answer i is seeded from (seed, i), the same for every method and repeat."),
 ):
     """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
 
-    Reports per task and overall: tokens/s, speedup over hf-greedy, mean accepted length,
-    acceptance rate and exactness against hf-greedy; and the simulator's oracle bound. Writes
-    results.json, table.md, speedup.png and Spec-Bench-style <method>.jsonl into --out.
+    Reports per task and overall: tokens/s, speedup over the reference (hf-greedy, or hf-sample:
+    generate(do_sample=True) when sampling), mean accepted length, acceptance rate, and exactness
+    against hf-greedy (greedy) or the distribution check's p-value (sampling); and the
+    simulator's oracle bound (greedy). Writes results.json, table.md, speedup.png and
+    Spec-Bench-style <method>.jsonl into --out.
 
     Every finished measurement is kept in --out/measurements.jsonl at once: an interrupted bench
     resumes when the same command is run again; a different command there is refused."""
@@ -564,11 +571,16 @@ def bench(
         from specbound.bench.methods import METHODS
         from specbound.data.tasks import TASKS
 
+        _sampling_mode(temperature, top_k, top_p, min_p)  # flag-worded errors before anything loads
+        if seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {seed}")
+
         opts = BenchOptions(
             model=model, artifact=artifact, tasks=parse_names(tasks, TASKS, "--tasks"),
             methods=parse_names(methods, METHODS, "--methods"), max_new_tokens=max_new_tokens,
             repeats=repeats, prompts_per_task=prompts_per_task, out=out,
             device=device, dtype=dtype, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, sample_seed=seed,
         )
         with _requires_extra("calibrate", "bench"):  # run_bench imports the plot's and the oracle's modules first
             outcome = run_bench(opts)

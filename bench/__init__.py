@@ -4,13 +4,17 @@ Methods (`methods.METHODS`), each on the same chat-templated prompts with the sa
 
 | method | what runs |
 | --- | --- |
-| hf-greedy | `model.generate(do_sample=False)`: the reference for speed and for tokens (always runs) |
+| hf-greedy | `model.generate(do_sample=False)`: the reference for speed and for tokens (always runs; greedy benches) |
+| hf-sample | `model.generate(do_sample=True, ...)`: the reference of a sampling bench (`--temperature`, ...) |
 | ar | our engine without speculation (`Decoder.generate(speculation=False)`) |
 | hf-prompt-lookup | transformers `generate(prompt_lookup_num_tokens=k)`, k in `PROMPT_LOOKUP_GRID` |
 | hf-early-exit | transformers `generate(assistant_early_exit=layer)`, layer from `early_exit_layers` |
 | specbound-paper | our runtime with the paper's default schedule (no artifact) |
 | specbound | our runtime with the calibrated `--artifact` (skipped, with a warning, without one) |
-| oracle | not run: the simulator's bound for the artifact's drafts with every exit decided perfectly |
+| oracle | not run: the simulator's bound for the artifact's drafts with every exit decided perfectly (greedy only) |
+
+Under sampling every method samples with the same settings and, answer by answer, the same seed;
+exactness is replaced by a distribution check (`distribution`).
 
 Modules, by job:
 
@@ -22,6 +26,7 @@ Modules, by job:
 | `measurements` | the append-only measurement log that lets a bench resume |
 | `harness` | `run_bench`: options, interleaved timing, resuming, assembling results |
 | `summary` | the reported figures (tokens/s, speedup, accepted length, exactness) |
+| `distribution` | a sampling bench's check that each method's tokens are samples of the model |
 | `oracle` | the simulated bound; the only module that needs the calibration code |
 | `report` | table.md, results.json, speedup.png, Spec-Bench-style <method>.jsonl |
 """

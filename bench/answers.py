@@ -2,7 +2,8 @@
 
 `prompts_per_task` is a count of answers: MT-Bench is multi-turn, so it takes ceil(N / 2)
 questions and answers both turns (turn 2 is asked after the model's own first answer: the
-hf-greedy reference text, identical for every exact method). Other tasks take N prompts.
+reference's text, hf-greedy's, identical for every exact method, or hf-sample's under sampling).
+Other tasks take N prompts.
 """
 
 from __future__ import annotations

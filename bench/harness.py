@@ -47,10 +47,14 @@ import torch
 
 from specbound.data.tasks import TASKS
 from specbound_runtime.errors import UsageError
+from specbound_runtime.sampling import prompt_seed
 
 from .answers import Answer, bench_answers
 from .measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, settings_hash
-from .methods import METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, MethodRunner, Variant, early_exit_layers
+from .methods import (
+    METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, MethodRunner, Variant, early_exit_layers,
+    reference_method,
+)
 from .report import render_table, write_outputs
 from .summary import answer_divergence, ratio, summarise
 
@@ -89,8 +93,30 @@ class BenchOptions:
     command: str | None = None  # the command line, recorded in results.json
     device: str | None = None  # cpu (default), cuda, mps
     dtype: str | None = None  # default float32 on cpu, the checkpoint's own on a GPU
+    # sampling (every method, the same settings): on when any is given; answer i is seeded from (sample_seed, i)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    sample_seed: int = 0
+
+    def mode(self):
+        from specbound_runtime.sampling import DecodingMode
+
+        try:
+            return DecodingMode.sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        except ValueError as e:
+            raise UsageError(f"sampling settings: {e}") from None
+
+    @property
+    def reference(self) -> str:
+        """The method every speedup is measured against: hf-greedy, or hf-sample when sampling."""
+        return reference_method(self.mode().do_sample)
 
     def validate(self) -> None:
+        self.mode()
+        if self.sample_seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {self.sample_seed}")
         if not self.tasks or any(t not in TASKS for t in self.tasks):
             raise UsageError(f"--tasks must name tasks among: {', '.join(TASKS)}")
         if not self.methods or any(m not in METHODS for m in self.methods):
@@ -121,11 +147,12 @@ class _Measurer:
     `MethodRunner.generate` and appended to the log at once; returns stored ones as they are.
     Warms every variant up once, untimed, before this process's first timed run."""
 
-    def __init__(self, runner: MethodRunner, log: MeasurementLog, warm_up: list[Variant], bar):
+    def __init__(self, runner: MethodRunner, log: MeasurementLog, warm_up: list[Variant], bar, sample_seed: int = 0):
         self.runner = runner
         self.log = log
         self.warm_up = warm_up
         self.bar = bar
+        self.sample_seed = sample_seed
 
     def measure(self, key: MeasurementKey, answer: Answer, encoded) -> Measurement:
         stored = self.log.get(key)
@@ -138,7 +165,7 @@ class _Measurer:
             self.warm_up = []
         self.bar.set_postfix_str(f"{answer.task} #{answer.index} rep {key.repeat + 1}: {key.variant.name}")
         started = time.perf_counter()
-        generation = self.runner.generate(key.variant, encoded)
+        generation = self.runner.generate(key.variant, encoded, seed=prompt_seed(self.sample_seed, answer.index))
         measurement = Measurement(key, generation, time.perf_counter() - started)
         self.log.append(measurement, answer)
         self.bar.update(1)
@@ -148,14 +175,17 @@ class _Measurer:
 @dataclass(frozen=True)
 class _Walked:
     """What walking the plan gives besides the log: each answer's encoded prompt (turn 2 of
-    MT-Bench follows hf-greedy's first answer) and the hf-early-exit layer chosen on the first
+    MT-Bench follows the reference's first answer) and the hf-early-exit layer chosen on the first
     answer (None without the method)."""
 
     encodings: tuple
     early_exit: Variant | None
 
 
-def _measure_all(measurer: _Measurer, answers: list[Answer], timed: list[Variant], ee_grid: tuple[int, ...], repeats: int, encode, tokenizer) -> _Walked:
+def _measure_all(
+    measurer: _Measurer, answers: list[Answer], timed: list[Variant], ee_grid: tuple[int, ...], repeats: int, encode, tokenizer,
+    reference: str = REFERENCE,
+) -> _Walked:
     """Walk the whole plan in its interleaved order, measuring what the log does not hold."""
     encodings = []
     ee_variant = None
@@ -175,7 +205,7 @@ def _measure_all(measurer: _Measurer, answers: list[Answer], timed: list[Variant
                 order = order + [ee_variant]
             for v in order:
                 measurer.measure(MeasurementKey("timed", answer.index, v, r), answer, encoded)
-        ref = measurer.log.get(MeasurementKey("timed", answer.index, Variant(REFERENCE), 0))
+        ref = measurer.log.get(MeasurementKey("timed", answer.index, Variant(reference), 0))
         messages.append({"role": "assistant", "content": tokenizer.decode(list(ref.generation.token_ids), skip_special_tokens=True)})
     return _Walked(tuple(encodings), ee_variant)
 
@@ -238,6 +268,8 @@ def bench_settings(opts: BenchOptions, methods: tuple[str, ...], loaded, artifac
         "warmup_tokens": WARMUP_TOKENS,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        # a greedy bench's settings (and so its folder) are as they were before sampling existed
+        **({"decoding": opts.mode().to_json(), "sample_seed": opts.sample_seed} if opts.mode().do_sample else {}),
     }
 
 
@@ -255,7 +287,15 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     from specbound_runtime.decoder import Decoder
 
     opts.validate()
-    methods = tuple(m for m in METHODS if m in opts.methods or m == REFERENCE)
+    mode = opts.mode()
+    reference = opts.reference
+    other = REFERENCE if mode.do_sample else SAMPLING_REFERENCE  # the other mode's reference never runs
+    if other in opts.methods and tuple(opts.methods) != METHODS:
+        _warn(f"warning: {other} is the reference of a {'greedy' if other == REFERENCE else 'sampling'} bench; this one uses {reference}")
+    methods = tuple(m for m in METHODS if (m in opts.methods or m == reference) and m != other)
+    if mode.do_sample and "oracle" in methods:
+        _warn("warning: the oracle replays greedy decoding; skipping it in a sampling bench")
+        methods = tuple(m for m in methods if m != "oracle")
     answers = bench_answers(opts.tasks, opts.prompts_per_task, opts.seed)  # UsageError before loading
     # the plot needs matplotlib, the oracle the calibration code (the calibrate extra): fail now, not after the run
     import matplotlib  # noqa: F401
@@ -277,7 +317,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     decoders = {"specbound-paper": Decoder(loaded)}
     if "specbound" in methods:
         decoders["specbound"] = Decoder(artifact)
-    runner = MethodRunner(loaded.model, eos, decoders)
+    runner = MethodRunner(loaded.model, eos, decoders, mode)
     decoder = decoders["specbound-paper"]
     chat = decoder.has_chat_template
     ee_grid = early_exit_layers(int(loaded.fingerprint.num_layers)) if "hf-early-exit" in methods else ()
@@ -298,8 +338,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         warm_up = timed + [Variant("hf-early-exit", layer) for layer in ee_grid[:1]]
         with tqdm(total=total, initial=log.loaded, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True, disable=not show_progress) as bar:
             walked = _measure_all(
-                _Measurer(runner, log, warm_up, bar), answers, timed, ee_grid, opts.repeats,
-                lambda messages: decoder.encode(messages, chat, opts.max_new_tokens), loaded.tokenizer,
+                _Measurer(runner, log, warm_up, bar, opts.sample_seed), answers, timed, ee_grid, opts.repeats,
+                lambda messages: decoder.encode(messages, chat, opts.max_new_tokens), loaded.tokenizer, reference,
             )
         encodings, ee_variant = walked.encodings, walked.early_exit
         # from here on, every figure comes from the log: the same whether or not the run resumed
@@ -313,11 +353,16 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         }
         grid_times = {layer: log.get(_grid_key(layer)).wall_time_s for layer in ee_grid}
 
-    exact = {
-        name: [answer_divergence(loaded.model, encodings[a.index].ids, a, runs[name][a.index], runs[REFERENCE][a.index][0]) for a in answers]
-        for name in runs
-    }
-    oracle_recs = [oracle.oracle_record(oracle_replay, encodings[a.index].ids, runs[REFERENCE][a.index][0].generation.token_ids) for a in answers] if oracle_replay else []
+    if mode.do_sample:  # samples differ token by token; their distribution is checked instead
+        exact = {name: [None] * len(answers) for name in runs}
+        pits = distribution_check(loaded.model, mode, runs, encodings, answers)
+    else:
+        exact = {
+            name: [answer_divergence(loaded.model, encodings[a.index].ids, a, runs[name][a.index], runs[reference][a.index][0]) for a in answers]
+            for name in runs
+        }
+        pits = None
+    oracle_recs = [oracle.oracle_record(oracle_replay, encodings[a.index].ids, runs[reference][a.index][0].generation.token_ids) for a in answers] if oracle_replay else []
 
     grid_report: dict = {}
     if ee_variant is not None:
@@ -352,7 +397,10 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     groups["overall"] = [a.index for a in answers]
     summary: dict = {}
     for group, idx in groups.items():
-        row = {m: summarise(runs[name], runs[REFERENCE], exact[name], idx) for m, name in reported.items()}
+        row = {m: summarise(runs[name], runs[reference], exact[name], idx) for m, name in reported.items()}
+        if pits is not None:
+            for m, name in reported.items():
+                row[m].update(exact=None, exact_answers=None, **pooled_check(pits[name], idx))
         if "ar" in reported:
             for m in row:
                 row[m]["speedup_vs_ar"] = ratio(row["ar"]["median_wall_time_s"], row[m]["median_wall_time_s"])
@@ -361,7 +409,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
             row["oracle"] = oracle.oracle_row(sim, row)
         summary[group] = row
     for v in pl_variants + ([ee_variant] if ee_variant else []):
-        grid_report.setdefault("by_value", {})[v.name] = summarise(runs[v.name], runs[REFERENCE], exact[v.name], groups["overall"])
+        grid_report.setdefault("by_value", {})[v.name] = summarise(runs[v.name], runs[reference], exact[v.name], groups["overall"])
 
     fp = loaded.fingerprint
     results = {
@@ -380,6 +428,9 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
             "prompt_lookup_grid": list(opts.prompt_lookup_grid),
             "early_exit_grid": list(ee_grid),
             "settings_hash": log.settings_hash,
+            "reference": reference,
+            "decoding": mode.describe(),
+            "sample_seed": opts.sample_seed if mode.do_sample else None,
         },
         "machine": _machine(),
         "versions": _library_versions(),
@@ -390,6 +441,37 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     table = render_table(results)
     files = write_outputs(out_dir, results, table, answers, runs, reported, loaded.tokenizer)
     return BenchOutcome(results=results, table=table, out_dir=out_dir, files=(log.path, *files))
+
+
+def distribution_check(model, mode, runs: dict, encodings, answers) -> dict[str, list]:
+    """Per variant and answer, the PIT values of its first repeat's tokens (bench.distribution)."""
+    from specbound_runtime.generation import prepared_by_generate
+
+    from .distribution import pit_values
+
+    _, processors = prepared_by_generate(model, mode)
+    return {
+        name: [
+            pit_values(model, processors, encodings[a.index].ids, per_answer[a.index][0].generation.token_ids, seed=a.index)
+            for a in answers
+        ]
+        for name, per_answer in runs.items()
+    }
+
+
+def pooled_check(pits: list, idx: list[int]) -> dict:
+    """The distribution check's p-value over the answers `idx`, pooled (bench.distribution)."""
+    import numpy as np
+
+    from .distribution import uniformity_pvalue
+
+    values = np.concatenate([pits[i].values for i in idx]) if idx else np.zeros(0)
+    p = uniformity_pvalue(values)
+    return {
+        "distribution_pvalue": None if p is None else round(p, 4),
+        "distribution_tokens": int(len(values)),
+        "distribution_impossible": int(sum(pits[i].impossible for i in idx)),
+    }
 
 
 def _policy_dict(p) -> dict:

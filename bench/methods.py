@@ -2,6 +2,10 @@
 
 Nothing here times anything: the harness (`harness.py`) puts one clock around
 `MethodRunner.generate`, the same for every method.
+
+Under sampling every method samples with the same settings, and each answer with the same seed
+for every method and repeat: transformers' methods from torch's global generator seeded with it
+(as a user of generate(do_sample=True) would), ours from a torch.Generator seeded with it.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ from specbound_runtime.policy import default_check_layers
 
 from .hf_hooks import FullDepthCallRecorder, pass_statistics
 
-METHODS = ("hf-greedy", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle")
-REFERENCE = "hf-greedy"
+METHODS = ("hf-greedy", "hf-sample", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle")
+REFERENCE = "hf-greedy"  # the reference of a greedy bench
+SAMPLING_REFERENCE = "hf-sample"  # the reference of a sampling bench: generate(do_sample=True)
+
+
+def reference_method(sampling: bool) -> str:
+    return SAMPLING_REFERENCE if sampling else REFERENCE
 NEEDS_ARTIFACT = ("specbound", "oracle")
 PROMPT_LOOKUP_GRID = (3, 10)
 
@@ -64,43 +73,63 @@ class Generation:
         return None if self.passes is None else self.new_tokens - self.passes
 
 
-def _hf_generate(model, prompt_ids, max_new_tokens: int, eos, count_passes: bool, **kwargs) -> Generation:
-    from specbound_runtime.exactness import reference_greedy
+def _hf_generate(model, prompt_ids, max_new_tokens: int, eos, count_passes: bool, mode=None, seed=None, **kwargs) -> Generation:
+    import torch
 
-    if not count_passes:  # plain greedy: one pass per token, no drafts
-        tokens = tuple(reference_greedy(model, list(prompt_ids), max_new_tokens, eos, **kwargs))
+    from specbound_runtime.exactness import reference_generate
+
+    def run():
+        if seed is None:
+            return tuple(reference_generate(model, list(prompt_ids), max_new_tokens, eos, mode, **kwargs))
+        device = model.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # transformers samples from torch's global generator
+            return tuple(reference_generate(model, list(prompt_ids), max_new_tokens, eos, mode, **kwargs))
+
+    if not count_passes:  # plain decoding: one pass per token, no drafts
+        tokens = run()
         return Generation(tokens, (1,) * len(tokens), len(tokens), 0)
     with FullDepthCallRecorder(model) as recorder:
-        tokens = tuple(reference_greedy(model, list(prompt_ids), max_new_tokens, eos, **kwargs))
+        tokens = run()
     stats = pass_statistics(recorder.calls, len(prompt_ids), len(tokens))
     return Generation(tokens, stats.accept_lengths, stats.passes, stats.drafted)
 
 
-def _engine_generate(decoder, encoded, speculation: bool) -> Generation:
-    r = decoder.generate(encoded, speculation=speculation)
+def _engine_generate(decoder, encoded, speculation: bool, mode=None, seed=None) -> Generation:
+    import torch
+
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    r = decoder.generate(encoded, speculation=speculation, mode=mode, generator=generator)
     return Generation(tuple(r.token_ids), tuple(r.accept_lengths), r.verify_passes, r.drafted)
 
 
 class MethodRunner:
     """Runs any `Variant` on an encoded prompt. `decoders` holds our engine: "specbound-paper"
-    (no artifact; also runs `ar`) and, with an artifact, "specbound"."""
+    (no artifact; also runs `ar`) and, with an artifact, "specbound". mode: greedy (None) or the
+    sampling settings every method uses."""
 
-    def __init__(self, model, eos, decoders: dict):
+    def __init__(self, model, eos, decoders: dict, mode=None):
         self.model = model
         self.eos = tuple(eos)
         self.decoders = decoders
+        self.mode = mode if mode is not None and mode.do_sample else None
 
-    def generate(self, variant: Variant, encoded, max_new_tokens: int | None = None) -> Generation:
+    def generate(self, variant: Variant, encoded, max_new_tokens: int | None = None, seed: int | None = None) -> Generation:
+        """seed: under sampling, the answer's seed (the same for every method)."""
         n = encoded.max_new_tokens if max_new_tokens is None else min(max_new_tokens, encoded.max_new_tokens)
         if n != encoded.max_new_tokens:
             encoded = type(encoded)(ids=encoded.ids, max_new_tokens=n, clamped=encoded.clamped)
         m = variant.method
-        if m == "hf-greedy":
-            return _hf_generate(self.model, encoded.ids, n, self.eos, False)
+        mode = self.mode
+        seed = seed if mode is not None else None
+        if (m == SAMPLING_REFERENCE) != (mode is not None) and m in (REFERENCE, SAMPLING_REFERENCE):
+            raise ValueError(f"{m} is the reference of a {'greedy' if m == REFERENCE else 'sampling'} bench only")
+        if m in (REFERENCE, SAMPLING_REFERENCE):
+            return _hf_generate(self.model, encoded.ids, n, self.eos, False, mode, seed)
         if m == "hf-prompt-lookup":
-            return _hf_generate(self.model, encoded.ids, n, self.eos, True, prompt_lookup_num_tokens=variant.value)
+            return _hf_generate(self.model, encoded.ids, n, self.eos, True, mode, seed, prompt_lookup_num_tokens=variant.value)
         if m == "hf-early-exit":
-            return _hf_generate(self.model, encoded.ids, n, self.eos, True, assistant_early_exit=variant.value)
+            return _hf_generate(self.model, encoded.ids, n, self.eos, True, mode, seed, assistant_early_exit=variant.value)
         if m == "ar":
-            return _engine_generate(self.decoders["specbound-paper"], encoded, speculation=False)
-        return _engine_generate(self.decoders[m], encoded, speculation=True)
+            return _engine_generate(self.decoders["specbound-paper"], encoded, False, mode, seed)
+        return _engine_generate(self.decoders[m], encoded, True, mode, seed)

@@ -247,3 +247,25 @@ def test_plain_sampling_through_the_engine_is_generate_sampling_in_distribution(
     samples = [tuple(generate(HFCausalLM(model), PROMPT, 1, NoDrafter(), [EOS], logits_processor=processors, sampler=Sampler(g)).token_ids) for _ in range(300)]
     counts = [samples.count(s) for s in exact]
     assert sum(counts) == 300 and chisquare(counts, np.array(list(exact.values())) * 300 / sum(exact.values())).pvalue >= ALPHA
+
+
+def test_decode_cli_samples_reproducibly_per_prompt_from_the_seed(tiny, tmp_path):
+    from clitools import assert_one_error, invoke
+
+    folder, _, artifact = tiny
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w5 w6 w7"}\n{"prompt": "w5 w6 w7"}\n')
+    args = ("decode", "-m", folder, "-a", artifact, "-f", prompts, "-n", 12, "--temperature", "0.9", "--top-p", "0.95", "--json")
+
+    def run(*extra):
+        result = invoke(*args, *extra)
+        assert result.exit_code == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    first, again, other = run("--seed", "3"), run("--seed", "3"), run("--seed", "4")
+    assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]  # reproducible
+    assert first[0]["seed"] != first[1]["seed"] and first[0]["token_ids"] != first[1]["token_ids"]  # same prompt, independent samples
+    assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
+    assert first[0]["decoding"].startswith("sampling (temperature=0.9") and sum(r["accept_lengths"] != [1] * r["new_tokens"] for r in first + other) > 0
+    assert_one_error(invoke(*args, "--check-exact"), 2, "--check-exact compares greedy outputs")
+    assert_one_error(invoke("decode", "-m", folder, "-p", "w5", "--seed", "1"), 2, "--seed seeds sampling")
