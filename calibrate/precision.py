@@ -10,9 +10,10 @@ Three rules, each applied where a value is made, before anything uses it:
    thread count, any split into shards gives the same bits (up to 2^23 recorded positions).
 2. Recorded statistics and fitted values carry STAT_BITS significant bits (relative precision
    2^-16, about 1.5e-5): the confidences on the temperature grid, the fitted temperatures and
-   alpha, and the lens weights. Differences far below that scale (a BLAS kernel's summation
-   order, a libm's last bit) do not survive the rounding, except for a value that sits within
-   that difference of a rounding boundary.
+   alpha, and the lens weights. A difference of d (relative) survives the rounding only for a
+   value within d of a rounding boundary, so with probability about d / 2^-16 per value: nil
+   for the float64 fits (a BLAS kernel's summation order is ~1e-15), but about 2^-8 per value
+   for a float32 confidence that moved by its last bit.
 3. Tuning compares simulated results at 6 decimals (SimResult.to_dict), ties broken by the
    lower trial index.
 
