@@ -66,8 +66,8 @@ class SpecBound:
         self.calibrated = policy is not None
         self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
         self.source = source
-        self.fingerprint = fingerprint
-        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self._fingerprint = fingerprint
+        self._tokenizer_fingerprint = tokenizer_fingerprint
         self.artifact_metadata = dict(artifact_metadata or {})
         self._mode_warned = False
 
@@ -93,6 +93,24 @@ class SpecBound:
             file=sys.stderr,
             flush=True,
         )
+
+    @property
+    def fingerprint(self):
+        """What exactly the model is (fingerprints.ModelFingerprint); hashed on first use, since
+        hashing every weight of a large model takes a while."""
+        if self._fingerprint is None:
+            from .fingerprints import fingerprint_model
+
+            self._fingerprint = fingerprint_model(self.model)
+        return self._fingerprint
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        if self._tokenizer_fingerprint is None and self.tokenizer is not None:
+            from .fingerprints import fingerprint_tokenizer
+
+            self._tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
+        return self._tokenizer_fingerprint
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -150,20 +168,23 @@ class SpecBound:
         input_ids = _as_batch_of_one(input_ids)
         sink: list[GenerationResult] = []
         custom = self._custom_generate(speculation, on_tokens)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())  # as generate() does: the prompt first
+        stream = None if streamer is None else _EndsOnce(streamer)
         try:
             sequences = self.model.generate(
                 input_ids.to(self.device),
                 custom_generate=custom,
                 specbound_stats=sink,
-                specbound_streamer=streamer,
+                specbound_streamer=stream,
                 **kwargs,
             )
+        except ValueError as exc:  # generate() refusing its arguments (max_new_tokens=0, ...)
+            raise UsageError(f"generate() refused the arguments: {str(exc).strip().splitlines()[0]}") from exc
         finally:
-            if streamer is not None:
-                streamer.end()  # also on an error, so a reader of TextIteratorStreamer never hangs
-        return Generated(sequences=sequences, stats=sink[-1])
+            if stream is not None:
+                stream.end()  # also when generate() failed before decoding: a reader never hangs
+        if not sink:
+            raise UsageError("generate() returned without decoding (nothing to generate: check max_new_tokens/max_length)")
+        return Generated(sequences=sequences.to(input_ids.device), stats=sink[-1])
 
     @property
     def custom_generate(self):
@@ -188,6 +209,22 @@ def _same_mode(a: DecodingMode, b: DecodingMode) -> bool:
         return True
     close = lambda x, y: (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6)  # noqa: E731
     return a.top_k == b.top_k and all(close(getattr(a, f), getattr(b, f)) for f in ("temperature", "top_p", "min_p"))
+
+
+class _EndsOnce:
+    """A streamer whose end() runs once, however many times it is called."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+        self.ended = False
+
+    def put(self, value) -> None:
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.streamer.end()
 
 
 def _as_batch_of_one(input_ids) -> torch.Tensor:
@@ -226,16 +263,14 @@ def load(
 
     Raises SpecBoundError subclasses (ModelError, ArtifactError, ...) with a message that says
     what to do."""
-    from .fingerprints import fingerprint_model, fingerprint_tokenizer
-
     if isinstance(model, torch.nn.Module):
         if device is not None or dtype is not None:
             raise UsageError("device and dtype apply to a model loaded by name or path; move or cast your model yourself before sb.load")
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise ModelError(f"{type(model).__name__} is not a transformers model with generate()")
-        hf_model, source = model.eval(), type(model).__name__
-        fingerprint = fingerprint_model(hf_model)
-        tokenizer_fingerprint = fingerprint_tokenizer(tokenizer) if tokenizer is not None else None
+        # used as it is: not switched to eval mode, not moved, not cast; hashed only if needed
+        hf_model, source = model, type(model).__name__
+        fingerprint = tokenizer_fingerprint = None
     elif isinstance(model, (str, Path)):
         if tokenizer is not None:
             raise UsageError("tokenizer= goes with an already loaded model; a name or path brings its own")

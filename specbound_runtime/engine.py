@@ -21,6 +21,7 @@ import torch
 
 from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
+from .host import read
 from .policy import ExitPolicy, decide_exit, lookup_continuation
 from .sampling import Sampler, draft_probabilities, full_vocabulary, probabilities
 
@@ -261,6 +262,16 @@ def verify(seq: DecodeState, logits: torch.Tensor, finite_rows: torch.Tensor | N
     return speculative_accept(drafts, seq.draft_matrix(), probabilities(scores), seq.sampler.uniforms(k + 1), finite_rows)
 
 
+def first_stop(stopping_criteria, sequence: list[int], new: int, device) -> int | None:
+    """Index among the last `new` tokens of the first one after which the stopping criteria fire,
+    as generate() checks them after every token; all prefixes in one host read."""
+    ids = torch.tensor([sequence], device=device)
+    start = len(sequence) - new
+    fired = torch.cat([stopping_criteria(ids[:, : start + i + 1], None).reshape(-1)[:1] for i in range(new)])
+    hits = [i for i, f in enumerate(read(fired)) if f]
+    return hits[0] if hits else None
+
+
 def generate(
     lm: LayerModel,
     prompt_ids: list[int],
@@ -308,19 +319,17 @@ def generate(
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length
             drafter.observe(acceptance)
-            new = seq.commit(acceptance)
-            stop = False
+            new = seq.commit(acceptance)[: max_new_tokens - len(out)]
+            stop = len(out) + len(new) >= max_new_tokens
             for i, token in enumerate(new):
-                if len(out) == max_new_tokens:
-                    new, stop = new[:i], True
-                    break
-                out.append(token)
-                if token in eos or (
-                    stopping_criteria is not None
-                    and bool(stopping_criteria(torch.tensor([list(prompt_ids) + out], device=lm.device), None).any())
-                ):
+                if token in eos:
                     new, stop = new[: i + 1], True
                     break
+            if stopping_criteria is not None and new:
+                fired = first_stop(stopping_criteria, list(prompt_ids) + out + new, len(new), lm.device)
+                if fired is not None:
+                    new, stop = new[: fired + 1], True
+            out.extend(new)
             accept_lengths.append(len(new))  # what this pass emitted, after any stop
             if on_tokens is not None and new:
                 on_tokens(new)

@@ -69,7 +69,7 @@ def divergence(model, prompt_ids: list[int], ours: list[int], reference: list[in
     b = reference[pos] if pos < len(reference) else None
     margin = None
     if a is not None and b is not None:
-        ids = torch.tensor([list(prompt_ids) + list(reference[:pos])])
+        ids = torch.tensor([list(prompt_ids) + list(reference[:pos])], device=model.device)
         with torch.inference_mode():
             logits = model(input_ids=ids).logits[0, -1]
         margin = float(logits[b] - logits[a])

@@ -161,19 +161,34 @@ def custom_generate_for(
             on_mode(mode)
         check_processors(logits_processor)
         check_model_kwargs(input_ids, model_kwargs)
+        if input_ids.device != lm.device:
+            raise UsageError(
+                f"input_ids are on {input_ids.device}, the model on {lm.device}; pass them on the model's device"
+            )
         prompt = input_ids[0].tolist()
-        max_new = int(generation_config.max_length) - len(prompt)
+        # The length and end-of-sequence limits of the criteria generate() prepared (a user's own
+        # MaxLengthCriteria or EosTokenCriteria replaces the default one there), applied natively.
+        max_length, eos, other_criteria = _native_limits(stopping_criteria, generation_config)
+        max_new = max_length - len(prompt)
         if max_new < 1:
             return input_ids
-        eos = _eos_ids(generation_config)
-        other_criteria = [c for c in stopping_criteria or () if type(c).__name__ not in _NATIVE_CRITERIA]
-        streamed = specbound_streamer and (lambda new: specbound_streamer.put(torch.tensor(new)))
-        result = generate(
-            lm, prompt, max_new, make_drafter(eos), eos, _fan_out([f for f in (on_tokens, streamed) if f]),
-            logits_processor=logits_processor or None,
-            stopping_criteria=_criteria(other_criteria),
-            sampler=Sampler(generator, lm.device) if mode.do_sample else None,
-        )
+        if specbound_streamer is not None:
+            specbound_streamer.put(input_ids.cpu())  # as generate() does: the prompt first
+
+        def streamed(new):
+            specbound_streamer.put(torch.tensor(new))
+
+        try:
+            result = generate(
+                lm, prompt, max_new, make_drafter(eos), eos,
+                _fan_out([f for f in (on_tokens, streamed if specbound_streamer is not None else None) if f]),
+                logits_processor=logits_processor or None,
+                stopping_criteria=_criteria(other_criteria),
+                sampler=Sampler(generator, lm.device) if mode.do_sample else None,
+            )
+        finally:
+            if specbound_streamer is not None:
+                specbound_streamer.end()  # also on an error: a reader never hangs
         if specbound_stats is not None:
             specbound_stats.append(result)
         new = torch.tensor([list(result.token_ids)], dtype=input_ids.dtype, device=input_ids.device)
@@ -203,8 +218,16 @@ def _criteria(criteria: list):
     return StoppingCriteriaList(criteria)
 
 
-def _eos_ids(generation_config) -> tuple[int, ...]:
-    tensor = getattr(generation_config, "_eos_token_tensor", None)
-    if tensor is None:
-        return ()
-    return tuple(int(t) for t in tensor.reshape(-1).tolist())
+def _native_limits(stopping_criteria, generation_config) -> tuple[int, tuple[int, ...], list]:
+    """(max_length, end-of-sequence ids, the other criteria) from what generate() prepared."""
+    lengths, eos, others = [], [], []
+    for criterion in stopping_criteria or ():
+        name = type(criterion).__name__
+        if name == "MaxLengthCriteria":
+            lengths.append(int(criterion.max_length))
+        elif name == "EosTokenCriteria":
+            eos.extend(int(t) for t in torch.as_tensor(criterion.eos_token_id).reshape(-1).tolist())
+        else:
+            others.append(criterion)
+    max_length = min(lengths) if lengths else int(generation_config.max_length)
+    return max_length, tuple(dict.fromkeys(eos)), others

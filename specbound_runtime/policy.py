@@ -151,8 +151,8 @@ def decide_exit(
         broken = broken | ~torch.isfinite(draft_probs).all() | ~(draft_probs.sum() > 0)
         token = sample_index(torch.nan_to_num(draft_probs, nan=0.0), uniform)
     exits = ~broken & (confidence >= threshold)
-    # float64 holds any token id exactly; one transfer carries all three values
-    flag, index, conf = read(torch.stack([exits.double(), token.double(), confidence.double()]))
+    # float32 holds any token id below 2**24 exactly (and MPS has no float64); one transfer
+    flag, index, conf = read(torch.stack([exits.float(), token.float(), confidence.float()]))
     return ExitDecision(confidence=conf, token=int(index), exits=bool(flag))
 
 
