@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -68,7 +69,7 @@ def speed(device: str, dtype: str, artifact: str | None, prompts: int, tokens: i
     decoder.generate(encs[0])  # warm-up
     reference_greedy(m.model, list(encs[0].ids), 8, m.eos_token_ids)
     t_ref = t_ours = 0.0
-    n_tokens = reads = identical = 0
+    n_tokens = reads = identical = syncs = 0
     for enc in encs:
         sync()
         started = time.perf_counter()
@@ -76,8 +77,16 @@ def speed(device: str, dtype: str, artifact: str | None, prompts: int, tokens: i
         sync()
         t_ref += time.perf_counter() - started
         started = time.perf_counter()
-        with HostReadCounter() as counter:
-            result = decoder.generate(enc)
+        with HostReadCounter() as counter, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.startswith("cuda"):
+                torch.cuda.set_sync_debug_mode("warn")  # torch warns at every synchronising call
+            try:
+                result = decoder.generate(enc)
+            finally:
+                if device.startswith("cuda"):
+                    torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
         sync()
         t_ours += time.perf_counter() - started
         reads += counter.count
@@ -89,6 +98,7 @@ def speed(device: str, dtype: str, artifact: str | None, prompts: int, tokens: i
         "speedup": round(t_ref / t_ours, 3),
         "identical": f"{identical}/{len(encs)}",
         "host_reads_per_token": round(reads / max(1, n_tokens), 3),
+        "cuda_syncs_per_token": round(syncs / max(1, n_tokens), 3) if device.startswith("cuda") else None,
     }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .cache import LayeredKVCache
 from .errors import ModelError
+from .host import to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Attention kernels whose masks this adapter builds exactly as transformers does for generate().
@@ -143,7 +144,7 @@ class HFCausalLM:
     def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Token ids (a host list is copied straight to the model's device) -> hidden [1, k, H]."""
         if not isinstance(token_ids, torch.Tensor):
-            token_ids = torch.tensor(token_ids, device=self.device)
+            token_ids = to_device(list(token_ids), self.device)
         elif token_ids.device != self.device:
             token_ids = token_ids.to(self.device)
         return self._embed(token_ids.view(1, -1))

@@ -21,7 +21,7 @@ import torch
 
 from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
-from .host import read
+from .host import read, to_device
 from .policy import ExitPolicy, decide_exit, lookup_continuation
 from .sampling import Sampler, draft_probabilities, full_vocabulary, probabilities
 
@@ -114,7 +114,7 @@ class DecodeState:
 
     def prefix_ids(self) -> torch.Tensor:
         """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
-        return torch.tensor([self.tokens + self.drafts], device=self.lm.device)
+        return to_device([self.tokens + self.drafts], self.lm.device)
 
     def draft_matrix(self) -> torch.Tensor:
         """q of every draft as rows [k, V] (one-hot rows for deterministic proposals)."""
@@ -245,7 +245,7 @@ def target_scores(
     scores = logits.float()
     if logits_processor is None:
         return scores
-    prefix = torch.tensor([tokens + drafts], device=scores.device)
+    prefix = to_device([tokens + drafts], scores.device)
     n = len(tokens)
     rows = [logits_processor(prefix[:, : n + i], scores[i : i + 1].clone()) for i in range(scores.shape[0])]
     return torch.cat(rows, dim=0)
@@ -258,14 +258,14 @@ def verify(seq: DecodeState, logits: torch.Tensor, finite_rows: torch.Tensor | N
     if seq.sampler is None:
         return accept(torch.tensor(seq.drafts, dtype=torch.long), scores, finite_rows)
     k = len(seq.drafts)
-    drafts = torch.tensor(seq.drafts, dtype=torch.long, device=scores.device)
+    drafts = to_device(seq.drafts, scores.device)
     return speculative_accept(drafts, seq.draft_matrix(), probabilities(scores), seq.sampler.uniforms(k + 1), finite_rows)
 
 
 def first_stop(stopping_criteria, sequence: list[int], new: int, device) -> int | None:
     """Index among the last `new` tokens of the first one after which the stopping criteria fire,
     as generate() checks them after every token; all prefixes in one host read."""
-    ids = torch.tensor([sequence], device=device)
+    ids = to_device([sequence], device)
     start = len(sequence) - new
     fired = torch.cat([stopping_criteria(ids[:, : start + i + 1], None).reshape(-1)[:1] for i in range(new)])
     hits = [i for i, f in enumerate(read(fired)) if f]

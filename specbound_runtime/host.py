@@ -16,6 +16,15 @@ def read(values: torch.Tensor) -> list:
     return values.to("cpu", copy=True).tolist()
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (token ids) as a tensor on `device` without waiting for the device: a plain
+    copy from pageable memory to a GPU synchronises the stream, a copy from pinned memory with
+    non_blocking=True does not (torch's caching host allocator keeps the buffer until it is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 class HostReadCounter:
     """Counts host reads of tensor values while active (`.item()`, `int()`/`float()`/`bool()` of
     a tensor, copies to the CPU): on a GPU each one is a synchronisation. A diagnostic for tests
