@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .host import read
-from .sampling import sample_index
+from .sampling import exact_dtype, sample_index
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,11 @@ def speculative_accept(
             f"for {k} drafts need {k} draft rows, {k + 1} target rows and {k + 1} uniforms, got "
             f"{draft_probs.shape[0]}, {target_probs.shape[0]} and {uniforms.shape[0]}"
         )
-    p = target_probs.double()
-    q = _on(draft_probs, p.device).double()
+    p = target_probs.to(exact_dtype(target_probs.device))
+    q = _on(draft_probs, p.device).to(p.dtype)
     drafts = _on(draft_tokens, p.device)
     rows = torch.arange(k, device=p.device)
-    u = _on(uniforms, p.device).double()
+    u = _on(uniforms, p.device).to(p.dtype)
     accepted = u[:k] * q[rows, drafts] < p[rows, drafts]
     n = torch.cumprod(accepted.long(), dim=0).sum()  # leading accepted drafts, on the device
     # the distribution the emitted token comes from, for every possible n; then row n of it

@@ -1,10 +1,12 @@
 """Sampling as pure math: the decoding mode, draws from a distribution by uniform numbers, and the
 draft distribution q of the early-exit drafter.
 
-Randomness enters in one place, `Sampler.uniforms`: float64 uniform numbers in [0, 1) from an
+Randomness enters in one place, `Sampler.uniforms`: uniform numbers in [0, 1) from an
 explicit `torch.Generator`, or from torch's global generator when none is given (so
 `torch.manual_seed` works as it does with transformers' `generate(do_sample=True)`). Everything
 else is a deterministic function of those numbers, so the same seed gives the same output.
+Probabilities, cumulative sums and uniforms are float64 (`exact_dtype`), except on MPS, which
+has no float64: there float32.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ class DecodingMode:
         return "sampling" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def exact_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 for sampling arithmetic, float32 where the device has no float64 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def prompt_seed(seed: int, index: int) -> int:
     """The seed of prompt `index` under a run seed: each output reproducible on its own, repeated
     prompts still independent samples."""
@@ -118,9 +125,9 @@ class Sampler:
         self.device = torch.device(device)
 
     def uniforms(self, n: int) -> torch.Tensor:
-        """n float64 uniform numbers in [0, 1), on the decoding device (no host read)."""
+        """n uniform numbers in [0, 1) (float64 but on MPS), on the decoding device (no host read)."""
         source = self.generator.device if self.generator is not None else self.device
-        u = torch.rand(n, dtype=torch.float64, device=source, generator=self.generator)
+        u = torch.rand(n, dtype=exact_dtype(source), device=source, generator=self.generator)
         return u if u.device == self.device else u.to(self.device)
 
 
@@ -134,8 +141,9 @@ def sample_index(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     probs [V] (need not sum to 1; zeros are never drawn), u a 0-d uniform in [0, 1). Returns a 0-d
     long tensor on probs' device; nothing is read on the host."""
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    target = (u.double() * cdf[-1]).reshape(1)
+    dtype = exact_dtype(probs.device)
+    cdf = torch.cumsum(probs.to(dtype), dim=-1)
+    target = (u.to(dtype) * cdf[-1]).reshape(1)
     index = torch.searchsorted(cdf, target, right=True)[0]
     return index.clamp(max=probs.shape[-1] - 1)
 
@@ -154,7 +162,7 @@ def draft_probabilities(
     position (prefix [1, n]: the tokens before it), then softmax. Value-only warpers run on the
     S columns; any other processor runs on the full vocabulary with -inf outside the short-list.
     A row that processing leaves without finite scores gives NaN: such a token is never drafted.
-    Returned in float64 ([S])."""
+    Returned in float64 ([S]; float32 on MPS)."""
     scores = logits.float()
     if processors:
         if column_tokens is None or all(type(p).__name__ in VALUE_ONLY_WARPERS for p in processors):
@@ -164,7 +172,7 @@ def draft_probabilities(
             full[column_tokens] = scores
             scores = processors(prefix, full[None])[0][column_tokens]
     # float64, so that q sums to 1 to double precision: the acceptance ratio uses q as drawn
-    return torch.softmax(scores.double(), dim=-1)
+    return torch.softmax(scores.to(exact_dtype(scores.device)), dim=-1)
 
 
 def full_vocabulary(probs: torch.Tensor, column_tokens: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
