@@ -57,10 +57,14 @@ def test_load_by_path_with_artifact_generates_what_generate_does(tiny):
 
 def test_load_an_already_loaded_model_and_its_tokenizer(tiny):
     folder, loaded, artifact = tiny
+    attributes = {k: id(v) for k, v in vars(loaded.model).items()}
+    config = loaded.model.config.to_dict()
     m = sb.load(loaded.model, tokenizer=loaded.tokenizer, artifact=artifact)
     assert m.model is loaded.model and m.tokenizer is loaded.tokenizer
     assert torch.equal(m.generate(torch.tensor(PROMPT), max_new_tokens=16), _reference(loaded.model, PROMPT, max_new_tokens=16))
-    assert not hasattr(loaded.model, "specbound") and "specbound" not in vars(loaded.model.config)
+    # nothing stashed on the model or its config
+    assert {k: id(v) for k, v in vars(loaded.model).items()} == attributes
+    assert loaded.model.config.to_dict() == config
 
 
 def test_load_refuses_bad_input_with_library_errors(tiny, tmp_path):

@@ -78,7 +78,6 @@ def test_streamed_text_equals_final_text(name):
     real = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     vocab = len(tokenizer)
     sequences = [real] + [[rng.randrange(vocab) for _ in range(rng.randint(1, 60))] for _ in range(150)]
-    written_before_end = 0
     for ids in sequences:
         final = tokenizer.decode(ids, skip_special_tokens=True)
         streamed = _streamed(tokenizer, ids, rng)
