@@ -510,7 +510,9 @@ def costs(
 ):
     """Measure the cost model of the decode loop (ms per layer call, LM head, exit check, round)
     on this machine and write it to a file, so that a job can pin it: every machine that runs the
-    job then tunes against the same costs."""
+    job then tunes against the same costs. Measured in 5 rounds (medians of repeats); the file keeps
+    the rounds' median and every round, and tuning scores a policy by its least speedup over the
+    rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported)."""
     with _one_error_path():
         with _requires_extra("calibrate", "costs"):
             from specbound.calibrate.costs import measure_costs, pinned_costs
@@ -523,7 +525,8 @@ def costs(
             raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
         loaded = sb.load(model, device=device, dtype=dtype)
         _err(f"measuring the cost model of {loaded.fingerprint.short()} ...")
-        document = pinned_costs(measure_costs(loaded.lm, shortlist_size), loaded.fingerprint, shortlist_size)
+        cost = measure_costs(loaded.lm, shortlist_size, warn=_err)
+        document = pinned_costs(cost, loaded.fingerprint, shortlist_size)
         atomic_write_bytes(out, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
         if as_json:
             typer.echo(json.dumps(document, sort_keys=True))
@@ -531,7 +534,8 @@ def costs(
         c = document["cost_model"]
         typer.echo(
             f"wrote {out}: layer {c['layer_base']:.4f} ms (+{c['layer_extra']:.4f} per extra position), LM head "
-            f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms"
+            f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms "
+            f"(medians of {len(cost.samples)} rounds; plain decoding's per-token cost spreads {cost.spread:.1%} over them)"
         )
 
 

@@ -723,7 +723,7 @@ def cached_cost(lm, fp, opts: CalibrateOptions, root: Path, warpers=None) -> Cos
     from .costs import cached_costs
 
     _log("measuring the cost model (cached per machine and model)")
-    return cached_costs(lm, fp, opts.shortlist_size, root, opts.remeasure_costs, warpers)
+    return cached_costs(lm, fp, opts.shortlist_size, root, opts.remeasure_costs, warpers, warn=_log)
 
 
 def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, seed: int = 0) -> dict:

@@ -17,16 +17,24 @@ recorded one: both continue along a sample of the model, so the approximation is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from .fit import confidence_at
 
 
+COST_FIELDS = ("layer_base", "layer_extra", "head_base", "head_extra", "check", "round_overhead")
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Milliseconds, measured by calibrate.costs on this machine for this model."""
+    """Milliseconds, measured by calibrate.costs on this machine for this model.
+
+    The fields are the medians of independent measurement rounds; `samples` keeps each round's
+    values (in COST_FIELDS order), so a policy can be judged under the whole spread of the
+    measurement (`robust_speedup`), not only under its median. A cost model written before
+    rounds were kept has no samples: it is its own only sample."""
 
     num_layers: int
     layer_base: float  # one decoder-layer call over one position
@@ -35,11 +43,35 @@ class CostModel:
     head_extra: float  # each further position
     check: float  # one exit check (exit head over one position, confidence)
     round_overhead: float  # fixed cost of a verification round (embedding, acceptance, bookkeeping)
+    samples: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        for k, v in asdict(self).items():
-            if k != "num_layers" and not (v >= 0 and np.isfinite(v)):
+        for k in COST_FIELDS:
+            v = getattr(self, k)
+            if not (v >= 0 and np.isfinite(v)):
                 raise ValueError(f"cost {k} must be finite and >= 0, got {v}")
+        samples = tuple(tuple(float(x) for x in row) for row in self.samples)
+        for row in samples:
+            if len(row) != len(COST_FIELDS) or not all(x >= 0 and np.isfinite(x) for x in row):
+                raise ValueError(f"each cost sample needs {len(COST_FIELDS)} finite values >= 0, got {list(row)}")
+        object.__setattr__(self, "samples", samples)
+
+    @classmethod
+    def from_rounds(cls, num_layers: int, rounds: list[dict]) -> "CostModel":
+        """The component-wise median of measurement rounds, keeping every round as a sample."""
+        rows = [tuple(float(r[k]) for k in COST_FIELDS) for r in rounds]
+        median = np.median(np.asarray(rows), axis=0)
+        return cls(num_layers, *(float(x) for x in median), samples=tuple(rows))
+
+    def variants(self) -> list["CostModel"]:
+        """The median and every measured round, as cost models."""
+        return [self] + [CostModel(self.num_layers, *row) for row in self.samples]
+
+    @property
+    def spread(self) -> float:
+        """Relative spread of plain decoding's per-token cost over the rounds: (max - min) / median."""
+        per_token = [c.ar_token for c in self.variants()[1:]]
+        return (max(per_token) - min(per_token)) / self.ar_token if len(per_token) > 1 and self.ar_token > 0 else 0.0
 
     @property
     def ar_token(self) -> float:
@@ -47,7 +79,10 @@ class CostModel:
         return self.num_layers * self.layer_base + self.head_base + self.round_overhead
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out = {"num_layers": self.num_layers, **{k: round(getattr(self, k), 6) for k in COST_FIELDS}}
+        if self.samples:
+            out["samples"] = [[round(x, 6) for x in row] for row in self.samples]
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,6 +106,22 @@ class SimResult:
     drafted: int
     accepted: int
     cost_ms: float
+    # what the replay did, counted: the cost under any cost model is a dot product with these
+    layer_calls: int = 0  # decoder-layer calls (each pays layer_base)
+    extra_positions: int = 0  # further positions inside those calls (each pays layer_extra)
+    exit_checks: int = 0
+    robust_speedup: float | None = None  # the least speedup over the cost model's measured rounds
+
+    def speedup_under(self, cost: CostModel) -> float:
+        """The predicted speedup of the same replay under another cost model."""
+        total = (
+            cost.layer_base * self.layer_calls
+            + cost.layer_extra * self.extra_positions
+            + cost.check * self.exit_checks
+            + (cost.head_base + cost.round_overhead) * self.rounds
+            + cost.head_extra * self.drafted
+        )
+        return cost.ar_token * self.tokens / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -138,6 +189,7 @@ def simulate(
     base, extra, check = cost.layer_base, cost.layer_extra, cost.check
     total = 0.0
     tokens = rounds = drafted = accepted = 0
+    all_calls = all_extra = all_checks = 0
     for start, end in bounds:
         t = start
         while t < end:
@@ -167,6 +219,9 @@ def simulate(
             # the layer calls are the frontier's climbs plus one verification pass.
             calls = depth_sum + L
             position_layers = (k + 1) * L
+            all_calls += calls
+            all_extra += position_layers - calls
+            all_checks += n_checks
             total += (
                 base * calls
                 + extra * (position_layers - calls)
@@ -181,7 +236,7 @@ def simulate(
             accepted += a
             t += a + 1
     ar = cost.ar_token * tokens
-    return SimResult(
+    result = SimResult(
         speedup=ar / total if total > 0 else 0.0,
         mean_accepted_length=tokens / rounds if rounds else 0.0,
         acceptance_rate=accepted / drafted if drafted else 0.0,
@@ -191,4 +246,10 @@ def simulate(
         drafted=drafted,
         accepted=accepted,
         cost_ms=total,
+        layer_calls=all_calls,
+        extra_positions=all_extra,
+        exit_checks=all_checks,
     )
+    if not cost.samples:
+        return result
+    return replace(result, robust_speedup=min(result.speedup_under(c) for c in cost.variants()))

@@ -4,6 +4,15 @@ Searched: the draft head (plain short-list or with the fitted lens), the tempera
 (per-layer fitted, the paper's linear schedule with alpha fitted, or the paper's default alpha),
 the exit threshold, which candidate layers are exit checks, the depth bound and the width bound.
 The paper's defaults are enqueued as the first trial, so tuning can only match or beat them.
+No check layer at all is a point of the space too: prompt lookup alone, or no drafting.
+
+Every trial is scored by its robust speedup: the least over the cost model's measured rounds
+(`CostModel.samples`), so a policy wins only if it wins across the measurement's spread.
+
+Never slower than plain decoding: the chosen policy is the best trial or a lookup-only policy or
+no drafting at all (predicted 1.0x under any cost model, since it is plain decoding), whichever
+scores best on the tuning data among those whose robust speedup on held-out sequences is at least
+1.0 too.
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ class Candidate:
     lookup_ngram: int = 0
     lookup_max: int = 0
 
+    @property
+    def early_exit(self) -> bool:
+        return bool(self.checks)
+
     def policy(self, schedules: Schedules) -> ExitPolicy:
         temps = dict(zip(schedules.layers, schedules.temperatures(self.head, self.schedule)))
         return ExitPolicy(
@@ -66,6 +79,25 @@ class Candidate:
 def paper_candidate(layers: tuple[int, ...], num_layers: int) -> Candidate:
     checks = tuple(l for l in default_check_layers(num_layers) if l in layers)
     return Candidate("plain", "paper", PAPER_THRESHOLD, checks, checks[-1], PAPER_W_MAX)
+
+
+def no_exit_candidate(num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0) -> Candidate:
+    """A policy without early exit: prompt lookup alone, or (lookup_ngram 0) no drafting at all.
+    Head, schedule and threshold mean nothing without check layers; they take fixed values."""
+    return Candidate("plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max)
+
+
+def fallback_candidates(num_layers: int) -> list[Candidate]:
+    """No drafting, then prompt lookup alone at every n-gram size and width."""
+    return [no_exit_candidate(num_layers)] + [
+        no_exit_candidate(num_layers, m, g, m) for g in LOOKUP_NGRAMS for m in range(1, LOOKUP_MAX + 1)
+    ]
+
+
+def score(result: SimResult) -> float:
+    """What tuning maximises: the least predicted speedup over the measured cost rounds, to the 6
+    decimals trials are compared at (plain decoding scores exactly 1.0)."""
+    return round(result.speedup if result.robust_speedup is None else result.robust_speedup, 6)
 
 
 def _lookups(records: Records, candidate: Candidate) -> Lookups | None:
@@ -97,7 +129,7 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     )
 
 
-def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate | None:
+def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate:
     head = trial.suggest_categorical("head", list(HEADS))
     schedule = trial.suggest_categorical("schedule", list(SCHEDULES))
     threshold = trial.suggest_float("threshold", 0.2, 0.995)
@@ -108,7 +140,7 @@ def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate | Non
     lookup_max = trial.suggest_int("lookup_max", 1, LOOKUP_MAX)
     checks = tuple(l for l, u in zip(layers, use) if u and l <= d_max)
     if not checks:
-        return None
+        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max if lookup_ngram else 0)
     return Candidate(head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max if lookup_ngram else 0)
 
 
@@ -123,7 +155,7 @@ def _params(candidate: Candidate, layers: tuple[int, ...]) -> dict:
 @dataclass(frozen=True)
 class TuneResult:
     best: Candidate
-    best_trial: int
+    best_trial: int  # -1: a fallback (lookup only or no drafting) beat every trial
     value: SimResult
     paper: SimResult
     trials: int
@@ -141,6 +173,7 @@ def tune(
     multi_objective: bool = False,
     progress=None,
     *,
+    held_out: Records | None = None,
     batch: int = 8,
     worker: int = 0,
     workers: int = 1,
@@ -161,15 +194,9 @@ def tune(
         return optuna.samplers.NSGAIISampler(seed=s) if multi_objective else optuna.samplers.TPESampler(seed=s)
 
     def objective(params: dict):
-        candidate = _suggest(optuna.trial.FixedTrial(params), layers, L)
-        if candidate is None:
-            result = simulate(
-                decide_exits(records.conf[:, 0], records.right[:, 0], [], [], [], []), records.bounds(), cost, L, 1
-            )
-        else:
-            result = evaluate(records, candidate, schedules, cost)
+        result = evaluate(records, _suggest(optuna.trial.FixedTrial(params), layers, L), schedules, cost)
         summary = result.to_dict()  # compared at its 6 decimals (calibrate.precision)
-        values = (summary["speedup"], summary["waste"]) if multi_objective else (summary["speedup"],)
+        values = (score(result), summary["waste"]) if multi_objective else (score(result),)
         return values, {"result": summary}
 
     study = open_study(storage, study_name, directions, job_key)
@@ -177,7 +204,7 @@ def tune(
         study, n_trials, batch, seed, make_sampler, lambda trial: _suggest(trial, layers, L), objective,
         first_params=_params(paper, layers), worker=worker, workers=workers, progress=progress,
     )
-    complete = [t for t in trials if any(t.params.get(f"check_{l}") for l in layers if l <= t.params["d_max"])]
+    complete = list(trials)
     if multi_objective:
         front = [
             t for t in complete
@@ -187,14 +214,18 @@ def tune(
     else:
         front = []
         best_trial = max(complete, key=lambda t: (t.values[0], -t.index))
-    best = _candidate_from_params(best_trial.params, layers)
+    best, best_index = never_slower(
+        [(_candidate_from_params(best_trial.params, layers, L), best_trial.index)]
+        + [(c, -1) for c in fallback_candidates(L)],
+        records, held_out, schedules, cost,
+    )
     pareto = [
         {"trial": t.index, "speedup": t.values[0], "waste": t.values[1], "params": t.params}
         for t in sorted(front, key=lambda t: (t.values[0], t.index))
     ]
     return TuneResult(
         best=best,
-        best_trial=best_trial.index,
+        best_trial=best_index,
         value=evaluate(records, best, schedules, cost),
         paper=evaluate(records, paper, schedules, cost),
         trials=len(complete),
@@ -202,9 +233,30 @@ def tune(
     )
 
 
-def _candidate_from_params(params: dict, layers: tuple[int, ...]) -> Candidate:
+def never_slower(
+    options: list[tuple[Candidate, int]], records: Records, held_out: Records | None, schedules: Schedules, cost: CostModel
+) -> tuple[Candidate, int]:
+    """The option (candidate, trial number) that scores best on the tuning data, among those whose
+    score on held-out sequences (when there are any) is at least 1.0; ties go to the earlier
+    option. No drafting (always among the fallbacks) scores exactly 1.0 everywhere, so one exists."""
+    fit = [score(evaluate(records, c, schedules, cost)) for c, _ in options]
+    for i in sorted(range(len(options)), key=lambda i: (-fit[i], i)):
+        candidate, index = options[i]
+        if not (candidate.early_exit or candidate.lookup_ngram):
+            return candidate, index  # plain decoding: never slower
+        if fit[i] < 1.0:
+            continue
+        if held_out is not None and len(held_out.seq) and score(evaluate(held_out, candidate, schedules, cost)) < 1.0:
+            continue
+        return candidate, index
+    raise AssertionError("no drafting is always an option")  # pragma: no cover
+
+
+def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: int) -> Candidate:
     checks = tuple(l for l in layers if params[f"check_{l}"] and l <= params["d_max"])
     ngram = int(params.get("lookup_ngram", 0))
+    if not checks:
+        return no_exit_candidate(num_layers, int(params["w_max"]), ngram, int(params.get("lookup_max", 0)) if ngram else 0)
     return Candidate(
         params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]),
         ngram, int(params.get("lookup_max", 0)) if ngram else 0,

@@ -25,7 +25,7 @@ from .files import atomic_write_bytes
 from .fingerprints import ModelFingerprint
 from .policy import ExitPolicy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a policy may have no check layers (lookup only, or no drafting)
 KIND = "specbound-artifact"
 
 _DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float64: "F64", torch.int32: "I32"}

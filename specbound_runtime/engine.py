@@ -171,6 +171,8 @@ class EarlyExitDrafter:
                         return
                 if found:
                     continue
+            if not checks:  # no early exit: prompt lookup alone
+                return
             for layer, temperature, threshold in checks:
                 seq.advance_to(layer)
                 logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]

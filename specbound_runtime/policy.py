@@ -29,7 +29,9 @@ def paper_temperatures(alpha: float, check_layers: tuple[int, ...], num_layers: 
 class ExitPolicy:
     """When a drafted token exits early, and when drafting stops.
 
-    check_layers: layers (1..L-1, increasing) where a token's confidence is checked.
+    check_layers: layers (1..L-1, increasing) where a token's confidence is checked; none at all
+      turns early exit off (prompt lookup alone, or with lookup off too, no drafting: plain
+      decoding, what calibration chooses where no draft source pays).
     temperatures, thresholds: one per check layer; exit when max softmax(z_l / T_l) >= threshold_l.
     d_max: depth bound; a token that reaches it without exiting is a hard token and ends drafting.
     w_max: width bound; drafting stops when this many drafts exist.
@@ -52,9 +54,7 @@ class ExitPolicy:
         if L < 2:
             raise ValueError(f"a model needs at least 2 layers to exit early, got {L}")
         layers = self.check_layers
-        if not layers:
-            raise ValueError("at least one check layer is needed")
-        if list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= L:
+        if layers and (list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= L):
             raise ValueError(f"check layers must be increasing and within 1..{L - 1}, got {list(layers)}")
         if len(self.temperatures) != len(layers) or len(self.thresholds) != len(layers):
             raise ValueError("need exactly one temperature and one threshold per check layer")
@@ -72,6 +72,11 @@ class ExitPolicy:
             raise ValueError(
                 f"lookup_ngram and lookup_max must both be 0 (off) or both >= 1, got {self.lookup_ngram}, {self.lookup_max}"
             )
+
+    @property
+    def drafts(self) -> bool:
+        """Whether this policy drafts at all (early exit or prompt lookup)."""
+        return bool(self.check_layers) or self.lookup_ngram > 0
 
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:

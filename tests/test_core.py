@@ -62,7 +62,6 @@ def test_nan_logits_never_exit_but_minus_inf_is_allowed():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(check_layers=()),
         dict(check_layers=(3, 2)),
         dict(check_layers=(0, 2)),
         dict(check_layers=(2, 6)),
@@ -81,6 +80,26 @@ def test_exit_policy_rejects_impossible_values(kwargs):
         base["temperatures"], base["thresholds"] = (1.0,) * n, (0.5,) * n
     with pytest.raises(ValueError):
         ExitPolicy(**base)
+
+
+@pytest.mark.parametrize("lookup", [0, 2], ids=["no-drafting", "lookup-only"])
+def test_a_policy_without_check_layers_drafts_only_lookups(lookup):
+    """No check layer: early exit is off. With lookup on, every draft is a prompt-lookup draft
+    (exit layer 0); with lookup off too, nothing is drafted: plain decoding. Either way the output
+    is plain greedy decoding's."""
+    from specbound_runtime.adapter import HFCausalLM
+    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from tiny_models import tiny_model
+
+    lm = HFCausalLM(tiny_model("llama", seed=1))
+    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=4, lookup_ngram=lookup, lookup_max=4 if lookup else 0)
+    assert policy.drafts == bool(lookup)
+    prompt = [5, 9, 20, 5, 9, 20, 5, 9]
+    plain = generate(lm, prompt, 40, NoDrafter())
+    run = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+    assert run.token_ids == plain.token_ids
+    assert set(run.exit_layers) <= {0}
+    assert (run.drafted > 0) == bool(lookup)
 
 
 def test_paper_default_policy_is_valid_for_many_depths():

@@ -1,0 +1,135 @@
+"""A calibrated artifact is never slower than plain decoding: tuning scores policies under every
+measured cost round, and where no draft source pays it chooses prompt lookup alone or no drafting.
+Cost measurements that disagree are measured again, and a busy machine is reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specbound.calibrate import costs as costs_module
+from specbound.calibrate.collect import HEADS, Records
+from specbound.calibrate.fit import TEMPERATURE_GRID
+from specbound.calibrate.simulate import COST_FIELDS, CostModel, Exits, simulate
+from specbound.calibrate.tune import Schedules, tune
+
+L = 6
+LAYERS = (2, 3, 4)
+COST = CostModel(num_layers=L, layer_base=1.0, layer_extra=0.08, head_base=0.6, head_extra=0.1, check=0.05, round_overhead=0.3)
+
+
+def _records(n_seq: int = 4, length: int = 80, right: float = 0.0, lookup_right: int = 0, seed: int = 0) -> Records:
+    """Recorded positions whose exit heads are always confident; a draft is right with
+    probability `right`; prompt lookup always proposes 3 tokens, `lookup_right` of them right."""
+    rng = np.random.default_rng(seed)
+    n = n_seq * length
+    C, G = len(LAYERS), len(TEMPERATURE_GRID)
+    return Records(
+        seq=np.repeat(np.arange(n_seq), length),
+        held_out=np.zeros(n, bool),
+        own=np.ones(n, bool),
+        final=np.zeros(n, np.int64),
+        right=rng.random((n, len(HEADS), C)) < right,
+        conf=np.full((n, len(HEADS), C, G), 0.99),
+        layers=LAYERS,
+        lookup_proposed=np.full((n, 3), 3, np.int64),
+        lookup_right=np.full((n, 3), lookup_right, np.int64),
+    )
+
+
+SCHEDULES = Schedules(LAYERS, L, {h: (1.0,) * len(LAYERS) for h in HEADS}, {h: 1.0 for h in HEADS})
+
+
+def _tune(records, cost, folder, trials=6, held_out=None):
+    folder.mkdir(exist_ok=True)
+    return tune(records, SCHEDULES, cost, trials, 0, f"sqlite:///{folder / 'study.db'}", "s", held_out=held_out, batch=3)
+
+
+def test_useless_drafts_choose_plain_decoding(tmp_path):
+    """Every early-exit draft and every lookup draft is wrong: any drafting is slower than plain
+    decoding (the paper's policy is), so tuning chooses no drafting at all."""
+    result = _tune(_records(), COST, tmp_path)
+    assert result.paper.speedup < 1.0
+    assert not result.best.policy(SCHEDULES).drafts
+    assert result.value.speedup == pytest.approx(1.0)
+
+
+def test_lookup_alone_when_only_lookup_pays(tmp_path):
+    """Early exit is useless but prompt lookup is right: tuning keeps lookup and drops early exit."""
+    result = _tune(_records(lookup_right=3), COST, tmp_path)
+    policy = result.best.policy(SCHEDULES)
+    assert policy.check_layers == () and policy.lookup_ngram > 0
+    assert result.value.speedup > 1.2
+
+
+def test_a_policy_slower_on_held_out_sequences_is_not_chosen(tmp_path):
+    """Drafts pay on the tuning split but not on held-out sequences: the artifact must not be
+    slower for prompts it was not tuned on, so tuning falls back to plain decoding."""
+    result = _tune(_records(right=0.95), COST, tmp_path, held_out=_records(right=0.0, seed=1))
+    assert not result.best.policy(SCHEDULES).drafts
+    free = _tune(_records(right=0.95), COST, tmp_path / "free")
+    assert free.best.policy(SCHEDULES).drafts and free.value.speedup > 1.0
+
+
+def test_tuning_prefers_a_policy_that_wins_under_every_measured_round(tmp_path):
+    """Drafts right 80% of the time: early exit pays under the median costs but not under one
+    measured round where each further position in a layer call cost as much as the first.
+    Judged under every round, early exit is not chosen."""
+    records = _records(right=0.8)
+    steady = _tune(records, COST, tmp_path / "a")
+    assert steady.best.policy(SCHEDULES).check_layers  # under the median alone, early exit wins
+    unbatched = [1.0, 1.0, 0.6, 0.1, 0.05, 0.3]  # layer_extra 1.0: no gain from batching positions
+    rows = [[getattr(COST, k) for k in COST_FIELDS]] * 4 + [unbatched]
+    spread = CostModel.from_rounds(L, [dict(zip(COST_FIELDS, r)) for r in rows])
+    assert spread.layer_extra == COST.layer_extra  # the median is unchanged ...
+    robust = _tune(records, spread, tmp_path / "b")
+    assert not robust.best.policy(SCHEDULES).check_layers  # ... but the choice is not
+    assert robust.value.robust_speedup > 1.0 - 1e-9  # plain decoding, up to rounding
+
+
+def test_the_replay_costs_the_same_whichever_way_it_is_priced():
+    """The simulator's own cost sum and pricing its counted work under the same cost model agree,
+    so a replay can be judged under every measured round without replaying it again."""
+    rng = np.random.default_rng(3)
+    n = 400
+    exits = Exits(layer=rng.choice([-1, 2, 3, 4], n), right=rng.random(n) < 0.5, checks=rng.integers(1, 4, n))
+    for cost in (COST, CostModel(L, 0.3, 0.01, 2.0, 0.5, 0.2, 1.0)):
+        r = simulate(exits, [(0, 200), (200, n)], cost, d_max=4, w_max=5)
+        assert r.speedup_under(cost) == pytest.approx(r.speedup, rel=1e-12)
+
+
+def test_unsteady_cost_rounds_are_measured_again(monkeypatch):
+    """Rounds that disagree (a busy CPU) are measured again; the steady attempt is kept, silently."""
+    steady = dict(layer_base=1.0, layer_extra=0.1, head_base=0.5, head_extra=0.1, check=0.05, round_overhead=0.2)
+    busy = {**steady, "layer_base": 3.0}
+    attempts = iter([[steady, busy, steady, busy, steady], [steady] * 5])
+    monkeypatch.setattr(costs_module, "_measure_round", _rounds_from(attempts))
+    warnings = []
+    cost = costs_module.measure_costs(_FakeLM(), 16, warn=warnings.append)
+    assert cost.spread == 0.0 and len(cost.samples) == 5 and warnings == []
+
+
+def test_a_machine_that_stays_busy_is_reported(monkeypatch):
+    steady = dict(layer_base=1.0, layer_extra=0.1, head_base=0.5, head_extra=0.1, check=0.05, round_overhead=0.2)
+    busy = {**steady, "layer_base": 3.0}
+    monkeypatch.setattr(costs_module, "_measure_round", _rounds_from(iter([[steady, busy] * 3] * 3)))
+    warnings = []
+    cost = costs_module.measure_costs(_FakeLM(), 16, rounds=5, warn=warnings.append)
+    assert len(warnings) == 1 and "unsteady" in warnings[0] and "specbound costs" in warnings[0]
+    assert cost.spread > costs_module.STABLE_SPREAD
+    assert cost.layer_base == 1.0  # the median of three steady rounds and two busy ones
+
+
+class _FakeLM:
+    num_layers = L
+
+
+def _rounds_from(attempts):
+    current: list = []
+
+    def measure_round(*args, **kwargs):
+        if not current:
+            current.extend(next(attempts)[:5])
+        return current.pop(0)
+
+    return measure_round
