@@ -391,15 +391,31 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
         )
 
 
+def _policy_words(pol: dict) -> str:
+    lookup = f"prompt lookup {pol['lookup_ngram']}-gram x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
+    if not pol["check_layers"]:
+        return f"no early exit, {lookup}" + ("" if pol["lookup_ngram"] else " (plain decoding: no draft source pays here)")
+    return (
+        f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
+        f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
+    )
+
+
 def _calibration_summary(report: dict) -> str:
     pol = report["policy"]
     sim = report["simulated"]
     lines = [
         f"artifact: {report['artifact']}",
         f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
-        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} d_max={pol['d_max']} w_max={pol['w_max']} lookup={pol['lookup_ngram']}-gram x{pol['lookup_max']}",
+        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {_policy_words(pol)}",
         f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
     ]
+    if "predicted_speedup_worst_round" in report:
+        lines.append(
+            f"predicted speedup: {report['predicted_speedup']:.3f}x at the median costs, "
+            f"{report['predicted_speedup_worst_round']:.3f}x in the least favourable of the measured cost rounds "
+            f"(plain decoding's cost spreads {report.get('cost_spread', 0):.1%} over them)"
+        )
     if sim.get("held_out"):
         lines.append(
             f"simulated speedup (held-out): tuned {sim['held_out']['speedup']:.3f}x, paper defaults "

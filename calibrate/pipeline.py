@@ -30,7 +30,7 @@ from .job import job_digest, recorded_job
 from .precision import round_bits
 from .simulate import CostModel
 from .study import check_storage_url, is_shared
-from .tune import Schedules, evaluate, evaluate_oracle, paper_candidate, tune
+from .tune import Schedules, evaluate, evaluate_oracle, paper_candidate, score, tune
 
 MIN_FIT_POSITIONS = 200  # below this, per-layer temperatures are not meaningful
 
@@ -549,7 +549,8 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     with _bar(opts.trials, "tuning (simulated)", "trial", quiet) as bar:
         result = tune(
             records.select(own & ~records.held_out), schedules, plan.cost, opts.trials, opts.seed, plan.storage,
-            plan.study_name, opts.multi_objective, bar.update, batch=opts.trial_batch, job_key=study_key, **share,
+            plan.study_name, opts.multi_objective, bar.update, batch=opts.trial_batch, job_key=study_key,
+            held_out=records.select(own & records.held_out), **share,
         )
     log_event(work, f"worker {worker} of {workers} finished: all {opts.trials} trials are in study {plan.study_name}")
     return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens)
@@ -623,6 +624,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     keep = {l: weights.lens[l] for l in policy.check_layers} if best.head == "lens" else {}
     head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep)
     predicted = held_best.speedup if held_best else result.value.speedup
+    robust = score(held_best if held_best else result.value)  # the least over the cost rounds
     metadata = {
         "package_version": specbound_runtime.__version__,
         "model_fingerprint": json.dumps(fp.to_dict(), sort_keys=True),
@@ -635,6 +637,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "trials": str(result.trials),
         "cost_model": json.dumps(cost.to_dict(), sort_keys=True),
         "predicted_speedup": f"{predicted:.4f}",
+        "predicted_speedup_worst_round": f"{robust:.4f}",
         "simulation": json.dumps(
             {
                 "fit": result.value.to_dict(),
@@ -669,6 +672,8 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "cost_model_ms": cost.to_dict(),
         "simulated": json.loads(metadata["simulation"]),
         "predicted_speedup": round(predicted, 4),
+        "predicted_speedup_worst_round": round(robust, 4),
+        "cost_spread": round(cost.spread, 4),
         "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
         "decoding_mode": (plan.mode or opts.mode()).describe(),

@@ -168,7 +168,7 @@ def test_inspect_json_shows_policy_exit_head_and_fingerprints(tiny, tmp_path):
     assert info["exit_head"] == {"shortlist": 32, "lens_layers": [3]}
     assert info["metadata"]["model_fingerprint"] == loaded.fingerprint.to_dict()
     assert info["metadata"]["tokenizer_fingerprint"] == loaded.tokenizer_fingerprint
-    assert info["metadata"]["seed"] == 7 and info["metadata"]["schema_version"] == 1
+    assert info["metadata"]["seed"] == 7 and info["metadata"]["schema_version"] == 2
     text = invoke("inspect", path)
     assert text.exit_code == 0 and "policy: checks [1, 3]" in text.stdout and "seed: 7" in text.stdout
 
