@@ -410,12 +410,14 @@ def _calibration_summary(report: dict) -> str:
         f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {_policy_words(pol)}",
         f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
     ]
-    if "predicted_speedup_worst_round" in report:
+    if report.get("cost_rounds"):
         lines.append(
             f"predicted speedup: {report['predicted_speedup']:.3f}x at the median costs, "
-            f"{report['predicted_speedup_worst_round']:.3f}x in the least favourable of the measured cost rounds "
-            f"(plain decoding's cost spreads {report.get('cost_spread', 0):.1%} over them)"
+            f"{report['predicted_speedup_worst_round']:.3f}x in the least favourable of {report['cost_rounds']} measured cost rounds "
+            f"(plain decoding's cost spreads {report['cost_spread']:.1%} over them)"
         )
+    elif "predicted_speedup_worst_round" in report:
+        lines.append(f"predicted speedup: {report['predicted_speedup']:.3f}x (a cost model of one measurement: no spread to judge it by)")
     if sim.get("held_out"):
         lines.append(
             f"simulated speedup (held-out): tuned {sim['held_out']['speedup']:.3f}x, paper defaults "

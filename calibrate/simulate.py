@@ -137,9 +137,8 @@ def decide_exits(
 ) -> Exits:
     """Apply the exit rule to recorded data. conf_grid [N, C, G], right [N, C]; `columns` index the
     candidate layers that are check layers (within the depth bound), in increasing depth."""
-    n = conf_grid.shape[0]
     if not columns:
-        return Exits(np.full(n, -1), np.zeros(n, bool), np.zeros(n, np.int64))
+        return _first_pass(np.zeros((conf_grid.shape[0], 0), bool), right[:, :0], layers)
     conf = np.stack([confidence_at(conf_grid[:, c], t) for c, t in zip(columns, temperatures)], axis=1)
     passes = conf >= np.asarray(thresholds)[None, :]
     return _first_pass(passes, right[:, columns], layers)
@@ -151,6 +150,9 @@ def oracle_exits(right: np.ndarray, columns: list[int], layers: list[int]) -> Ex
 
 
 def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exits:
+    n = passes.shape[0]
+    if passes.shape[1] == 0:  # no check layer: every token is hard, nothing exits early
+        return Exits(np.full(n, -1), np.zeros(n, bool), np.zeros(n, np.int64))
     has = passes.any(axis=1)
     first = passes.argmax(axis=1)
     layer = np.where(has, np.asarray(layers)[first], -1)

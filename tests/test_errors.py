@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 
+from specbound_runtime.artifact import SCHEMA_VERSION
+
 from clitools import assert_one_error, invoke, save_tiny_artifact
 from helpers import CHAT_TEMPLATE, make_tiny_model_folder
 from tiny_models import EOS, greedy_reference, tiny_model
@@ -191,7 +193,10 @@ def _rename_lens(to):
 
 CONTENT = {
     # versions and identity
-    "newer-schema-version": (_meta("schema_version", "2"), "schema v2, newer than this SpecBound reads (v1)"),
+    "newer-schema-version": (
+        _meta("schema_version", str(SCHEMA_VERSION + 1)),
+        f"schema v{SCHEMA_VERSION + 1}, newer than this SpecBound reads (v{SCHEMA_VERSION})",
+    ),
     "schema-version-not-a-number": (_meta("schema_version", "one"), "schema_version is missing or not an integer"),
     "not-our-kind": (_meta("kind", None), "not a SpecBound artifact"),
     "model-fingerprint-missing": (_meta("model_fingerprint", None), "model_fingerprint is missing or malformed"),
