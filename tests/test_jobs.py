@@ -141,9 +141,9 @@ def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built
     ok = invoke("calibrate", "--job", job, "--check")
     assert ok.exit_code == 0, ok.stderr
     assert ok.stdout.startswith("identical:")
-    # tamper: another threshold, one short-list token dropped, the lens nudged, a metadata number changed
+    # tamper: another width bound, one short-list token dropped, the lens nudged, a metadata number changed
     art = read_artifact(folder / "out" / "ref.safetensors")
-    policy = dataclasses.replace(art.policy, thresholds=tuple(t + 0.01 for t in art.policy.thresholds))
+    policy = dataclasses.replace(art.policy, w_max=art.policy.w_max + 2)
     shortlist = art.exit_weights.shortlist[art.exit_weights.shortlist != 5]
     lens = {l: (w + 1e-3, b) for l, (w, b) in art.exit_weights.lens.items()} or {2: (torch.eye(32), torch.zeros(32))}
     meta = dict(art.metadata)
@@ -159,9 +159,9 @@ def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built
     report = json.loads(result.stdout)
     assert not report["identical"]
     moved = {d["field"]: d for d in report["differences"]}
-    assert "max |difference| 0.01" in moved["policy.thresholds"]["by"]
+    assert moved["policy.w_max"]["by"].startswith("by -2")  # the rebuilt one has the tuned bound back
     assert moved["shortlist"]["by"] == "0 dropped [], 1 added [5]"  # the rebuilt one has token 5 back
-    assert any(f.startswith("lens.") and "values differ" in d["by"] for f, d in moved.items())
+    assert any(f.startswith("lens.") for f in moved)  # a lens nudged, or one added where the policy keeps none
     assert moved["metadata.simulation.fit.speedup"]["by"].startswith("by -0.5")
 
 
@@ -349,3 +349,17 @@ def test_a_clean_clone_runs_the_ci_example_and_its_check_passes(tmp_path):
         done = subprocess.run(command, shell=True, cwd=clone, env=env, capture_output=True, text=True)
         assert done.returncode == 0, (command, done.stdout, done.stderr)
     assert done.stdout.startswith(f"identical: {clone / 'examples' / 'ci' / 'artifact.safetensors'}")
+
+
+def test_check_reports_how_far_each_threshold_moved():
+    from specbound.calibrate.check import compare_artifacts
+    from specbound_runtime.artifact import Artifact
+    from specbound_runtime.exit_head import ExitHeadWeights
+    from specbound_runtime.policy import ExitPolicy
+
+    weights = ExitHeadWeights(torch.arange(8), {})
+    policy = ExitPolicy(6, (2, 4), (1.0, 1.2), (0.5, 0.7), 4, 3)
+    moved = dataclasses.replace(policy, thresholds=(0.5, 0.725))
+    diffs = {d.field: d for d in compare_artifacts(Artifact(policy, weights, {}), Artifact(moved, weights, {}))}
+    assert set(diffs) == {"policy.thresholds"}
+    assert diffs["policy.thresholds"].by == "max |difference| 0.025"
