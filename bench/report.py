@@ -13,7 +13,7 @@ from specbound_runtime.files import atomic_write_bytes
 
 from .answers import Answer
 from .measurements import Measurement
-from .methods import HF_DRAFT_SOURCE, METHODS, REFERENCE, SIMULATED
+from .methods import METHODS, REFERENCE, SIMULATED
 
 
 def _fmt(value, kind: str) -> str:
@@ -121,13 +121,12 @@ def render_table(results: dict) -> str:
             "w_max+1 tokens for one verification pass and a round's overhead, under the artifact's cost model (the cost of "
             "verification alone); on the hf-greedy scale as the oracle."
         )
-    if not sampling or True:  # shares are reported in both modes
-        notes.append(
-            "tokens from: the share of emitted tokens (first repeat) from each draft source, and from the full model's own "
-            "token of each pass (model). Our engine labels every draft (lookup: prompt lookup, no layers; early-exit: an "
-            "exit at a check layer); transformers' methods report no sources, so hf-prompt-lookup's accepted drafts count "
-            "as lookup and hf-early-exit's as early-exit; n/a where passes could not be counted."
-        )
+    notes.append(
+        "tokens from: the share of emitted tokens (first repeat) from each draft source, and from the full model's own "
+        "token of each pass (model). Our engine labels every draft (lookup: prompt lookup, no layers; early-exit: an "
+        "exit at a check layer); transformers' methods report no sources, so hf-prompt-lookup's accepted drafts count "
+        "as lookup and hf-early-exit's as early-exit; n/a where passes could not be counted."
+    )
     if worst:
         notes.append("worst task: per method, the task with the lowest speedup over the reference.")
     notes.append("n/a: not reported by the method (or no drafts).")
