@@ -560,12 +560,12 @@ def costs(
 @app.command(epilog=EXIT_CODES_HELP)
 def bench(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Local HF folder, .gguf file, or built-in name smollm2-135m."),
-    artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Calibrated artifact; needed by the specbound and oracle methods (skipped without it)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks (default all): mt-bench, code, summarization, qa, rag, math."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Calibrated artifact; needed by the specbound, oracle and limit methods (skipped without it)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks. Default: writing, roleplay, reasoning, math, coding, extraction, stem, humanities (MT-Bench's categories), translation, summarization, qa, math-reasoning (MMATH, which 'math' named before), rag. Also: mt-bench (all 80 questions), code (HumanEval)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per answer at most."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (greedy) or hf-sample (sampling): the reference, always runs; ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle (greedy only)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default all): hf-greedy (greedy) or hf-sample (sampling): the reference, always runs; ar, hf-prompt-lookup, hf-early-exit, specbound-paper, specbound, oracle and limit (greedy only; simulated: perfect exits, and every draft free and right)."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per answer (speedup: ratio of medians); hf-early-exit runs once."),
-    prompts_per_task: int = typer.Option(2, "--prompts-per-task", help="Answers per task (MT-Bench: both turns of ceil(N/2) questions); the default full run takes about 23 min on 2 cores."),
+    prompts_per_task: int = typer.Option(1, "--prompts-per-task", help="Answers per task (MT-Bench's tasks: the turns of its first ceil(N/2) questions in order, so 1 is one first turn, 2 both turns of one question); the default full run takes about 24 min on 2 cores."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench-<model>-<settings hash>); rerunning the same command there resumes."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout instead of the Markdown table."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps; every method runs there."),
@@ -580,9 +580,10 @@ def bench(
 
     Reports per task and overall: tokens/s, speedup over the reference (hf-greedy, or hf-sample:
     generate(do_sample=True) when sampling), mean accepted length, acceptance rate, and exactness
-    against hf-greedy (greedy) or the distribution check's p-value (sampling); and the
-    simulator's oracle bound (greedy). Writes results.json, table.md, speedup.png and
-    Spec-Bench-style <method>.jsonl into --out.
+    against hf-greedy (greedy) or the distribution check's p-value (sampling), and the share of
+    emitted tokens from each draft source; per method, the worst task; and the simulator's oracle
+    bound (greedy) and limit (every draft free and right at the artifact's width). Writes
+    results.json, table.md, speedup.png and Spec-Bench-style <method>.jsonl into --out.
 
     Every finished measurement is kept in --out/measurements.jsonl at once: an interrupted bench
     resumes when the same command is run again; a different command there is refused."""
@@ -591,14 +592,14 @@ def bench(
 
         from specbound.bench.harness import BenchOptions, parse_names, run_bench
         from specbound.bench.methods import METHODS
-        from specbound.data.tasks import TASKS
+        from specbound.data.tasks import DEFAULT_TASKS, TASKS
 
         _sampling_mode(temperature, top_k, top_p, min_p)  # flag-worded errors before anything loads
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
 
         opts = BenchOptions(
-            model=model, artifact=artifact, tasks=parse_names(tasks, TASKS, "--tasks"),
+            model=model, artifact=artifact, tasks=DEFAULT_TASKS if tasks is None else parse_names(tasks, TASKS, "--tasks"),
             methods=parse_names(methods, METHODS, "--methods"), max_new_tokens=max_new_tokens,
             repeats=repeats, prompts_per_task=prompts_per_task, out=out,
             device=device, dtype=dtype, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -12,6 +12,7 @@ Methods (`methods.METHODS`), each on the same chat-templated prompts with the sa
 | specbound-paper | our runtime with the paper's default schedule (no artifact) |
 | specbound | our runtime with the calibrated `--artifact` (skipped, with a warning, without one) |
 | oracle | not run: the simulator's bound for the artifact's drafts with every exit decided perfectly (greedy only) |
+| limit | not run: the simulated speed if every draft were free and right at the artifact's w_max, the cost of verification alone (greedy only) |
 
 Under sampling every method samples with the same settings and, answer by answer, the same seed;
 exactness is replaced by a distribution check (`distribution`).
@@ -25,8 +26,8 @@ Modules, by job:
 | `hf_hooks` | counting transformers' verification passes from outside `generate()` |
 | `measurements` | the append-only measurement log that lets a bench resume |
 | `harness` | `run_bench`: options, interleaved timing, resuming, assembling results |
-| `summary` | the reported figures (tokens/s, speedup, accepted length, exactness) |
+| `summary` | the reported figures (tokens/s, speedup, accepted length, exactness, token sources, worst task) |
 | `distribution` | a sampling bench's check that each method's tokens are samples of the model |
-| `oracle` | the simulated bound; the only module that needs the calibration code |
+| `oracle` | the simulated oracle and limit rows; the only module that needs the calibration code |
 | `report` | table.md, results.json, speedup.png, Spec-Bench-style <method>.jsonl |
 """

@@ -1,9 +1,10 @@
 """What a bench generates: answers, each a turn of a task prompt.
 
-`prompts_per_task` is a count of answers: MT-Bench is multi-turn, so it takes ceil(N / 2)
-questions and answers both turns (turn 2 is asked after the model's own first answer: the
-reference's text, hf-greedy's, identical for every exact method, or hf-sample's under sampling).
-Other tasks take N prompts.
+`prompts_per_task` is a count of answers. MT-Bench's tasks (`mt-bench` and its eight categories)
+are multi-turn: N answers are the turns of its first ceil(N / 2) questions in order, so an odd N
+asks only the first turn of the last one (1: one question's first turn; 2: both turns of one). Turn
+2 is asked after the model's own first answer: the reference's text, hf-greedy's, identical for
+every exact method, or hf-sample's under sampling. Other tasks take N prompts.
 """
 
 from __future__ import annotations
@@ -28,15 +29,12 @@ class Answer:
 
 
 def bench_answers(tasks: tuple[str, ...], per_task: int, seed: int = 0) -> list[Answer]:
-    """`per_task` answers per task: the shortest prefix of the task's prompts whose turns reach it."""
+    """`per_task` answers per task (fewer only where the task has fewer turns in all): the turns of
+    the task's prompts in order, each prompt's turns one after the other."""
     answers: list[Answer] = []
     for task in tasks:
         prompts = task_prompts(task, min(per_task, task_size(task)), seed)
-        count = 0
-        for prompt in prompts:
-            if count >= per_task:
-                break
-            for turn in range(len(prompt.turns)):
-                answers.append(Answer(len(answers), task, prompt, turn))
-            count += len(prompt.turns)
+        turns = [(prompt, turn) for prompt in prompts for turn in range(len(prompt.turns))]
+        for prompt, turn in turns[:per_task]:
+            answers.append(Answer(len(answers), task, prompt, turn))
     return answers

@@ -22,12 +22,12 @@ Default size and its time arithmetic (2-core CPU, SmolLM2-135M, fp32; plain gree
 so one 128-token answer takes T ~ 4.5 s). Per answer and repeat: hf-greedy 1.0 T, ar 1.0 T,
 hf-prompt-lookup 2 x ~1.0 T (0.93x-1.5x of greedy), specbound-paper ~1.7 T (0.59x, measured by
 `calibrate`), specbound ~1.05 T (0.96x): ~6.8 T; x 3 repeats = 20.4 T. hf-early-exit once at its
-best layer: ~2.6 T (0.39x). The oracle's teacher-forced recording: ~0.05 T. So ~23 T ~ 104 s per
-answer. With `DEFAULT_PROMPTS_PER_TASK` = 2 answers per task (MT-Bench: 1 question, both turns),
-6 tasks give 12 answers ~ 21 min, plus the early-exit grid on the first answer (layers 15, 19, 22
-and 26 of 30 at 0.17x-0.39x: ~16 T ~ 72 s), warm-up (~5 s) and loading: ~23 min < 30 min. Three
-per task would give 19 answers (MT-Bench: 2 questions) ~ 34 min. Answers that stop at EOS earlier
-only make it shorter.
+best layer: ~2.6 T (0.39x). The oracle's teacher-forced recording: ~0.05 T; the limit needs only
+the answers' lengths. So ~23 T ~ 104 s per answer. With `DEFAULT_PROMPTS_PER_TASK` = 1 answer per
+task (an MT-Bench category: its first question's first turn), the 13 `DEFAULT_TASKS` give 13
+answers ~ 22.5 min, plus the early-exit grid on the first answer (layers 15, 19, 22 and 26 of 30
+at 0.17x-0.39x: ~16 T ~ 72 s), warm-up (~5 s) and loading: ~24 min < 30 min. Two per task would
+give 26 answers ~ 46 min. Answers that stop at EOS earlier only make it shorter.
 """
 
 from __future__ import annotations
@@ -45,20 +45,20 @@ from pathlib import Path
 
 import torch
 
-from specbound.data.tasks import TASKS
+from specbound.data.tasks import DEFAULT_TASKS, TASKS
 from specbound_runtime.errors import UsageError
 from specbound_runtime.sampling import prompt_seed
 
 from .answers import Answer, bench_answers
 from .measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, settings_hash
 from .methods import (
-    METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, MethodRunner, Variant, early_exit_layers,
+    METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, SIMULATED, MethodRunner, Variant, early_exit_layers,
     reference_method,
 )
 from .report import render_table, write_outputs
-from .summary import answer_divergence, ratio, summarise
+from .summary import answer_divergence, ratio, summarise, worst_tasks
 
-DEFAULT_PROMPTS_PER_TASK = 2
+DEFAULT_PROMPTS_PER_TASK = 1
 DEFAULT_REPEATS = 3
 DEFAULT_MAX_NEW_TOKENS = 128
 WARMUP_TOKENS = 8
@@ -82,7 +82,7 @@ def parse_names(text: str | None, allowed: tuple[str, ...], flag: str) -> tuple[
 class BenchOptions:
     model: str = "smollm2-135m"
     artifact: Path | None = None
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     methods: tuple[str, ...] = METHODS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     repeats: int = DEFAULT_REPEATS
@@ -293,14 +293,15 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     if other in opts.methods and tuple(opts.methods) != METHODS:
         _warn(f"warning: {other} is the reference of a {'greedy' if other == REFERENCE else 'sampling'} bench; this one uses {reference}")
     methods = tuple(m for m in METHODS if (m in opts.methods or m == reference) and m != other)
-    if mode.do_sample and "oracle" in methods:
-        _warn("warning: the oracle replays greedy decoding; skipping it in a sampling bench")
-        methods = tuple(m for m in methods if m != "oracle")
+    if mode.do_sample and any(m in methods for m in SIMULATED):
+        # the oracle replays greedy decoding; the limit is kept beside it, on the greedy bench's scale
+        _warn("warning: the oracle and the limit are simulated for greedy decoding; skipping them in a sampling bench")
+        methods = tuple(m for m in methods if m not in SIMULATED)
     answers = bench_answers(opts.tasks, opts.prompts_per_task, opts.seed)  # UsageError before loading
     # the plot needs matplotlib, the oracle the calibration code (the calibrate extra): fail now, not after the run
     import matplotlib  # noqa: F401
 
-    oracle = importlib.import_module(".oracle", __package__) if "oracle" in methods else None
+    oracle = importlib.import_module(".oracle", __package__) if any(m in methods for m in SIMULATED) else None
     loaded = sb.load(opts.model, device=opts.device, dtype=opts.dtype)
     eos = loaded.eos_token_ids
     artifact = artifact_sha = None
@@ -311,9 +312,11 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         skipped = [m for m in NEEDS_ARTIFACT if m in methods]
         _warn(f"warning: no --artifact given; skipping {', '.join(skipped)} (run `specbound calibrate` to make one)")
         methods = tuple(m for m in methods if m not in NEEDS_ARTIFACT)
-    oracle_replay = oracle.oracle_setup(loaded, artifact) if "oracle" in methods else None
-    if oracle_replay is None:
-        methods = tuple(m for m in methods if m != "oracle")
+    cost = oracle.cost_model(artifact) if any(m in methods for m in SIMULATED) else None  # both need the artifact's
+    if cost is None:
+        methods = tuple(m for m in methods if m not in SIMULATED)
+    oracle_replay = oracle.oracle_setup(loaded, artifact, cost) if "oracle" in methods else None
+    limit_cost = cost if "limit" in methods else None
     decoders = {"specbound-paper": Decoder(loaded)}
     if "specbound" in methods:
         decoders["specbound"] = Decoder(artifact)
@@ -326,7 +329,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     for m in methods:
         if m == "hf-prompt-lookup":
             timed += [Variant(m, k) for k in opts.prompt_lookup_grid]
-        elif m not in ("hf-early-exit", "oracle"):
+        elif m != "hf-early-exit" and m not in SIMULATED:
             timed.append(Variant(m))
     settings = bench_settings(opts, methods, loaded, artifact_sha, answers)
     out_dir = opts.out or default_out_dir(loaded.fingerprint, settings_hash(settings))
@@ -390,7 +393,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
             reported[m] = chosen_pl.name
         elif m == "hf-early-exit":
             reported[m] = ee_variant.name
-        elif m != "oracle":
+        elif m not in SIMULATED:
             reported[m] = m
 
     groups = {task: [a.index for a in answers if a.task == task] for task in opts.tasks}
@@ -407,7 +410,14 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         if oracle_replay is not None:
             sim = oracle.oracle_simulate(oracle_replay, [oracle_recs[i] for i in idx])
             row["oracle"] = oracle.oracle_row(sim, row)
+        if limit_cost is not None:
+            w_max = artifact.policy.w_max
+            sim = oracle.limit_simulate(limit_cost, w_max, [runs[reference][i][0].generation.new_tokens for i in idx])
+            row["limit"] = oracle.limit_row(sim, w_max, row)
         summary[group] = row
+    worst = worst_tasks(summary, opts.tasks)
+    for m, w in worst.items():
+        summary["overall"][m]["worst_task"] = w
     for v in pl_variants + ([ee_variant] if ee_variant else []):
         grid_report.setdefault("by_value", {})[v.name] = summarise(runs[v.name], runs[reference], exact[v.name], groups["overall"])
 
@@ -436,6 +446,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         "versions": _library_versions(),
         "grid": grid_report,
         "summary": summary,
+        "worst_task": worst,
         "out_dir": str(out_dir),
     }
     table = render_table(results)

@@ -2,7 +2,8 @@
 
 `<out>/measurements.jsonl` starts with one line holding the bench's settings and their hash; then
 comes one line per finished measurement (phase, answer, method, grid value, repeat, token ids,
-wall time, pass statistics, and the settings hash), appended and fsynced before the next run
+wall time, pass statistics, drafted and accepted tokens by source, and the settings hash; lines
+written before sources were recorded lack them and load with None), appended and fsynced before the next run
 starts. A kill can tear only the last line; opening the log drops a torn last line. Rerunning the
 same command loads every line and runs only what is missing; a different command (other
 settings) in the same folder is refused with `SettingsMismatchError`, since its numbers could
@@ -78,13 +79,17 @@ class Measurement:
             "accept_lengths": None if g.accept_lengths is None else list(g.accept_lengths),
             "passes": g.passes,
             "drafted": g.drafted,
+            "drafted_by_source": None if g.drafted_by_source is None else dict(g.drafted_by_source),
+            "accepted_by_source": None if g.accepted_by_source is None else dict(g.accepted_by_source),
         }
 
     @classmethod
     def from_record(cls, r: dict) -> Measurement:
         key = MeasurementKey(r["phase"], int(r["answer"]), Variant(r["method"], r["value"]), int(r["repeat"]))
         lengths = None if r["accept_lengths"] is None else tuple(int(x) for x in r["accept_lengths"])
-        generation = Generation(tuple(int(t) for t in r["token_ids"]), lengths, r["passes"], r["drafted"])
+        sources = [r.get(k) for k in ("drafted_by_source", "accepted_by_source")]  # absent in older logs
+        drafted, accepted = (None if s is None else tuple(sorted((str(k), int(v)) for k, v in s.items())) for s in sources)
+        generation = Generation(tuple(int(t) for t in r["token_ids"]), lengths, r["passes"], r["drafted"], drafted, accepted)
         return cls(key, generation, float(r["wall_time_s"]))
 
 

@@ -16,14 +16,17 @@ from specbound_runtime.policy import default_check_layers
 
 from .hf_hooks import FullDepthCallRecorder, pass_statistics
 
-METHODS = ("hf-greedy", "hf-sample", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle")
+METHODS = ("hf-greedy", "hf-sample", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle", "limit")
+SIMULATED = ("oracle", "limit")  # rows the simulator computes; never run
 REFERENCE = "hf-greedy"  # the reference of a greedy bench
 SAMPLING_REFERENCE = "hf-sample"  # the reference of a sampling bench: generate(do_sample=True)
 
 
 def reference_method(sampling: bool) -> str:
     return SAMPLING_REFERENCE if sampling else REFERENCE
-NEEDS_ARTIFACT = ("specbound", "oracle")
+NEEDS_ARTIFACT = ("specbound", "oracle", "limit")
+# where transformers' assisted methods' accepted drafts come from (they report no per-token source)
+HF_DRAFT_SOURCE = {"hf-prompt-lookup": "lookup", "hf-early-exit": "early-exit"}
 PROMPT_LOOKUP_GRID = (3, 10)
 
 
@@ -41,7 +44,7 @@ class Variant:
     value: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS or self.method == "oracle":
+        if self.method not in METHODS or self.method in SIMULATED:
             raise ValueError(f"not a runnable method: {self.method!r}")
         if (self.value is not None) != (self.method in ("hf-prompt-lookup", "hf-early-exit")):
             raise ValueError(f"{self.method} takes {'a' if self.value is None else 'no'} grid value")
@@ -57,12 +60,18 @@ class Variant:
 
 @dataclass(frozen=True)
 class Generation:
-    """What one method generated for one answer, untimed. Statistics it cannot report are None."""
+    """What one method generated for one answer, untimed. Statistics it cannot report are None.
+
+    drafted_by_source / accepted_by_source: (source, count) pairs sorted by source, counting the
+    drafted and the accepted draft tokens by what proposed them ("lookup", "early-exit", ...);
+    () without drafts."""
 
     token_ids: tuple[int, ...]
     accept_lengths: tuple[int, ...] | None  # per verification pass, the full model's token counted
     passes: int | None
     drafted: int | None
+    drafted_by_source: tuple[tuple[str, int], ...] | None = None
+    accepted_by_source: tuple[tuple[str, int], ...] | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -73,7 +82,17 @@ class Generation:
         return None if self.passes is None else self.new_tokens - self.passes
 
 
-def _hf_generate(model, prompt_ids, max_new_tokens: int, eos, count_passes: bool, mode=None, seed=None, **kwargs) -> Generation:
+def by_source(labels) -> tuple[tuple[str, int], ...]:
+    """Per-token source labels as sorted (source, count) pairs."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
+def _hf_generate(model, prompt_ids, max_new_tokens: int, eos, source: str | None, mode=None, seed=None, **kwargs) -> Generation:
+    """source: None for plain decoding; else the source its drafts are reported under (its
+    passes are counted from outside, and every accepted draft is put down to that source)."""
     import torch
 
     from specbound_runtime.exactness import reference_generate
@@ -86,13 +105,16 @@ def _hf_generate(model, prompt_ids, max_new_tokens: int, eos, count_passes: bool
             torch.manual_seed(seed)  # transformers samples from torch's global generator
             return tuple(reference_generate(model, list(prompt_ids), max_new_tokens, eos, mode, **kwargs))
 
-    if not count_passes:  # plain decoding: one pass per token, no drafts
+    if source is None:  # plain decoding: one pass per token, no drafts
         tokens = run()
-        return Generation(tokens, (1,) * len(tokens), len(tokens), 0)
+        return Generation(tokens, (1,) * len(tokens), len(tokens), 0, (), ())
     with FullDepthCallRecorder(model) as recorder:
         tokens = run()
     stats = pass_statistics(recorder.calls, len(prompt_ids), len(tokens))
-    return Generation(tokens, stats.accept_lengths, stats.passes, stats.drafted)
+    g = Generation(tokens, stats.accept_lengths, stats.passes, stats.drafted)
+    drafted = None if stats.drafted is None else ((source, stats.drafted),) if stats.drafted else ()
+    accepted = None if g.accepted is None else ((source, g.accepted),) if g.accepted else ()
+    return Generation(tokens, stats.accept_lengths, stats.passes, stats.drafted, drafted, accepted)
 
 
 def _engine_generate(decoder, encoded, speculation: bool, mode=None, seed=None) -> Generation:
@@ -100,7 +122,9 @@ def _engine_generate(decoder, encoded, speculation: bool, mode=None, seed=None) 
 
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     r = decoder.generate(encoded, speculation=speculation, mode=mode, generator=generator)
-    return Generation(tuple(r.token_ids), tuple(r.accept_lengths), r.verify_passes, r.drafted)
+    return Generation(
+        tuple(r.token_ids), tuple(r.accept_lengths), r.verify_passes, r.drafted, by_source(r.drafted_sources), by_source(r.accepted_sources)
+    )
 
 
 class MethodRunner:
@@ -125,11 +149,11 @@ class MethodRunner:
         if (m == SAMPLING_REFERENCE) != (mode is not None) and m in (REFERENCE, SAMPLING_REFERENCE):
             raise ValueError(f"{m} is the reference of a {'greedy' if m == REFERENCE else 'sampling'} bench only")
         if m in (REFERENCE, SAMPLING_REFERENCE):
-            return _hf_generate(self.model, encoded.ids, n, self.eos, False, mode, seed)
+            return _hf_generate(self.model, encoded.ids, n, self.eos, None, mode, seed)
         if m == "hf-prompt-lookup":
-            return _hf_generate(self.model, encoded.ids, n, self.eos, True, mode, seed, prompt_lookup_num_tokens=variant.value)
+            return _hf_generate(self.model, encoded.ids, n, self.eos, HF_DRAFT_SOURCE[m], mode, seed, prompt_lookup_num_tokens=variant.value)
         if m == "hf-early-exit":
-            return _hf_generate(self.model, encoded.ids, n, self.eos, True, mode, seed, assistant_early_exit=variant.value)
+            return _hf_generate(self.model, encoded.ids, n, self.eos, HF_DRAFT_SOURCE[m], mode, seed, assistant_early_exit=variant.value)
         if m == "ar":
             return _engine_generate(self.decoders["specbound-paper"], encoded, False, mode, seed)
         return _engine_generate(self.decoders[m], encoded, True, mode, seed)

@@ -7,7 +7,14 @@ simulator's prediction for the calibrated policy) and once with `oracle_exits` (
 perfectly). Both are speedups over our plain engine (`ar`); `specbound`'s measured speedup over
 `ar` is set beside them.
 
-The harness imports this module only when the oracle is asked for.
+The limit: the speed if every draft were free and right at the artifact's width bound (w_max):
+each verification pass emits w_max + 1 tokens (fewer only at an answer's end) and costs one
+verification pass over them and a round's overhead, nothing for drafting. Replayed through the
+same `simulate` over the reference answers' lengths, as free prompt-lookup drafts that are always
+right; no per-layer recording is needed. It is the ceiling of any drafter at that width under
+this cost model: the cost of verification alone.
+
+The harness imports this module only when the oracle or the limit is asked for.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 
 from specbound.calibrate import collect as C
-from specbound.calibrate.simulate import CostModel, Lookups, decide_exits, oracle_exits, simulate
+from specbound.calibrate.simulate import CostModel, Exits, Lookups, decide_exits, oracle_exits, simulate
 
 from .summary import ratio
 
@@ -41,16 +48,10 @@ class OracleSetup:
     lookup_max: int = 0
 
 
-def oracle_setup(loaded, artifact) -> OracleSetup | None:
-    """The replay's setup, or None (with a warning) when the artifact has no cost model."""
+def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
+    """The replay's setup under `cost`, the artifact's cost model (`cost_model`)."""
     from specbound_runtime.exit_head import ExitHeadWeights
 
-    raw = artifact.artifact_metadata.get("cost_model")
-    try:
-        cost = CostModel(**json.loads(raw))
-    except (TypeError, ValueError):
-        print("warning: the artifact has no usable cost_model metadata; skipping oracle (recalibrate to get one)", file=sys.stderr, flush=True)
-        return None
     lm = loaded.lm
     weights = artifact.exit_weights
     shortlist = weights.shortlist if weights is not None and weights.shortlist is not None else torch.arange(lm.vocab_size)
@@ -70,6 +71,51 @@ def oracle_setup(loaded, artifact) -> OracleSetup | None:
         lookup_ngram=artifact.policy.lookup_ngram,
         lookup_max=artifact.policy.lookup_max,
     )
+
+
+def cost_model(artifact) -> CostModel | None:
+    """The artifact's cost model, or None (with a warning) when it has none."""
+    raw = artifact.artifact_metadata.get("cost_model")
+    try:
+        return CostModel(**json.loads(raw))
+    except (TypeError, ValueError):
+        print("warning: the artifact has no usable cost_model metadata; skipping oracle and limit (recalibrate to get one)", file=sys.stderr, flush=True)
+        return None
+
+
+def limit_simulate(cost: CostModel, w_max: int, answer_tokens: list[int]) -> dict | None:
+    """The simulator's figures when every draft is free and right, `w_max` per pass, over answers
+    of `answer_tokens` tokens each. None when no answer has a token."""
+    if w_max < 0:
+        raise ValueError(f"w_max must be >= 0, got {w_max}")
+    lengths = [n for n in answer_tokens if n > 0]
+    if not lengths:
+        return None
+    bounds, offset = [], 0
+    for n in lengths:
+        bounds.append((offset, offset + n))
+        offset += n
+    none = np.full(offset, -1)  # no early exit at all: every draft comes from the free source
+    exits = Exits(layer=none, right=np.zeros(offset, bool), checks=np.zeros(offset, np.int64))
+    free = Lookups(np.full(offset, w_max), np.full(offset, w_max))
+    return simulate(exits, bounds, cost, cost.num_layers, w_max, lookups=free, lookup_max=w_max).to_dict()
+
+
+def limit_row(sim: dict | None, w_max: int, row: dict) -> dict:
+    """The limit's simulated figures, on ar's and on the reference's scale (`row`: the group's
+    measured methods)."""
+    if sim is None:
+        return {"simulated": True, "w_max": w_max, "speedup_vs_ar": None, "speedup": None}
+    ar = row.get("ar", {}).get("speedup")
+    return {
+        "simulated": True,
+        "w_max": w_max,
+        "speedup_vs_ar": round(sim["speedup"], 4),
+        "mean_accepted_length": round(sim["mean_accepted_length"], 4),
+        "limit_sim": sim,
+        # on the hf-greedy scale, as the oracle's: the simulated speedup over ar times ar's measured one
+        "speedup": round(sim["speedup"] * ar, 4) if ar else None,
+    }
 
 
 def oracle_record(setup: OracleSetup, prompt_ids, answer_ids) -> dict:

@@ -13,7 +13,7 @@ from specbound_runtime.files import atomic_write_bytes
 
 from .answers import Answer
 from .measurements import Measurement
-from .methods import METHODS, REFERENCE
+from .methods import METHODS, REFERENCE, SIMULATED
 
 
 def _fmt(value, kind: str) -> str:
@@ -28,6 +28,18 @@ def _fmt(value, kind: str) -> str:
     if kind == "p":
         return f"{value:.3g}"
     return f"{value:.2f}"
+
+
+def _sources(shares: dict | None) -> str:
+    """"lookup 31%, early-exit 4%, model 65%": draft sources by name, then the model's own."""
+    if not shares:
+        return "n/a"
+    order = sorted(s for s in shares if s != "model") + ["model"]
+    return ", ".join(f"{s} {shares[s]:.0%}" for s in order if s in shares)
+
+
+def _worst(w: dict | None) -> str:
+    return "n/a" if not w else f"{_fmt(w['speedup'], 'x')} ({w['task']})"
 
 
 def render_table(results: dict) -> str:
@@ -47,23 +59,25 @@ def render_table(results: dict) -> str:
         "",
         f"## Speedup over {reference}",
         "",
-        "| method | " + " | ".join(groups) + " |",
-        "| --- | " + " | ".join("---:" for _ in groups) + " |",
+        "| method | " + " | ".join(groups) + " | worst task |",
+        "| --- | " + " | ".join("---:" for _ in groups) + " | ---: |",
     ]
+    worst = results.get("worst_task", {})
     for m in methods:
-        label = m + (" (simulated)" if m == "oracle" else "")
-        lines.append(f"| {label} | " + " | ".join(_fmt(summary[g].get(m, {}).get("speedup"), "x") for g in groups) + " |")
+        label = m + (" (simulated)" if m in SIMULATED else "")
+        cells = [_fmt(summary[g].get(m, {}).get("speedup"), "x") for g in groups] + [_worst(worst.get(m))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     last = "distribution check p-value (tokens)" if sampling else "exact"
     lines += [
         "",
         "## Per task",
         "",
-        f"| task | method | tokens/s | speedup | mean accepted length | acceptance | {last} |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| task | method | tokens/s | speedup | mean accepted length | acceptance | tokens from | {last} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for g in groups:
         for m in methods:
-            if m == "oracle":
+            if m in SIMULATED:
                 continue
             r = summary[g][m]
             check = (
@@ -73,23 +87,24 @@ def render_table(results: dict) -> str:
             )
             lines.append(
                 f"| {g} | {m} | {_fmt(r['tokens_per_s'], 'tps')} | {_fmt(r['speedup'], 'x')} | "
-                f"{_fmt(r['mean_accepted_length'], 'f')} | {_fmt(r['acceptance_rate'], '%')} | {check} |"
+                f"{_fmt(r['mean_accepted_length'], 'f')} | {_fmt(r['acceptance_rate'], '%')} | {_sources(r.get('token_sources'))} | {check} |"
             )
-    if "oracle" in methods:
+    if any(m in methods for m in SIMULATED):
         lines += [
             "",
-            "## Simulator: specbound against its prediction and the oracle (speedups over ar)",
+            "## Simulator: specbound against its prediction, the oracle and the limit (speedups over ar)",
             "",
-            "| task | specbound measured | predicted | oracle | specbound / oracle | oracle mean accepted length |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| task | specbound measured | predicted | oracle | specbound / oracle | oracle mean accepted length | limit |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for g in groups:
-            o = summary[g]["oracle"]
+            o = summary[g].get("oracle") or {}
             pred = (o.get("predicted_specbound") or {}).get("speedup_vs_ar")
+            measured = o.get("specbound_measured_speedup_vs_ar", summary[g].get("specbound", {}).get("speedup_vs_ar"))
             lines.append(
-                f"| {g} | {_fmt(o.get('specbound_measured_speedup_vs_ar'), 'x')} | {_fmt(pred, 'x')} | "
+                f"| {g} | {_fmt(measured, 'x')} | {_fmt(pred, 'x')} | "
                 f"{_fmt(o.get('speedup_vs_ar'), 'x')} | {_fmt(o.get('specbound_over_oracle'), 'f')} | "
-                f"{_fmt(o.get('mean_accepted_length'), 'f')} |"
+                f"{_fmt(o.get('mean_accepted_length'), 'f')} | {_fmt((summary[g].get('limit') or {}).get('speedup_vs_ar'), 'x')} |"
             )
     notes = []
     grid = results["grid"]
@@ -99,6 +114,21 @@ def render_table(results: dict) -> str:
         notes.append(f"hf-early-exit: layer {grid['hf-early-exit']['chosen']} of {grid['hf-early-exit']['layers']} (fastest on the first answer), one run per answer.")
     if "oracle" in methods:
         notes.append("oracle: not run; the simulator replays the reference outputs under the artifact's cost model; its hf-greedy-scale speedup multiplies by ar's measured speedup.")
+    if "limit" in methods:
+        w_max = summary["overall"]["limit"].get("w_max")
+        notes.append(
+            f"limit: not run; the speed if every draft were free and right at the tuned width (w_max={w_max}): each pass emits "
+            "w_max+1 tokens for one verification pass and a round's overhead, under the artifact's cost model (the cost of "
+            "verification alone); on the hf-greedy scale as the oracle."
+        )
+    notes.append(
+        "tokens from: the share of emitted tokens (first repeat) from each draft source, and from the full model's own "
+        "token of each pass (model). Our engine labels every draft (lookup: prompt lookup, no layers; early-exit: an "
+        "exit at a check layer); transformers' methods report no sources, so hf-prompt-lookup's accepted drafts count "
+        "as lookup and hf-early-exit's as early-exit; n/a where passes could not be counted."
+    )
+    if worst:
+        notes.append("worst task: per method, the task with the lowest speedup over the reference.")
     notes.append("n/a: not reported by the method (or no drafts).")
     if sampling:
         notes.append(
@@ -106,7 +136,7 @@ def render_table(results: dict) -> str:
             "generated token under the model's own distribution (after generate()'s warpers); uniform on [0, 1] for a "
             "method that samples exactly, near 0 for one that does not."
         )
-        impossible = sum(summary["overall"][m].get("distribution_impossible") or 0 for m in methods if m != "oracle")
+        impossible = sum(summary["overall"][m].get("distribution_impossible") or 0 for m in methods if m not in SIMULATED)
         if impossible:
             notes.append(f"{impossible} sampled token(s) fell outside the top-p/top-k set as re-scored teacher-forced (rounding); scored at its edge.")
     for m in methods:
@@ -172,7 +202,8 @@ def speedup_png(results: dict, path: Path) -> None:
     for i, m in enumerate(methods):
         values = [summary[g].get(m, {}).get("speedup") or 0.0 for g in groups]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=m + (" (simulated)" if m == "oracle" else ""), hatch="//" if m == "oracle" else None)
+        simulated = m in SIMULATED
+        ax.bar(xs, values, width, label=m + (" (simulated)" if simulated else ""), hatch="//" if simulated else None)
     ax.axhline(1.0, color="k", lw=1, ls=":")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)

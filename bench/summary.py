@@ -8,7 +8,14 @@ Per task and overall, per method:
     outside (`hf_hooks`); where that fails it says n/a;
   - acceptance rate: accepted drafts / drafted tokens (n/a without drafts);
   - exactness: the share of answers whose token ids equal hf-greedy's in every repeat; for any
-    that differ, the first divergence and the logit margin there (exactness.divergence).
+    that differ, the first divergence and the logit margin there (exactness.divergence);
+  - token sources: the share of emitted tokens each draft source gave (accepted drafts by what
+    proposed them: "lookup", "early-exit", ...), the rest "model", the full model's own token of
+    each pass. Our engine labels every draft; transformers' assisted methods are put down whole to
+    their one source (hf-prompt-lookup: lookup; hf-early-exit: early-exit); None where a method's
+    passes could not be counted.
+
+Overall, per method, the worst task: the task with the lowest speedup (`worst_tasks`).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ def summarise(method_runs: list[list[Measurement]], ref_runs: list[list[Measurem
     if None not in drafted and None not in passes and sum(drafted):
         rate = sum(x.accepted for x in first) / sum(drafted)
     found = [divergences[i] for i in idx if divergences[i] is not None]
+    sources = token_sources(first)
     return {
         "answers": len(idx),
         "new_tokens": tokens,
@@ -69,4 +77,33 @@ def summarise(method_runs: list[list[Measurement]], ref_runs: list[list[Measurem
         "exact": round(1 - len(found) / len(idx), 4),
         "exact_answers": len(idx) - len(found),
         "divergences": found,
+        "token_sources": sources,
     }
+
+
+def token_sources(generations) -> dict[str, float] | None:
+    """The share of all emitted tokens of `generations` from each draft source, and "model" for
+    the rest (see the module docstring); None when any of them has no sources."""
+    if not generations or any(g.accepted_by_source is None for g in generations):
+        return None
+    tokens = sum(g.new_tokens for g in generations)
+    if not tokens:
+        return None
+    counts: dict[str, int] = {}
+    for g in generations:
+        for source, n in g.accepted_by_source:
+            counts[source] = counts.get(source, 0) + n
+    counts["model"] = tokens - sum(counts.values())
+    return {source: round(n / tokens, 4) for source, n in counts.items()}
+
+
+def worst_tasks(summary: dict, tasks) -> dict[str, dict]:
+    """Per method of the overall row: the task among `tasks` with the lowest speedup, and that
+    speedup (ties: the first task). Methods with no speedup on any task are left out."""
+    out = {}
+    for method in summary["overall"]:
+        speedups = [(summary[t][method]["speedup"], t) for t in tasks if (summary[t].get(method) or {}).get("speedup") is not None]
+        if speedups:
+            speedup, task = min(speedups, key=lambda st: st[0])
+            out[method] = {"task": task, "speedup": speedup}
+    return out

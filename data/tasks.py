@@ -6,23 +6,30 @@ machine (no `hash()`, no unseeded randomness, files pinned by scripts/setup.sh).
 Benchmark and calibration never share an item. Each SQuAD paragraph, HotpotQA question, HumanEval
 problem and MMATH problem is assigned once, by the sha256 of its id, either to the benchmark side
 (`BENCHMARK_SHARE` of them) or to the calibration side (`is_benchmark_item`). All 80 MT-Bench
-questions are benchmark-only; the Paul Graham essays are calibration-only.
+questions are benchmark-only; the Paul Graham essays are calibration-only. Nor do they share text:
+HotpotQA contexts overlap (one Wikipedia passage serves several questions), so `rag` leaves out
+every benchmark-side question with a passage (by title, or by one sentence of 8 words or more)
+that any calibration-side question's context has; and `code` leaves out the few HumanEval problems whose docstring shares a sentence with a
+calibration-side one (near-duplicate problems).
 
-Benchmark (`task_prompts`), after Spec-Bench's tasks:
+Benchmark (`task_prompts`), after Spec-Bench's kinds of prompt. `DEFAULT_TASKS`, the bench's
+default, are the first 13; `mt-bench` and `code` are there to be asked for.
 
 | task | source (benchmark side) | prompt |
 | --- | --- | --- |
-| mt-bench | MT-Bench, 80 questions, 8 categories | both turns; turn 2 follows the answer to 1 |
-| code | HumanEval | "Complete this Python function:" + the function head, fenced |
+| writing, roleplay, reasoning, math, coding, extraction, stem, humanities | MT-Bench's category of that name, 10 questions each | both turns; turn 2 follows the answer to 1 |
+| translation | SQuAD paragraphs of < 100 words (not those of summarization), leading sentences <= `TRANSLATION_MAX_CHARS` | "Translate the following text from English to French / German / Spanish" |
 | summarization | SQuAD paragraphs of >= 100 words | "Summarize the following passage ..." |
 | qa | HotpotQA | the bare question (closed-book, as Spec-Bench's Natural Questions) |
-| rag | HotpotQA | the question with its Wikipedia passages, <= `RAG_MAX_CHARS` characters |
-| math | MT-Bench math + reasoning (first turn), then MMATH English | the problem |
+| math-reasoning | MMATH English | the problem, "Solve the problem step by step ..." |
+| rag | HotpotQA (without passages calibration sees) | the question with its Wikipedia passages, <= `RAG_MAX_CHARS` characters |
+| mt-bench | MT-Bench, all 80 questions, 8 categories | both turns |
+| code | HumanEval | "Complete this Python function:" + the function head, fenced |
 
-Subset rule: each task's pool is split into strata (MT-Bench: its 8 categories; math: MT-Bench,
-then MMATH; others: one stratum). Each stratum, in file order, is shuffled with
+Subset rule: each task's pool is split into strata (mt-bench: its 8 categories; translation: its
+three target languages; others: one stratum). Each stratum, in file order, is shuffled with
 `random.Random(f"{task}:{seed}")`, and prompts are taken round-robin across the strata. So a
-smaller `n` gives a prefix of a larger one, and MT-Bench subsets stay balanced across categories.
+smaller `n` gives a prefix of a larger one, and subsets stay balanced across strata.
 
 Calibration (calibration side only): `calibration_documents` yields human text (essays cut into
 300-600-word documents, SQuAD paragraphs); `calibration_chat_prompts` builds instructions whose
@@ -46,7 +53,11 @@ from specbound_runtime.errors import UsageError
 
 T = TypeVar("T")
 
-TASKS = ("mt-bench", "code", "summarization", "qa", "rag", "math")
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+DEFAULT_TASKS = (*MT_BENCH_CATEGORIES, "translation", "summarization", "qa", "math-reasoning", "rag")
+TASKS = (*DEFAULT_TASKS, "mt-bench", "code")  # every task there is; the bench runs DEFAULT_TASKS unless asked
+TRANSLATION_LANGUAGES = ("French", "German", "Spanish")
+TRANSLATION_MAX_CHARS = 400  # the English text of a translation prompt, cut at a sentence end
 BENCHMARK_SHARE = 0.6  # of SQuAD / HotpotQA / HumanEval / MMATH items, by sha256 of the id
 HELD_OUT_FRACTION = 0.1
 RAG_MAX_CHARS = 1500  # whole rag prompt, passages cut at sentence boundaries
@@ -60,6 +71,7 @@ EXPLAIN = "Explain the main argument of this passage in plain words:\n\n{text}"
 KEY_POINTS = "What are the key points of the following text? Answer with a short list.\n\n{text}"
 PASSAGE_QA = "Answer the question using the passage.\n\nPassage: {text}\n\nQuestion: {question}"
 RAG = "Answer the question using the passages below.\n\n{passages}\n\nQuestion: {question}"
+TRANSLATE = "Translate the following text from English to {language}:\n\n{text}"
 CODE = "Complete this Python function:\n\n```python\n{code}\n```"
 MATH = "{problem}\n\nSolve the problem step by step and give the final answer."
 
@@ -216,21 +228,75 @@ def _truncate(text: str, max_chars: int) -> str:
 # Benchmark tasks ---------------------------------------------------------------------------
 
 
+def _sentences(text: str, min_words: int = 8) -> set[str]:
+    """The sentences and lines of `text` of at least `min_words` words, stripped."""
+    pieces = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return {p.strip() for p in pieces if len(p.split()) >= min_words}
+
+
+@lru_cache(maxsize=None)
+def _calibration_hotpot_passages() -> tuple[frozenset[str], frozenset[str]]:
+    """Every Wikipedia passage title, and every sentence of >= 8 words, in a calibration-side
+    HotpotQA question's context."""
+    calibration = [r for r in _hotpot() if not is_benchmark_item(_hotpot_id(r))]
+    titles = frozenset(t for r in calibration for t, _ in r["context"])
+    sentences = frozenset(s for r in calibration for _, body in r["context"] for s in _sentences(" ".join(body)))
+    return titles, sentences
+
+
+def _apart_from_calibration_hotpot(record: dict) -> bool:
+    """No passage of `record` is one calibration sees, by title or by a sentence (Wikipedia's
+    stock sentences recur across articles: "It is part of the ... Metropolitan Statistical Area.")."""
+    titles, sentences = _calibration_hotpot_passages()
+    if any(title in titles for title, _ in record["context"]):
+        return False
+    return not any(_sentences(" ".join(body)) & sentences for _, body in record["context"])
+
+
+@lru_cache(maxsize=None)
+def _calibration_code_sentences() -> frozenset[str]:
+    return frozenset(
+        s
+        for r in sources.read_jsonl(sources.HUMAN_EVAL)
+        if not is_benchmark_item(_humaneval_id(r))
+        for s in _sentences(r["prompt"])
+    )
+
+
+def _mt_bench_prompt(task: str, q: dict) -> TaskPrompt:
+    return TaskPrompt(task, f"mt-bench-{q['question_id']}", tuple(q["turns"]))
+
+
 @lru_cache(maxsize=None)
 def _task_strata(task: str) -> tuple[tuple[TaskPrompt, ...], ...]:
     if task == "mt-bench":
         categories: dict[str, list[TaskPrompt]] = {}
         for q in mt_bench_questions():
-            prompt = TaskPrompt(task, f"mt-bench-{q['question_id']}", tuple(q["turns"]))
-            categories.setdefault(q["category"], []).append(prompt)
+            categories.setdefault(q["category"], []).append(_mt_bench_prompt(task, q))
         return tuple(tuple(c) for c in categories.values())
+    if task in MT_BENCH_CATEGORIES:
+        return (tuple(_mt_bench_prompt(task, q) for q in mt_bench_questions() if q["category"] == task),)
     if task == "code":
+        shared = _calibration_code_sentences()
         return (
             tuple(
                 TaskPrompt(task, _humaneval_id(r), (_code_prompt(r),))
                 for r in sources.read_jsonl(sources.HUMAN_EVAL)
-                if is_benchmark_item(_humaneval_id(r))
+                if is_benchmark_item(_humaneval_id(r)) and not _sentences(r["prompt"]) & shared
             ),
+        )
+    if task == "translation":
+        short = [
+            (pid, context)
+            for pid, context, _ in _squad_paragraphs()
+            if is_benchmark_item(pid) and len(context.split()) < SUMMARY_MIN_WORDS
+        ]
+        return tuple(
+            tuple(
+                TaskPrompt(task, pid, (TRANSLATE.format(language=language, text=_truncate(context, TRANSLATION_MAX_CHARS)),))
+                for pid, context in short[k :: len(TRANSLATION_LANGUAGES)]
+            )
+            for k, language in enumerate(TRANSLATION_LANGUAGES)
         )
     if task == "summarization":
         return (
@@ -240,27 +306,30 @@ def _task_strata(task: str) -> tuple[tuple[TaskPrompt, ...], ...]:
                 if is_benchmark_item(pid) and len(context.split()) >= SUMMARY_MIN_WORDS
             ),
         )
-    if task in ("qa", "rag"):
-        build = _rag_prompt if task == "rag" else (lambda r: r["question"].strip())
+    if task == "qa":
         return (
             tuple(
-                TaskPrompt(task, _hotpot_id(r), (build(r),))
+                TaskPrompt(task, _hotpot_id(r), (r["question"].strip(),))
                 for r in _hotpot()
                 if is_benchmark_item(_hotpot_id(r))
             ),
         )
-    if task == "math":
-        mt_bench = tuple(
-            TaskPrompt(task, f"mt-bench-{q['question_id']}", (q["turns"][0],))
-            for q in mt_bench_questions()
-            if q["category"] in ("math", "reasoning")
+    if task == "rag":
+        return (
+            tuple(
+                TaskPrompt(task, _hotpot_id(r), (_rag_prompt(r),))
+                for r in _hotpot()
+                if is_benchmark_item(_hotpot_id(r)) and _apart_from_calibration_hotpot(r)
+            ),
         )
-        mmath = tuple(
-            TaskPrompt(task, _mmath_id(r), (_math_prompt(r),))
-            for r in sources.read_json(sources.MMATH_EN)
-            if is_benchmark_item(_mmath_id(r))
+    if task == "math-reasoning":
+        return (
+            tuple(
+                TaskPrompt(task, _mmath_id(r), (_math_prompt(r),))
+                for r in sources.read_json(sources.MMATH_EN)
+                if is_benchmark_item(_mmath_id(r))
+            ),
         )
-        return (mt_bench, mmath)
     raise UsageError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 

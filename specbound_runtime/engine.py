@@ -49,6 +49,7 @@ class DecodeState:
         self.pending_depth = [0] * len(prompt_ids)
         self.drafts: list[int] = []
         self.draft_exit_layers: list[int] = []
+        self.draft_sources: list[str] = []  # which drafter proposed each draft ("lookup", "early-exit", ...)
         self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
 
     @property
@@ -72,11 +73,16 @@ class DecodeState:
     def frontier_hidden(self) -> torch.Tensor:
         return self.pending_hidden[:, -1:]
 
-    def push_draft(self, token: int, exit_layer: int, probs: torch.Tensor | None = None) -> None:
+    def push_draft(
+        self, token: int, exit_layer: int, probs: torch.Tensor | None = None, source: str | None = None
+    ) -> None:
         """Add a draft. probs: under sampling, the distribution over the vocabulary ([V]) the
-        token was drawn from; None for a deterministic proposal (q is one-hot)."""
+        token was drawn from; None for a deterministic proposal (q is one-hot). source: the name of
+        what proposed it, reported per token in the result; None: "lookup" at exit layer 0 (a
+        draft that cost no layers), "early-exit" at any other layer."""
         self.drafts.append(token)
         self.draft_exit_layers.append(exit_layer)
+        self.draft_sources.append(source if source is not None else ("lookup" if exit_layer == 0 else "early-exit"))
         self.draft_probs.append(probs)
         hidden = self.lm.embed([token])
         self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
@@ -87,6 +93,7 @@ class DecodeState:
         self.cache.truncate(self.pending_start)
         self.drafts.clear()
         self.draft_exit_layers.clear()
+        self.draft_sources.clear()
         self.draft_probs.clear()
         ids = self.tokens[self.pending_start :]
         self.pending_hidden = self.lm.embed(ids)
@@ -109,6 +116,7 @@ class DecodeState:
         self.pending_depth = [0]
         self.drafts = []
         self.draft_exit_layers = []
+        self.draft_sources = []
         self.draft_probs = []
         return new
 
@@ -208,6 +216,8 @@ class GenerationResult:
     accepted: int
     fallbacks: int  # passes redone at full depth because of non-finite values
     wall_time_s: float
+    drafted_sources: tuple[str, ...] = ()  # what proposed each drafted token (push_draft's source)
+    accepted_sources: tuple[str, ...] = ()  # the same for each accepted draft, in order (len == accepted)
 
     @property
     def new_tokens(self) -> int:
@@ -300,6 +310,8 @@ def generate(
     out: list[int] = []
     accept_lengths: list[int] = []
     exit_layers: list[int] = []
+    drafted_sources: list[str] = []
+    accepted_sources: list[str] = []
     drafted = accepted = fallbacks = 0
     with torch.inference_mode():
         seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens, sampler, logits_processor)
@@ -318,6 +330,8 @@ def generate(
                 seq.discard_drafts()
                 acceptance = verify(seq, seq.verify_logits())
             exit_layers.extend(seq.draft_exit_layers)
+            drafted_sources.extend(seq.draft_sources)
+            accepted_sources.extend(seq.draft_sources[: acceptance.accepted_length])
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length
             drafter.observe(acceptance)
@@ -346,4 +360,6 @@ def generate(
         accepted=accepted,
         fallbacks=fallbacks,
         wall_time_s=time.perf_counter() - started,
+        drafted_sources=tuple(drafted_sources),
+        accepted_sources=tuple(accepted_sources),
     )

@@ -112,6 +112,96 @@ def test_every_method_runs_and_our_methods_are_exact(outcome):
     assert o["predicted_sim"]["drafted"] > 0
 
 
+def test_token_sources_say_where_emitted_tokens_came_from(outcome, tiny):
+    s = outcome.results["summary"]
+    for group in s.values():
+        # plain decoding: every token is the full model's own
+        assert group["hf-greedy"]["token_sources"] == {"model": 1.0} and group["ar"]["token_sources"] == {"model": 1.0}
+        for m, drafter in (("specbound", "early-exit"), ("specbound-paper", "early-exit"), ("hf-prompt-lookup", "lookup"), ("hf-early-exit", "early-exit")):
+            shares = group[m]["token_sources"]
+            if shares is None:  # transformers' passes not countable: no sources either
+                assert m.startswith("hf-") and group[m]["mean_accepted_length"] is None
+                continue
+            assert set(shares) <= {drafter, "model"} and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    # the tiny artifact has no prompt lookup: specbound's accepted drafts are all early exits
+    overall = s["overall"]["specbound"]
+    records = [json.loads(line) for line in (tiny[0] / "out" / MEASUREMENTS_FILE).read_text().splitlines()[1:]]
+    ours = [r for r in records if r["method"] == "specbound" and r["repeat"] == 0]
+    accepted = sum(sum(r["accepted_by_source"].values()) for r in ours)
+    assert sum(sum(r["drafted_by_source"].values()) for r in ours) == overall["drafted"] > 0
+    assert set().union(*(r["drafted_by_source"] for r in ours)) == {"early-exit"}
+    assert overall["token_sources"].get("early-exit", 0.0) == pytest.approx(accepted / overall["new_tokens"], abs=1e-4)
+    assert accepted > 0 and overall["token_sources"]["model"] < 1.0
+
+
+def test_measurements_keep_sources_and_read_older_lines_without_them(tmp_path):
+    from specbound.bench.answers import Answer
+    from specbound.data.tasks import TaskPrompt
+
+    answer = Answer(0, "qa", TaskPrompt("qa", "q0", ("hello",)), 0)
+    with_sources = Generation((4, 5, 6), (3,), 1, 3, (("early-exit", 1), ("lookup", 2)), (("lookup", 2),))
+    m = Measurement(MeasurementKey("timed", 0, Variant("specbound"), 0), with_sources, 0.5)
+    record = json.loads(json.dumps(m.to_record("h", answer)))
+    assert Measurement.from_record(record) == m
+    for key in ("drafted_by_source", "accepted_by_source"):  # a line from before sources were recorded
+        del record[key]
+    old = Measurement.from_record(record).generation
+    assert old.accepted_by_source is None and old.drafted_by_source is None and old.token_ids == (4, 5, 6)
+
+
+def test_worst_task_is_the_slowest_task_per_method():
+    from specbound.bench.summary import worst_tasks
+
+    summary = {
+        "writing": {"ar": {"speedup": 1.2}, "specbound": {"speedup": 1.5}},
+        "translation": {"ar": {"speedup": 0.9}, "specbound": {"speedup": 1.7}},
+        "rag": {"ar": {"speedup": 1.0}, "specbound": {"speedup": None}},
+        "overall": {"ar": {"speedup": 1.0}, "specbound": {"speedup": 1.6}, "hf-early-exit": {"speedup": None}},
+    }
+    assert worst_tasks(summary, ("writing", "translation", "rag")) == {
+        "ar": {"task": "translation", "speedup": 0.9},
+        "specbound": {"task": "writing", "speedup": 1.5},
+    }
+
+
+def test_limit_responds_to_width_and_to_the_cost_of_extra_positions():
+    def cost(extra: float) -> CostModel:
+        return CostModel(num_layers=30, layer_base=1.0, layer_extra=extra, head_base=0.3, head_extra=extra / 3, check=0.2, round_overhead=0.5)
+
+    answers = [128, 90, 128]
+    cheap = {w: O.limit_simulate(cost(0.05), w, answers) for w in (0, 1, 3, 6)}
+    assert cheap[0]["speedup"] == pytest.approx(1.0)  # no drafts: plain decoding
+    assert cheap[1]["speedup"] < cheap[3]["speedup"] < cheap[6]["speedup"]  # a wider free draft pays
+    for w, sim in cheap.items():
+        assert sim["tokens"] == sum(answers) and sim["speedup"] <= w + 1
+        assert w < sim["mean_accepted_length"] <= w + 1  # w + 1 a pass; fewer at the prefill and at answer ends
+    # when an extra position costs as much as a token, width buys nothing back
+    dear = {w: O.limit_simulate(cost(1.0), w, answers)["speedup"] for w in (1, 6)}
+    assert dear[6] < cheap[6]["speedup"] / 3 and dear[6] < 1.5
+    assert O.limit_simulate(cost(0.05), 3, [0, 0]) is None
+
+
+def test_limit_is_above_the_oracle_and_on_the_reference_scale(outcome):
+    for group in outcome.results["summary"].values():
+        limit, oracle = group["limit"], group["oracle"]
+        assert limit["simulated"] and limit["w_max"] == 3
+        # free, always-right drafts at the width bound beat perfect exits that still cost layers
+        assert limit["speedup_vs_ar"] >= oracle["speedup_vs_ar"] > 0
+        assert limit["speedup"] == pytest.approx(limit["speedup_vs_ar"] * group["ar"]["speedup"], rel=1e-3)
+
+
+def test_answers_per_task_count_turns_of_multi_turn_tasks():
+    from specbound.bench.answers import bench_answers
+    from specbound.data.tasks import DEFAULT_TASKS
+
+    one = bench_answers(("writing", "translation"), 1)
+    assert [(a.task, a.turn) for a in one] == [("writing", 0), ("translation", 0)]
+    three = bench_answers(("mt-bench",), 3)
+    assert [a.turn for a in three] == [0, 1, 0] and three[0].prompt == three[1].prompt != three[2].prompt
+    default = bench_answers(DEFAULT_TASKS, H.DEFAULT_PROMPTS_PER_TASK)
+    assert len(default) == len(DEFAULT_TASKS) == 13 and [a.index for a in default] == list(range(13))
+
+
 def test_oracle_row_puts_the_measured_speedup_beside_the_simulated_ones():
     # simulated over ar: oracle 2.0x, the calibrated policy 1.6x; measured: ar 1.1x of
     # hf-greedy, specbound 1.2x of ar
@@ -314,7 +404,15 @@ def test_results_json_table_and_plot(outcome, tiny):
     assert sorted(times) == list(early_exit_layers(NUM_LAYERS)) and times[grid["chosen"]] == min(times.values())  # the fastest
     table = (out / "table.md").read_text()
     assert table == outcome.table
-    assert "| method | mt-bench | qa | overall |" in table and "specbound / oracle" in table
+    assert "| method | mt-bench | qa | overall | worst task |" in table and "specbound / oracle" in table
+    assert "| limit (simulated) |" in table and "tokens from" in table
+    # the worst task, per method, in results.json and beside the overall figure
+    for m, w in results["worst_task"].items():
+        assert w["task"] in ("mt-bench", "qa") and results["summary"]["overall"][m]["worst_task"] == w
+    assert {"ar", "specbound", "oracle", "limit"} <= set(results["worst_task"])
+    ar = results["worst_task"]["ar"]
+    assert ar["speedup"] == min(results["summary"][t]["ar"]["speedup"] for t in ("mt-bench", "qa"))
+    assert f"{ar['speedup']:.2f}x ({ar['task']}) |" in table.split("| ar |")[1].splitlines()[0]
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # 4 answers x (2 repeats x 6 variants + hf-early-exit once) + 2 grid layers, after the settings line
     assert len((out / MEASUREMENTS_FILE).read_text().splitlines()) == 1 + 4 * (2 * 6 + 1) + 2
@@ -360,7 +458,7 @@ def test_parse_names_and_validation():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--tasks", "mt-bench,poetry"], "unknown name 'poetry'"),
+        (["--tasks", "mt-bench,poetry"], "unknown name 'poetry' in --tasks; choose from: writing, roleplay, reasoning, math, coding"),
         (["--methods", "ar,medusa"], "unknown name 'medusa'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),

@@ -102,25 +102,42 @@ def test_mt_bench_questions():
 # Benchmark tasks ----------------------------------------------------------------------------
 
 
+MULTI_TURN = ("mt-bench", *tasks.MT_BENCH_CATEGORIES)
+
+
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_every_task_returns_n_valid_prompts_deterministically(task):
-    prompts = tasks.task_prompts(task, 12)
-    assert len(prompts) == 12
-    assert prompts == tasks.task_prompts(task, 12)
-    assert prompts != tasks.task_prompts(task, 12, seed=1)
+    n = 8 if task in tasks.MT_BENCH_CATEGORIES else 12  # a category has 10 questions
+    prompts = tasks.task_prompts(task, n)
+    assert len(prompts) == n
+    assert prompts == tasks.task_prompts(task, n)
+    assert prompts != tasks.task_prompts(task, n, seed=1)
     assert tasks.task_prompts(task, 5) == prompts[:5]  # a smaller n is a prefix
-    assert len({p.id for p in prompts}) == 12
+    assert len({p.id for p in prompts}) == n
     for p in prompts:
         assert p.task == task and p.text.strip()
-        assert len(p.turns) == (2 if task == "mt-bench" else 1)
+        assert len(p.turns) == (2 if task in MULTI_TURN else 1)
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_task_sizes_and_full_draw(task):
     size = tasks.task_size(task)
-    assert size >= 80  # enough for a Spec-Bench-sized set of 80 per task
+    # a Spec-Bench-sized set of 80 per task, where the source allows: MT-Bench has 10 per category
+    assert size == 10 if task in tasks.MT_BENCH_CATEGORIES else size >= 80
     everything = tasks.task_prompts(task, size)
     assert len({p.id for p in everything}) == size
+
+
+def test_default_tasks_cover_spec_bench_kinds():
+    assert set(tasks.DEFAULT_TASKS) >= {
+        "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
+        "translation", "summarization", "qa", "math-reasoning", "rag",
+    }
+    assert set(tasks.DEFAULT_TASKS) < set(tasks.TASKS) and {"mt-bench", "code"} <= set(tasks.TASKS)
+    category = {f"mt-bench-{q['question_id']}": q["category"] for q in tasks.mt_bench_questions()}
+    for name in tasks.MT_BENCH_CATEGORIES:  # each category task holds exactly MT-Bench's questions of it
+        ids = {p.id for p in tasks.task_prompts(name, 10)}
+        assert ids == {i for i, c in category.items() if c == name}
 
 
 def test_mt_bench_subsets_are_balanced_across_categories():
@@ -140,8 +157,16 @@ def test_task_prompt_shapes():
     assert all(p.text.count("\n\n") >= 2 for p in rag)  # at least one passage
     qa = tasks.task_prompts("qa", 20)
     assert all("Question:" not in p.text for p in qa)  # closed-book
-    math_ids = [p.id for p in tasks.task_prompts("math", 40)]
-    assert sum(i.startswith("mt-bench-") for i in math_ids) == 20  # all MT-Bench math+reasoning
+    math_ids = [p.id for p in tasks.task_prompts("math-reasoning", 40)]
+    assert all(i.startswith("mmath-") for i in math_ids)
+    translation = tasks.task_prompts("translation", 30)
+    for language in tasks.TRANSLATION_LANGUAGES:  # balanced across the target languages
+        assert sum(f"from English to {language}:" in p.text for p in translation) == 10
+    summarized = {p.id for p in tasks.task_prompts("summarization", tasks.task_size("summarization"))}
+    assert not summarized & {p.id for p in tasks.task_prompts("translation", tasks.task_size("translation"))}
+    for p in translation:
+        english = p.text.split(":\n\n", 1)[1]
+        assert english.strip() and len(english) <= tasks.TRANSLATION_MAX_CHARS
 
 
 @pytest.mark.parametrize("n", [0, -1, 10_000])
@@ -151,8 +176,8 @@ def test_impossible_n_is_a_usage_error(n):
 
 
 def test_unknown_task():
-    with pytest.raises(UsageError, match="unknown task 'translation'; choose one of: mt-bench"):
-        tasks.task_prompts("translation", 5)
+    with pytest.raises(UsageError, match="unknown task 'poetry'; choose one of: writing, roleplay"):
+        tasks.task_prompts("poetry", 5)
 
 
 # The held-out and benchmark splits ----------------------------------------------------------
@@ -169,11 +194,44 @@ def test_is_held_out_is_sha256_of_the_id():
 
 def test_calibration_never_uses_a_benchmark_item():
     benchmark = {p.id for t in tasks.TASKS for p in tasks.task_prompts(t, tasks.task_size(t))}
-    calibration = {p.id for stratum in tasks._calibration_strata() for p in stratum}
+    calibration = {p.id for p in tasks.calibration_chat_prompts(sum(map(len, tasks._calibration_strata())))}
     documents = {d.id for d in tasks.calibration_documents()}
     assert not benchmark & calibration
     assert not benchmark & documents
     assert not any(i.startswith("mt-bench-") for i in calibration)
+
+
+def _long_sentences(text: str) -> set[str]:
+    """Whitespace-normalised sentences and lines of >= 8 words (shorter ones recur by chance:
+    "What is the area of the triangle?")."""
+    import re
+
+    return {" ".join(s.split()) for s in re.split(r"(?<=[.!?:])\s+|\n", text) if len(s.split()) >= 8}
+
+
+def test_no_benchmark_prompt_shares_text_with_the_calibration_corpus():
+    """Not only the ids: no sentence of a bench prompt (beyond the prompt templates' own words)
+    appears in a calibration document or a calibration chat prompt. HotpotQA reuses a Wikipedia
+    passage across questions, and HumanEval has near-duplicate problems: both would leak."""
+    every = sum(map(len, tasks._calibration_strata()))
+    corpus = set()
+    for d in tasks.calibration_documents():
+        corpus |= _long_sentences(d.text)
+    for p in tasks.calibration_chat_prompts(every):
+        for turn in p.turns:
+            corpus |= _long_sentences(turn)
+    templates = set()
+    for template in (tasks.SUMMARIZE, tasks.TRANSLATE, tasks.CODE, tasks.MATH, tasks.RAG, tasks.PASSAGE_QA):
+        filled = template.format(text="", passages="", question="", code="", problem="", language="X")
+        templates |= _long_sentences(filled) | {s.replace("X", lang) for s in _long_sentences(filled) for lang in tasks.TRANSLATION_LANGUAGES}
+    corpus -= templates
+    shared = {}
+    for task in tasks.TASKS:
+        for p in tasks.task_prompts(task, tasks.task_size(task)):
+            for turn in p.turns:
+                for sentence in _long_sentences(turn) & corpus:
+                    shared.setdefault(task, []).append((p.id, sentence))
+    assert not shared, {t: (len(v), v[:2]) for t, v in shared.items()}
 
 
 # Calibration documents ----------------------------------------------------------------------

@@ -893,5 +893,7 @@ def test_non_finite_verification_falls_back_to_full_depth_and_output_is_unchange
     assert [list(r.token_ids) for r in results] == references
     if rows == slice(None):
         assert 0 < sum(r.fallbacks for r in results) <= sum(r.verify_passes for r in results) - len(PROMPTS)
+    # drafts thrown away by a fallback are not reported as drafted, by count or by source
+    assert all(len(r.drafted_sources) == r.drafted and len(r.accepted_sources) == r.accepted for r in results)
     plain = [generate(HFCausalLM(model), p, 24, NoDrafter(), (EOS,)) for p in PROMPTS]
     assert [r.token_ids for r in plain] == [r.token_ids for r in results]
