@@ -2,7 +2,9 @@
 
 Per task and overall, per method:
   - tokens/s: new tokens / median over repeats of the task's wall time (sum over its answers);
-  - speedup: median wall time of hf-greedy / median wall time of the method (same run);
+  - speedup: the method's tokens/s / the reference's (same run). Greedy: every method emits the
+    same tokens, so it is the reference's median wall time / the method's. Sampling: answers
+    differ in length between methods, and time per token is what compares;
   - mean accepted length: new tokens / verification passes, the full model's own token counted
     (plain decoding scores 1.00). For transformers' assisted methods the passes are counted from
     outside (`hf_hooks`); where that fails it says n/a;
@@ -54,6 +56,7 @@ def summarise(method_runs: list[list[Measurement]], ref_runs: list[list[Measurem
     ref_wall = [sum(ref_runs[i][r].wall_time_s for i in idx) for r in range(len(ref_runs[idx[0]]))]
     first = [method_runs[i][0].generation for i in idx]
     tokens = sum(x.new_tokens for x in first)
+    ref_tokens = sum(ref_runs[i][0].generation.new_tokens for i in idx)
     med, ref_med = statistics.median(wall), statistics.median(ref_wall)
     passes = [x.passes for x in first]
     drafted = [x.drafted for x in first]
@@ -70,7 +73,9 @@ def summarise(method_runs: list[list[Measurement]], ref_runs: list[list[Measurem
         "wall_time_s": [round(w, 4) for w in wall],
         "median_wall_time_s": round(med, 4),
         "tokens_per_s": round(tokens / med, 3) if med > 0 else None,
-        "speedup": ratio(ref_med, med),
+        # tokens per second against the reference's: under greedy decoding every method emits the
+        # same tokens, so this is the ratio of wall times; under sampling the answers differ in length
+        "speedup": ratio(tokens / med if med > 0 else None, ref_tokens / ref_med if ref_med > 0 else None),
         "mean_accepted_length": None if mal is None else round(mal, 4),
         "acceptance_rate": None if rate is None else round(rate, 4),
         "drafted": None if None in drafted else sum(drafted),

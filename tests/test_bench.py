@@ -485,3 +485,16 @@ def test_cli_json_without_artifact_skips_specbound(tiny):
     assert isinstance(data["command"], str) and data["command"]  # sys.argv: pytest's, here
     assert "skipping specbound, oracle" in result.stderr
     assert (root / "cli" / "table.md").exists()
+
+
+def test_speedup_compares_time_per_token_when_answers_differ_in_length():
+    """Under sampling each method emits its own answer: one twice as long that takes twice the
+    time is as fast, not half as fast; with equal answers it is the ratio of wall times."""
+    from specbound.bench.summary import summarise
+
+    def run(n_tokens: int, seconds: float, repeat: int) -> Measurement:
+        return Measurement(MeasurementKey("timed", 0, Variant("ar"), repeat), Generation(tuple(range(n_tokens)), None, None, None), seconds)
+
+    ref = [[run(40, 2.0, r) for r in range(3)]]
+    assert summarise([[run(80, 4.0, r) for r in range(3)]], ref, [None], [0])["speedup"] == pytest.approx(1.0)
+    assert summarise([[run(40, 1.0, r) for r in range(3)]], ref, [None], [0])["speedup"] == pytest.approx(2.0)
