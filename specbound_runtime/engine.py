@@ -9,6 +9,11 @@ A `DecodeState` holds one generation's state. Positions not yet run through ever
 "pending"; each keeps its hidden state at its current depth (the hidden-state cache). Depth never
 increases along the pending positions, so at any layer the positions still to run form one
 contiguous block, and each layer's KV cache is a prefix of the sequence.
+
+Every draft carries its source: "lookup" (prompt lookup), "head" (the fitted next-token head) or
+"early-exit". The first two cost no layers. After each verification the state keeps the final
+hidden state of the row that predicted the emitted token, which the next-token head reads at the
+start of the next round; nothing is run again for it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class DecodeState:
         self.drafts: list[int] = []
         self.draft_exit_layers: list[int] = []
         self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
+        self.draft_sources: list[str] = []  # "lookup", "head" or "early-exit", one per draft
+        # [1, 1, H]: the final state (before the final norm) of the row that predicted the last
+        # committed token, kept from its verification pass; None before the first one
+        self.verified_state: torch.Tensor | None = None
 
     @property
     def frontier_depth(self) -> int:
@@ -72,12 +81,14 @@ class DecodeState:
     def frontier_hidden(self) -> torch.Tensor:
         return self.pending_hidden[:, -1:]
 
-    def push_draft(self, token: int, exit_layer: int, probs: torch.Tensor | None = None) -> None:
+    def push_draft(self, token: int, exit_layer: int, probs: torch.Tensor | None = None, source: str | None = None) -> None:
         """Add a draft. probs: under sampling, the distribution over the vocabulary ([V]) the
-        token was drawn from; None for a deterministic proposal (q is one-hot)."""
+        token was drawn from; None for a deterministic proposal (q is one-hot). source: where the
+        draft came from; by default "lookup" at exit layer 0, "early-exit" otherwise."""
         self.drafts.append(token)
         self.draft_exit_layers.append(exit_layer)
         self.draft_probs.append(probs)
+        self.draft_sources.append(source or ("lookup" if exit_layer == 0 else "early-exit"))
         hidden = self.lm.embed([token])
         self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
         self.pending_depth.append(0)
@@ -88,6 +99,7 @@ class DecodeState:
         self.drafts.clear()
         self.draft_exit_layers.clear()
         self.draft_probs.clear()
+        self.draft_sources.clear()
         ids = self.tokens[self.pending_start :]
         self.pending_hidden = self.lm.embed(ids)
         self.pending_depth = [0] * len(ids)
@@ -102,6 +114,9 @@ class DecodeState:
         """Keep the accepted drafts and the full model's token; roll the rest back everywhere."""
         new = self.drafts[: acceptance.accepted_length] + [acceptance.next_token]
         last_kept = self.pending_start + (len(self.pending_depth) - len(self.drafts) - 1) + acceptance.accepted_length
+        row = last_kept - self.pending_start  # the pending row that predicted next_token
+        full = self.pending_depth[row] == self.lm.num_layers
+        self.verified_state = self.pending_hidden[:, row : row + 1].clone() if full else None
         self.cache.truncate(last_kept + 1)
         self.tokens.extend(new)
         self.pending_start = last_kept + 1
@@ -110,7 +125,16 @@ class DecodeState:
         self.drafts = []
         self.draft_exit_layers = []
         self.draft_probs = []
+        self.draft_sources = []
         return new
+
+    def head_draft(self) -> int | None:
+        """The fitted next-token head's draft at the start of a round: from the kept final state
+        and the embedding of the token it predicted (the frontier, still at depth 0); None when
+        there is no kept state or drafting has begun."""
+        if self.verified_state is None or self.drafts or len(self.pending_depth) != 1 or self.pending_depth[0] != 0:
+            return None
+        return self.lm.head_draft(self.verified_state, self.pending_hidden)
 
     def prefix_ids(self) -> torch.Tensor:
         """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
@@ -151,7 +175,9 @@ class EarlyExitDrafter:
     """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
     threshold; stop at the first hard token (depth bound reached) or at the width bound. With
     prompt lookup on (policy.lookup_ngram), a continuation found earlier in the context is drafted
-    first, at depth 0 (exit layer 0 in the statistics)."""
+    first, at depth 0 (exit layer 0 in the statistics). With policy.head_draft, a round where
+    lookup proposes nothing starts with one draft of the fitted next-token head, at depth 0 too
+    (a deterministic proposal: q is one-hot under sampling)."""
 
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
@@ -170,6 +196,13 @@ class EarlyExitDrafter:
                     if token in self.eos_token_ids:
                         return
                 if found:
+                    continue
+            if policy.head_draft and not seq.drafts:
+                token = seq.head_draft()
+                if token is not None:
+                    seq.push_draft(token, 0, source="head")
+                    if token in self.eos_token_ids:
+                        return
                     continue
             if not checks:  # no early exit: prompt lookup alone
                 return
@@ -208,6 +241,8 @@ class GenerationResult:
     accepted: int
     fallbacks: int  # passes redone at full depth because of non-finite values
     wall_time_s: float
+    drafted_sources: tuple[str, ...] = ()  # source of every drafted token ("lookup", "head", "early-exit")
+    accepted_sources: tuple[str, ...] = ()  # source of every accepted draft
 
     @property
     def new_tokens(self) -> int:
@@ -300,6 +335,8 @@ def generate(
     out: list[int] = []
     accept_lengths: list[int] = []
     exit_layers: list[int] = []
+    drafted_sources: list[str] = []
+    accepted_sources: list[str] = []
     drafted = accepted = fallbacks = 0
     with torch.inference_mode():
         seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens, sampler, logits_processor)
@@ -318,6 +355,8 @@ def generate(
                 seq.discard_drafts()
                 acceptance = verify(seq, seq.verify_logits())
             exit_layers.extend(seq.draft_exit_layers)
+            drafted_sources.extend(seq.draft_sources)
+            accepted_sources.extend(seq.draft_sources[: acceptance.accepted_length])
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length
             drafter.observe(acceptance)
@@ -346,4 +385,6 @@ def generate(
         accepted=accepted,
         fallbacks=fallbacks,
         wall_time_s=time.perf_counter() - started,
+        drafted_sources=tuple(drafted_sources),
+        accepted_sources=tuple(accepted_sources),
     )
