@@ -462,6 +462,7 @@ def inspect(
                 "w_max": p.w_max,
                 "lookup_ngram": p.lookup_ngram,
                 "lookup_max": p.lookup_max,
+                "head_draft": p.head_draft,
                 "num_layers": p.num_layers,
             },
             "exit_head": None
@@ -469,6 +470,7 @@ def inspect(
             else {
                 "shortlist": None if art.exit_weights.shortlist is None else int(art.exit_weights.shortlist.numel()),
                 "lens_layers": sorted(art.exit_weights.lens),
+                "next_token_head": art.exit_weights.next_head is not None,
             },
             "metadata": {k: _maybe_json(v) for k, v in sorted(art.metadata.items())},
         }
@@ -485,9 +487,13 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max} head draft: {'on' if p.head_draft else 'off'}")
         if info["exit_head"]:
-            typer.echo(f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}")
+            nh = art.exit_weights.next_head
+            typer.echo(
+                f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}, "
+                + (f"fitted next-token head {list(nh[0].shape)}" if nh is not None else "no next-token head")
+            )
         typer.echo(f"tuned for: {_tuned_for(art.metadata)}")
         for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
             if key in art.metadata:

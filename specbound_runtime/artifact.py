@@ -102,7 +102,8 @@ def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> 
             tensors["next_head.weight"] = w.to(torch.float32)
             tensors["next_head.bias"] = b.to(torch.float32)
     if artifact.policy.head_draft and (artifact.exit_weights is None or artifact.exit_weights.next_head is None):
-        raise ArtifactError("the policy drafts with the fitted next-token head, but the artifact would hold none")    metadata = {k: str(v) for k, v in artifact.metadata.items()}
+        raise ArtifactError("the policy drafts with the fitted next-token head, but the artifact would hold none")
+    metadata = {k: str(v) for k, v in artifact.metadata.items()}
     metadata["kind"] = KIND
     metadata["schema_version"] = str(SCHEMA_VERSION)
     metadata["checksum"] = _checksum(metadata, tensors)
