@@ -393,8 +393,11 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
 
 def _policy_words(pol: dict) -> str:
     lookup = f"prompt lookup {pol['lookup_ngram']}-gram x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
+    if pol.get("head_draft"):
+        lookup += ", the next-token head where lookup proposes nothing"
     if not pol["check_layers"]:
-        return f"no early exit, {lookup}" + ("" if pol["lookup_ngram"] else " (plain decoding: no draft source pays here)")
+        plain = not (pol["lookup_ngram"] or pol.get("head_draft"))
+        return f"no early exit, {lookup}" + (" (plain decoding: no draft source pays here)" if plain else "")
     return (
         f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
         f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
@@ -433,6 +436,14 @@ def _calibration_summary(report: dict) -> str:
             f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, paper defaults "
             f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
             f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
+        )
+    head = report.get("next_token_head") or {}
+    if "held_out_agreement" in head:
+        lines.append(
+            f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%} of "
+            f"{head['held_out_positions']} held-out positions"
+            + (f" (mean acceptance {head['held_out_acceptance']:.1%})" if "held_out_acceptance" in head else "")
+            + ("; the policy drafts with it" if head.get("used") else "; not used: it does not pay here")
         )
     tput = report.get("collection_tokens_per_s") or {}
     if tput:

@@ -251,11 +251,25 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
     art = load_artifact(a.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
     assert art.metadata["seed"] == "0" and "cost_model" in art.metadata
     _exports_the_best_trial(art, root / "work-a", a.report)
+    _reports_the_next_token_head(art, a.report)
     tuned = Decoder(sb.load(str(model), artifact=a.artifact))
     plain = Decoder(tuned.m.uncalibrated())
     for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
         enc = tuned.encode([{"role": "user", "content": text}], True, 24)
         assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids
+
+
+def _reports_the_next_token_head(art, report) -> None:
+    """The report and the summary say how often the fitted head is right on held-out positions
+    and whether the policy uses it; the artifact holds the head exactly when it does."""
+    from specbound import cli
+
+    head = report["next_token_head"]
+    assert head["used"] == art.policy.head_draft == (art.exit_weights.next_head is not None)
+    assert 0.0 <= head["held_out_agreement"] <= 1.0 and head["held_out_positions"] == report["positions"]["held_out"]
+    summary = cli._calibration_summary(report)
+    assert f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%}" in summary
+    assert ("the policy drafts with it" in summary) == head["used"]
 
 
 def _exports_the_best_trial(art, work, report) -> None:
