@@ -191,7 +191,7 @@ def _rename_lens(to):
 
 CONTENT = {
     # versions and identity
-    "newer-schema-version": (_meta("schema_version", "2"), "schema v2, newer than this SpecBound reads (v1)"),
+    "newer-schema-version": (_meta("schema_version", "3"), "schema v3, newer than this SpecBound reads (v2)"),
     "schema-version-not-a-number": (_meta("schema_version", "one"), "schema_version is missing or not an integer"),
     "not-our-kind": (_meta("kind", None), "not a SpecBound artifact"),
     "model-fingerprint-missing": (_meta("model_fingerprint", None), "model_fingerprint is missing or malformed"),
