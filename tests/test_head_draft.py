@@ -267,7 +267,9 @@ def test_the_head_survives_the_artifact_round_trip_and_decodes_exactly(tiny, tmp
 def test_an_artifact_without_the_head_reads_as_before(tiny, tmp_path):
     _, loaded = tiny
     path = _saved(loaded, tmp_path / "plain.safetensors", head_draft=False, next_head=None)
-    metadata, tensors = __import__("specbound_runtime.artifact", fromlist=["_read"])._read(path)
+    from specbound_runtime.artifact import _read
+
+    metadata, tensors = _read(path)
     assert not any(name.startswith(("next_head", "policy.head_draft")) for name in tensors)
     art = read_artifact(path)
     assert art.policy.head_draft is False and art.exit_weights.next_head is None
