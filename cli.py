@@ -393,8 +393,11 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
 
 def _policy_words(pol: dict) -> str:
     lookup = f"prompt lookup {pol['lookup_ngram']}-gram x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
+    if pol.get("head_draft"):
+        lookup += ", the next-token head where lookup proposes nothing"
     if not pol["check_layers"]:
-        return f"no early exit, {lookup}" + ("" if pol["lookup_ngram"] else " (plain decoding: no draft source pays here)")
+        plain = not (pol["lookup_ngram"] or pol.get("head_draft"))
+        return f"no early exit, {lookup}" + (" (plain decoding: no draft source pays here)" if plain else "")
     return (
         f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
         f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
@@ -436,6 +439,14 @@ def _calibration_summary(report: dict) -> str:
             f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
             f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
         )
+    head = report.get("next_token_head") or {}
+    if "held_out_agreement" in head:
+        lines.append(
+            f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%} of "
+            f"{head['held_out_positions']} held-out positions"
+            + (f" (mean acceptance {head['held_out_acceptance']:.1%})" if "held_out_acceptance" in head else "")
+            + ("; the policy drafts with it" if head.get("used") else "; not used: it does not pay here")
+        )
     tput = report.get("collection_tokens_per_s") or {}
     if tput:
         lines.append(f"collection: {tput['recording']} tok/s recording vs {tput['plain_forward']} tok/s plain forward")
@@ -464,6 +475,7 @@ def inspect(
                 "w_max": p.w_max,
                 "lookup_ngram": p.lookup_ngram,
                 "lookup_max": p.lookup_max,
+                "head_draft": p.head_draft,
                 "num_layers": p.num_layers,
             },
             "exit_head": None
@@ -471,6 +483,7 @@ def inspect(
             else {
                 "shortlist": None if art.exit_weights.shortlist is None else int(art.exit_weights.shortlist.numel()),
                 "lens_layers": sorted(art.exit_weights.lens),
+                "next_token_head": art.exit_weights.next_head is not None,
             },
             "metadata": {k: _maybe_json(v) for k, v in sorted(art.metadata.items())},
         }
@@ -487,9 +500,13 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max} head draft: {'on' if p.head_draft else 'off'}")
         if info["exit_head"]:
-            typer.echo(f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}")
+            nh = art.exit_weights.next_head
+            typer.echo(
+                f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}, "
+                + (f"fitted next-token head {list(nh[0].shape)}" if nh is not None else "no next-token head")
+            )
         typer.echo(f"tuned for: {_tuned_for(art.metadata)}")
         for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
             if key in art.metadata:

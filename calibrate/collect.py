@@ -10,7 +10,10 @@ short-list head, and the short-list head after the fitted ridge lens):
   - accept (calibrating for a sampling mode only): the probability that speculative sampling
     accepts the head's draft, sum_x min(p(x), q(x)) = 1 - TV(p, q), with p the full model's
     distribution and q the head's (over its short-list), both after the mode's warpers.
-Plus the sequence id, held-out flag, whether the text is the model's own greedy output, and the
+And per position, for the fitted next-token head (specbound_runtime/exit_head.py): whether its
+draft for the position's next token, read from the previous position's final state and this
+position's token embedding, is right (greedy) and, under sampling, its acceptance probability
+p(draft) (a one-hot proposal). Plus the sequence id, held-out flag, whether the text is the model's own greedy output, and the
 final token. What it loses: the logits themselves (30 layers x 49,152 floats a token), so a new
 head or a temperature outside the grid's range needs a new collection.
 
@@ -21,8 +24,9 @@ makes it overconfident: the lens looks better there than anywhere else.
 
 Two passes: pass A accumulates, over the lens split only, the moments of the ridge lens
 ([x 1]^T [x 1] and [x 1]^T y, exact int64 sums of rounded states: calibrate.precision) and the
-counts of the final tokens (for the short-list); pass B records the calibration and held-out
-splits.
+counts of the final tokens (for the short-list), and the moments of the next-token head's ridge
+map, over every position of those sequences, prompts included; pass B records the calibration and
+held-out splits.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from .fit import TEMPERATURE_GRID, ridge_lens
 from .precision import exact_moments, moments_as_float, round_bits
 
 HEADS = ("plain", "lens")
+# what a work folder's pass-A and pass-B shards hold; part of its key, so a folder from another
+# format is never mixed in. 2: the next-token head's moments and per-position drafts.
+RECORDS_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class CollectSettings:
     candidate_layers: tuple[int, ...]
     shortlist_size: int
     ridge_lambda: float = 1.0
+    # the next-token head's ridge strength, relative to the mean power of its input features
+    head_lambda: float = 1e-4
 
 
 def fingerprint_sequences(sequences: list[RecordedSequence]) -> str:
@@ -83,26 +92,90 @@ def fingerprint_sequences(sequences: list[RecordedSequence]) -> str:
 # -- pass A: lens moments and short-list counts (summed over shards by the pipeline) -----------
 
 
-def lens_moments(lm: HFCausalLM, seq: RecordedSequence, layers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Moments:
+    """Pass A's sums, all exact int64 (calibrate.precision), so any order or sharding of the
+    sequences gives the same bits: the lens moments per candidate layer (gram [C, H+1, H+1],
+    cross [C, H+1, H]), the final tokens' counts [V], and the next-token head's moments
+    (head_gram [2H+1, 2H+1], head_cross [2H+1, H])."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    counts: np.ndarray
+    head_gram: np.ndarray
+    head_cross: np.ndarray
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+    def to_npz(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def embedding_scale(lm: HFCausalLM) -> float:
+    """The power of two that brings the input embeddings to unit RMS (over the whole vocabulary),
+    so that their rounding to multiples of 2^-STATE_BITS in the exact moments keeps ~10 bits. A
+    property of the weights alone: every shard and worker uses the same one. The fitted map is
+    scaled back exactly (a power of two)."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, lm.vocab_size, 4096):
+            e = lm.embed(torch.arange(start, min(lm.vocab_size, start + 4096)))[0].double()
+            total += float((e * e).sum())
+            count += e.numel()
+    rms = (total / count) ** 0.5 if count else 1.0
+    return float(2.0 ** round(-np.log2(rms))) if rms > 0 else 1.0
+
+
+def head_inputs(lm: HFCausalLM, ids, final_states: torch.Tensor, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The next-token head's regression over one sequence, positions 1..n-1: inputs
+    [norm(h_{p-1}); scale * e(x_p)] ([n-1, 2H]) and targets norm(h_p) ([n-1, H]), float64."""
+    normed = lm.normed(final_states).double()
+    emb = lm.embed(list(ids))[0].double() * scale
+    return torch.cat([normed[:-1], emb[1:]], dim=-1).numpy(), normed[1:].numpy()
+
+
+def lens_moments(lm: HFCausalLM, seq: RecordedSequence, layers, scale: float = 1.0) -> Moments:
     """One lens-split sequence's exact moments per candidate layer ([x 1]^T [x 1] and [x 1]^T y
-    of the normalised layer state x and final state y, in calibrate.precision's int64 units) and
-    the counts of its final tokens."""
+    of the normalised layer state x and final state y, in calibrate.precision's int64 units), the
+    counts of its final tokens, and the next-token head's moments over all its positions (the
+    prompt's too: they are text the model reads); `scale`: embedding_scale."""
     with torch.inference_mode():
         states, logits = lm.layer_states(list(seq.ids))
         rows = slice(seq.record_from, len(seq.ids))
         counts = np.bincount(logits[rows].argmax(-1).numpy(), minlength=lm.vocab_size).astype(np.int64)
         y = lm.normed(states[-1][rows]).double().numpy()
         moments = [exact_moments(lm.normed(states[layer - 1][rows]).double().numpy(), y) for layer in layers]
-    return np.stack([g for g, _ in moments]), np.stack([c for _, c in moments]), counts
+        head_gram, head_cross = exact_moments(*head_inputs(lm, seq.ids, states[-1], scale))
+    return Moments(np.stack([g for g, _ in moments]), np.stack([c for _, c in moments]), counts, head_gram, head_cross)
 
 
-def fit_exit_head(lm: HFCausalLM, gram, cross, counts, settings: CollectSettings, eos_ids) -> ExitHeadWeights:
-    """The ridge lens per candidate layer and the short-list: the most frequent final tokens.
-
-    gram and cross are exact int64 moments (lens_moments, summed); the solve runs on one BLAS
-    thread and the weights keep STAT_BITS significant bits, so they do not depend on threads."""
+def fit_next_head(head_gram: np.ndarray, head_cross: np.ndarray, scale: float, relative_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token head's ridge map from its exact moments: W [2H, H] (the embedding rows
+    scaled back by `scale`) and b [H], STAT_BITS significant bits. The ridge strength is
+    relative_lambda times the mean power of the input features (the trace of their moments over
+    their count), so it does not depend on how many positions were summed."""
     from threadpoolctl import threadpool_limits
 
+    gram, cross = moments_as_float(head_gram), moments_as_float(head_cross)
+    features = gram.shape[0] - 1
+    lam = relative_lambda * float(np.trace(gram[:features, :features])) / features
+    with threadpool_limits(1):
+        w, b = ridge_lens(gram, cross, lam)
+    w = w.copy()
+    w[features // 2 :] *= scale  # the map reads e(x), fitted on scale * e(x): exact, a power of two
+    return torch.from_numpy(round_bits(w)).float(), torch.from_numpy(round_bits(b)).float()
+
+
+def fit_exit_head(lm: HFCausalLM, moments: Moments, settings: CollectSettings, eos_ids, scale: float = 1.0) -> ExitHeadWeights:
+    """The ridge lens per candidate layer, the short-list (the most frequent final tokens) and the
+    next-token head.
+
+    The moments are exact int64 (lens_moments, summed); the solves run on one BLAS thread and the
+    weights keep STAT_BITS significant bits, so they do not depend on threads."""
+    from threadpoolctl import threadpool_limits
+
+    gram, cross, counts = moments.gram, moments.cross, moments.counts
     lens = {}
     for c, layer in enumerate(settings.candidate_layers):
         with threadpool_limits(1):
@@ -114,7 +187,8 @@ def fit_exit_head(lm: HFCausalLM, gram, cross, counts, settings: CollectSettings
     chosen = set(int(t) for t in order[:size])
     chosen.update(int(e) for e in eos_ids if 0 <= int(e) < lm.vocab_size)
     shortlist = torch.tensor(sorted(chosen), dtype=torch.int64)
-    return ExitHeadWeights(shortlist=shortlist, lens=lens)
+    next_head = fit_next_head(moments.head_gram, moments.head_cross, scale, settings.head_lambda)
+    return ExitHeadWeights(shortlist=shortlist, lens=lens, next_head=next_head)
 
 
 def shortlist_coverage(counts: np.ndarray, shortlist: torch.Tensor) -> float:
@@ -168,6 +242,20 @@ def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Recor
     out = {"final": final.numpy().astype(np.int32), "right": right, "conf": conf}
     if accept is not None:
         out["accept"] = accept
+    next_head = next((h for h in heads.values() if h.has_next_head), None)
+    if next_head is not None:
+        # row r (position p = record_from + r) predicts x_{p+1}; the head drafts it from position
+        # p-1's final state and x_p's embedding (none for position 0)
+        x, _ = head_inputs(lm, seq.ids, states[-1])
+        H = x.shape[1] // 2
+        inputs = torch.from_numpy(x[max(0, seq.record_from - 1) :]).to(states[-1].dtype)
+        z = next_head.next_logits(inputs[:, :H], inputs[:, H:])
+        column = z.argmax(-1)
+        draft = column if next_head.token_ids is None else next_head.token_ids[column]
+        draft = torch.cat([torch.full((k - len(draft),), -1, dtype=draft.dtype), draft])  # -1: no draft
+        out["head_right"] = (draft == final).numpy()
+        if p is not None:
+            out["head_accept"] = round_bits(torch.where(draft >= 0, p[torch.arange(k), draft.clamp(min=0)], 0.0).float().numpy())
     return out
 
 
@@ -187,7 +275,9 @@ def records_shard(
     one Arrow stream. With a sampling mode's warpers, also each draft's acceptance probability."""
     import pyarrow as pa
 
-    columns: dict[str, list] = {k: [] for k in ("seq", "held_out", "own", "final", "right", "conf", "accept")}
+    columns: dict[str, list] = {
+        k: [] for k in ("seq", "held_out", "own", "final", "right", "conf", "accept", "head_right", "head_accept")
+    }
     for index, seq in enumerate(group, start=first):
         rec = record_sequence(lm, heads, seq, layers, warpers)
         k = len(rec["final"])
@@ -199,6 +289,9 @@ def records_shard(
         columns["conf"].append(rec["conf"].reshape(k, -1))
         if "accept" in rec:
             columns["accept"].append(rec["accept"].reshape(k, -1))
+        for name in ("head_right", "head_accept"):
+            if name in rec:
+                columns[name].append(rec[name])
         progress(seq.recorded)
     table = {
         "seq": pa.array(np.concatenate(columns["seq"])),
@@ -210,6 +303,9 @@ def records_shard(
     }
     if columns["accept"]:
         table["accept"] = _fixed_list(np.concatenate(columns["accept"]))
+    for name in ("head_right", "head_accept"):
+        if columns[name]:
+            table[name] = pa.array(np.concatenate(columns[name]))
     table = pa.table(table)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -239,14 +335,29 @@ class Records:
     lookup_right: np.ndarray | None = None
     accept: np.ndarray | None = None  # [N, heads, C]: acceptance probability under sampling
     draws: np.ndarray | None = None  # [N]: a uniform number per position, deciding acceptance in replay
+    head_right: np.ndarray | None = None  # [N]: the next-token head's draft equals the full model's argmax
+    head_accept: np.ndarray | None = None  # [N]: under sampling, its acceptance probability p(draft)
 
     def select(self, mask: np.ndarray) -> "Records":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Records(
             self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask],
             self.conf[mask], self.layers, pick(self.lookup_proposed), pick(self.lookup_right),
-            pick(self.accept), pick(self.draws),
+            pick(self.accept), pick(self.draws), pick(self.head_right), pick(self.head_accept),
         )
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the next-token head was recorded (and so can be replayed)."""
+        return self.head_right is not None
+
+    def head_draft_right(self) -> np.ndarray:
+        """[N]: whether the next-token head's draft at each position is kept in replay: greedy,
+        it equals the full model's argmax; sampling, accepted by the position's draw (as
+        draft_right: the replay drafts a position once, by one source)."""
+        if self.accept is None:
+            return self.head_right
+        return self.draws < self.head_accept
 
     def draft_right(self, head: int) -> np.ndarray:
         """[N, C]: whether head `head`'s draft at each position and candidate layer is kept in
@@ -287,6 +398,7 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
     right = np.asarray(ds["right"]).reshape(n, len(HEADS), C)
     conf = np.asarray(ds["conf"]).reshape(n, len(HEADS), C, G)
     accept = np.asarray(ds["accept"]).reshape(n, len(HEADS), C) if "accept" in ds.column_names else None
+    optional = lambda name: np.asarray(ds[name]) if name in ds.column_names else None  # noqa: E731
     records = Records(
         seq=np.asarray(ds["seq"]),
         held_out=np.asarray(ds["held_out"]).astype(bool),
@@ -296,6 +408,8 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
         conf=conf,
         layers=tuple(layers),
         accept=accept,
+        head_right=None if optional("head_right") is None else optional("head_right").astype(bool),
+        head_accept=optional("head_accept"),
     )
     return records if accept is None else records.with_draws(REPLAY_SEED)
 

@@ -398,7 +398,10 @@ def prepare(opts: CalibrateOptions) -> Plan:
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     job = recorded_job(opts, fingerprint=fp.weights_sha256, corpus_sha256=digests, layers=layers, device=device.type, dtype=dtype)
     # what the work folder's data depends on, and what the study's trials depend on
-    collect_key = job_digest({k: v for k, v in job.items() if k in ("model", "corpus", "collect", "decoding")} | {"seed": opts.seed})
+    collect_key = job_digest(
+        {k: v for k, v in job.items() if k in ("model", "corpus", "collect", "decoding")}
+        | {"seed": opts.seed, "records_format": C.RECORDS_FORMAT}
+    )
     study_key = job_digest({**job, "tuning": {k: v for k, v in job["tuning"].items() if k != "trials"}})
     work = opts.resolve(opts.work_dir) or Path("runs") / f"calibrate-{fp.model_type}-L{L}-{collect_key[:12]}"
     out = opts.resolve(opts.out) or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
@@ -468,15 +471,15 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _moments_shard(lm, group, layers) -> bytes:
+def _moments_shard(lm, group, layers, scale: float) -> bytes:
     import io
 
-    gram = cross = counts = None
+    total = None
     for seq in group:
-        g, c, n = C.lens_moments(lm, seq, layers)
-        gram, cross, counts = (g, c, n) if gram is None else (gram + g, cross + c, counts + n)
+        m = C.lens_moments(lm, seq, layers, scale)
+        total = m if total is None else total + m
     buf = io.BytesIO()
-    np.savez(buf, gram=gram, cross=cross, counts=counts)
+    np.savez(buf, **total.to_npz())
     return buf.getvalue()
 
 
@@ -511,18 +514,19 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
         )
     settings = C.CollectSettings(candidate_layers=layers, shortlist_size=opts.shortlist_size)
     lens_groups = _chunks([s for s in sequences if s.lens_split], LENS_SHARD)
+    scale = C.embedding_scale(lm)  # of the weights alone: the same in every worker
     with _bar(n_lens, "pass A: lens moments", "tok", quiet) as bar:
         paths = make_shards(
-            work / "pass_a", len(lens_groups), ".npz", lambda i: _moments_shard(lm, lens_groups[i], layers),
+            work / "pass_a", len(lens_groups), ".npz", lambda i: _moments_shard(lm, lens_groups[i], layers, scale),
             progress=lambda i: bar.update(sum(s.recorded for s in lens_groups[i])), **share,
         )
-    gram = cross = counts = None
+    moments = None
     for path in paths:  # int64: exact, so the order and the shards do not matter
         with np.load(path) as part:
-            g, c, n = part["gram"], part["cross"], part["counts"]
-        gram, cross, counts = (g, c, n) if gram is None else (gram + g, cross + c, counts + n)
-    weights = C.fit_exit_head(lm, gram, cross, counts, settings, eos)
-    coverage = C.shortlist_coverage(counts, weights.shortlist)
+            m = C.Moments(**{name: part[name] for name in part.files})
+        moments = m if moments is None else moments + m
+    weights = C.fit_exit_head(lm, moments, settings, eos, scale)
+    coverage = C.shortlist_coverage(moments.counts, weights.shortlist)
     recorded = [s for s in sequences if not s.lens_split]
     record_groups = _chunks(recorded, RECORD_SHARD)
     heads = C.exit_heads(lm, weights)
@@ -622,7 +626,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         pareto_png(result.pareto, work / "pareto.png")
     weights = collected.weights
     keep = {l: weights.lens[l] for l in policy.check_layers} if best.head == "lens" else {}
-    head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep)
+    head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep, next_head=weights.next_head if policy.head_draft else None)
     predicted = held_best.speedup if held_best else result.value.speedup
     robust = score(held_best if held_best else result.value)  # the least over the cost rounds
     metadata = {
@@ -678,6 +682,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
         "decoding_mode": (plan.mode or opts.mode()).describe(),
+        "next_token_head": next_head_report(records, policy.head_draft),
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
     if opts.measure_prompts and opts.measure_tokens:
@@ -690,6 +695,20 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
     report["report_json"] = str(sidecar)
     return CalibrationOutcome(artifact=path, report=report)
+
+
+def next_head_report(records: C.Records, used: bool) -> dict:
+    """How often the fitted next-token head's draft is right on the held-out positions (top-1
+    agreement with the full model's argmax; under sampling also its mean acceptance probability),
+    and whether the tuned policy drafts with it."""
+    held = records.select(records.held_out)
+    out: dict = {"used": bool(used)}
+    if held.head_right is not None and len(held.seq):
+        out["held_out_agreement"] = round(float(held.head_right.mean()), 4)
+        out["held_out_positions"] = int(len(held.seq))
+        if held.head_accept is not None:
+            out["held_out_acceptance"] = round(float(held.head_accept.mean()), 4)
+    return out
 
 
 def collection_throughput(lm, weights, sample, settings) -> dict:
@@ -722,6 +741,7 @@ def _jsonable(candidate) -> dict:
         "w_max": candidate.w_max,
         "lookup_ngram": candidate.lookup_ngram,
         "lookup_max": candidate.lookup_max,
+        "head_draft": candidate.head_draft,
     }
 
 

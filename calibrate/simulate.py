@@ -3,7 +3,8 @@
 Pure numpy. It replays the exact policy of the runtime's EarlyExitDrafter (first check layer whose
 confidence passes its threshold; a hard token at the depth bound ends drafting; the width bound;
 catch-up of earlier drafts to the frontier's depth; one verification pass from each position's
-depth) over the model's own greedy sequences, and charges each layer call, exit check and LM-head
+depth; prompt lookup first, and with the fitted next-token head one head draft at the start of a
+round where lookup proposes nothing) over the model's own greedy sequences, and charges each layer call, exit check and LM-head
 product what it costs on this machine. The one approximation: after a wrong draft, later drafts
 of the same round are charged with the statistics of the true context (they are rejected anyway).
 
@@ -110,6 +111,7 @@ class SimResult:
     layer_calls: int = 0  # decoder-layer calls (each pays layer_base)
     extra_positions: int = 0  # further positions inside those calls (each pays layer_extra)
     exit_checks: int = 0
+    head_reads: int = 0  # next-token head drafts (each a short-list head product, priced as an exit check)
     robust_speedup: float | None = None  # the least speedup over the cost model's measured rounds
 
     def speedup_under(self, cost: CostModel) -> float:
@@ -117,7 +119,7 @@ class SimResult:
         total = (
             cost.layer_base * self.layer_calls
             + cost.layer_extra * self.extra_positions
-            + cost.check * self.exit_checks
+            + cost.check * (self.exit_checks + self.head_reads)
             + (cost.head_base + cost.round_overhead) * self.rounds
             + cost.head_extra * self.drafted
         )
@@ -146,6 +148,9 @@ def decide_exits(
 
 def oracle_exits(right: np.ndarray, columns: list[int], layers: list[int]) -> Exits:
     """Every exit decided perfectly: a token exits at the first check layer whose draft is right."""
+    if not columns:  # no early exit: no exits to decide (as decide_exits)
+        n = right.shape[0]
+        return Exits(np.full(n, -1), np.zeros(n, bool), np.zeros(n, np.int64))
     return _first_pass(right[:, columns], right[:, columns], layers)
 
 
@@ -178,9 +183,15 @@ def simulate(
     w_max: int,
     lookups: Lookups | None = None,
     lookup_max: int = 0,
+    head: np.ndarray | None = None,
 ) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
-    is the last prompt token (its hidden state predicts the first generated token)."""
+    is the last prompt token (its hidden state predicts the first generated token).
+
+    head ([N] bool), when given: the policy drafts with the fitted next-token head, and head[j]
+    says whether its draft for position j's next token is kept. It drafts once, first, in a round
+    where prompt lookup proposes nothing: no layers, one short-list head product (priced as an
+    exit check), and one more position to verify."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
@@ -188,10 +199,11 @@ def simulate(
     use_lookup = lookups is not None and lookup_max > 0
     proposed = np.minimum(lookups.proposed, lookup_max).tolist() if use_lookup else None
     proposed_right = lookups.right.tolist() if use_lookup else None
+    head_right = head.tolist() if head is not None else None
     base, extra, check = cost.layer_base, cost.layer_extra, cost.check
     total = 0.0
     tokens = rounds = drafted = accepted = 0
-    all_calls = all_extra = all_checks = 0
+    all_calls = all_extra = all_checks = all_heads = 0
     for start, end in bounds:
         t = start
         while t < end:
@@ -199,8 +211,13 @@ def simulate(
             # engine runs without drafting
             limit = min(w_max, end - 1 - t) if t > start else 0
             # k drafts so far, a of them accepted (the leading right ones), their exit depths summed
-            k = a = depth_sum = n_checks = 0
+            k = a = depth_sum = n_checks = n_head = 0
             j = t
+            if head_right is not None and limit and not (use_lookup and proposed[j]):
+                # the next-token head: one draft at depth 0, from the state verified last round
+                n_head = k = 1
+                a = 1 if head_right[j] else 0
+                j += 1
             while k < limit:
                 m = min(proposed[j], limit - k) if use_lookup else 0
                 if m:  # prompt lookup: drafts at depth 0, no layer or check cost
@@ -224,10 +241,11 @@ def simulate(
             all_calls += calls
             all_extra += position_layers - calls
             all_checks += n_checks
+            all_heads += n_head
             total += (
                 base * calls
                 + extra * (position_layers - calls)
-                + check * n_checks
+                + check * (n_checks + n_head)
                 + cost.head_base
                 + cost.head_extra * k
                 + cost.round_overhead
@@ -251,6 +269,7 @@ def simulate(
         layer_calls=all_calls,
         extra_positions=all_extra,
         exit_checks=all_checks,
+        head_reads=all_heads,
     )
     if not cost.samples:
         return result

@@ -4,7 +4,9 @@ Searched: the draft head (plain short-list or with the fitted lens), the tempera
 (per-layer fitted, the paper's linear schedule with alpha fitted, or the paper's default alpha),
 the exit threshold, which candidate layers are exit checks, the depth bound and the width bound.
 The paper's defaults are enqueued as the first trial, so tuning can only match or beat them.
-No check layer at all is a point of the space too: prompt lookup alone, or no drafting.
+No check layer at all is a point of the space too: prompt lookup alone, or no drafting. Where the
+records hold the fitted next-token head, whether to draft with it is searched too (a boolean: one
+head draft in a round where prompt lookup proposes nothing).
 
 Every trial is scored by its robust speedup: the least over the cost model's measured rounds
 (`CostModel.samples`), so a policy wins only if it wins across the measurement's spread.
@@ -12,7 +14,7 @@ Every trial is scored by its robust speedup: the least over the cost model's mea
 Never slower than plain decoding: the chosen policy is the best trial or a lookup-only policy or
 no drafting at all (predicted 1.0x under any cost model, since it is plain decoding), whichever
 scores best on the tuning data among those whose robust speedup on held-out sequences is at least
-1.0 too.
+1.0 too (with the head recorded, the fallbacks also include the head alone and lookup + head).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Candidate:
     w_max: int
     lookup_ngram: int = 0
     lookup_max: int = 0
+    head_draft: bool = False
 
     @property
     def early_exit(self) -> bool:
@@ -73,6 +76,7 @@ class Candidate:
             w_max=self.w_max,
             lookup_ngram=self.lookup_ngram,
             lookup_max=self.lookup_max,
+            head_draft=self.head_draft,
         )
 
 
@@ -81,17 +85,27 @@ def paper_candidate(layers: tuple[int, ...], num_layers: int) -> Candidate:
     return Candidate("plain", "paper", PAPER_THRESHOLD, checks, checks[-1], PAPER_W_MAX)
 
 
-def no_exit_candidate(num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0) -> Candidate:
-    """A policy without early exit: prompt lookup alone, or (lookup_ngram 0) no drafting at all.
-    Head, schedule and threshold mean nothing without check layers; they take fixed values."""
-    return Candidate("plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max)
+def no_exit_candidate(
+    num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0, head_draft: bool = False
+) -> Candidate:
+    """A policy without early exit: prompt lookup alone, the next-token head (with or without
+    lookup), or (neither) no drafting at all. Head, schedule and threshold mean nothing without
+    check layers; they take fixed values."""
+    return Candidate("plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max, head_draft)
 
 
-def fallback_candidates(num_layers: int) -> list[Candidate]:
-    """No drafting, then prompt lookup alone at every n-gram size and width."""
-    return [no_exit_candidate(num_layers)] + [
+def fallback_candidates(num_layers: int, with_head: bool = False) -> list[Candidate]:
+    """No drafting, then prompt lookup alone at every n-gram size and width; with the head
+    recorded, then the head alone and lookup + head at every size and width (one more draft
+    slot, so a head draft leaves lookup its full width)."""
+    out = [no_exit_candidate(num_layers)] + [
         no_exit_candidate(num_layers, m, g, m) for g in LOOKUP_NGRAMS for m in range(1, LOOKUP_MAX + 1)
     ]
+    if with_head:
+        out += [no_exit_candidate(num_layers, 1, head_draft=True)] + [
+            no_exit_candidate(num_layers, m + 1, g, m, True) for g in LOOKUP_NGRAMS for m in range(1, LOOKUP_MAX + 1)
+        ]
+    return out
 
 
 def score(result: SimResult) -> float:
@@ -107,6 +121,14 @@ def _lookups(records: Records, candidate: Candidate) -> Lookups | None:
     return Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g])
 
 
+def _head(records: Records, candidate: Candidate) -> np.ndarray | None:
+    if not candidate.head_draft:
+        return None
+    if not records.has_head:
+        raise ValueError("a policy with the next-token head needs records of it")
+    return records.head_draft_right()
+
+
 def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
     h = HEADS.index(candidate.head)
     policy = candidate.policy(schedules)
@@ -115,7 +137,8 @@ def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost:
         records.conf[:, h], records.draft_right(h), columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
     return simulate(
-        exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max
+        exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max,
+        _head(records, candidate),
     )
 
 
@@ -125,11 +148,12 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     columns = [records.layers.index(l) for l in candidate.checks]
     exits = oracle_exits(records.draft_right(h), columns, list(candidate.checks))
     return simulate(
-        exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max
+        exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max,
+        _head(records, candidate),
     )
 
 
-def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate:
+def _suggest(trial, layers: tuple[int, ...], num_layers: int, with_head: bool = False) -> Candidate:
     head = trial.suggest_categorical("head", list(HEADS))
     schedule = trial.suggest_categorical("schedule", list(SCHEDULES))
     threshold = trial.suggest_float("threshold", 0.2, 0.995)
@@ -138,17 +162,22 @@ def _suggest(trial, layers: tuple[int, ...], num_layers: int) -> Candidate:
     w_max = trial.suggest_int("w_max", 1, 12)
     lookup_ngram = trial.suggest_categorical("lookup_ngram", [0, *LOOKUP_NGRAMS])
     lookup_max = trial.suggest_int("lookup_max", 1, LOOKUP_MAX)
+    head_draft = bool(trial.suggest_categorical("head_draft", [False, True])) if with_head else False
     checks = tuple(l for l, u in zip(layers, use) if u and l <= d_max)
     if not checks:
-        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max if lookup_ngram else 0)
-    return Candidate(head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max if lookup_ngram else 0)
+        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max if lookup_ngram else 0, head_draft)
+    return Candidate(
+        head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max if lookup_ngram else 0, head_draft
+    )
 
 
-def _params(candidate: Candidate, layers: tuple[int, ...]) -> dict:
+def _params(candidate: Candidate, layers: tuple[int, ...], with_head: bool = False) -> dict:
     params = {"head": candidate.head, "schedule": candidate.schedule, "threshold": candidate.threshold}
     params.update({f"check_{l}": l in candidate.checks for l in layers})
     params.update({"d_max": candidate.d_max, "w_max": candidate.w_max})
     params.update({"lookup_ngram": candidate.lookup_ngram, "lookup_max": max(1, candidate.lookup_max)})
+    if with_head:
+        params["head_draft"] = candidate.head_draft
     return params
 
 
@@ -188,21 +217,22 @@ def tune(
     layers = records.layers
     L = schedules.num_layers
     paper = paper_candidate(layers, L)
+    with_head = records.has_head
     directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
 
     def make_sampler(s: int):
         return optuna.samplers.NSGAIISampler(seed=s) if multi_objective else optuna.samplers.TPESampler(seed=s)
 
     def objective(params: dict):
-        result = evaluate(records, _suggest(optuna.trial.FixedTrial(params), layers, L), schedules, cost)
+        result = evaluate(records, _suggest(optuna.trial.FixedTrial(params), layers, L, with_head), schedules, cost)
         summary = result.to_dict()  # compared at its 6 decimals (calibrate.precision)
         values = (score(result), summary["waste"]) if multi_objective else (score(result),)
         return values, {"result": summary}
 
     study = open_study(storage, study_name, directions, job_key)
     trials = run_batches(
-        study, n_trials, batch, seed, make_sampler, lambda trial: _suggest(trial, layers, L), objective,
-        first_params=_params(paper, layers), worker=worker, workers=workers, progress=progress,
+        study, n_trials, batch, seed, make_sampler, lambda trial: _suggest(trial, layers, L, with_head), objective,
+        first_params=_params(paper, layers, with_head), worker=worker, workers=workers, progress=progress,
     )
     complete = list(trials)
     if multi_objective:
@@ -216,7 +246,7 @@ def tune(
         best_trial = max(complete, key=lambda t: (t.values[0], -t.index))
     best, best_index = never_slower(
         [(_candidate_from_params(best_trial.params, layers, L), best_trial.index)]
-        + [(c, -1) for c in fallback_candidates(L)],
+        + [(c, -1) for c in fallback_candidates(L, with_head)],
         records, held_out, schedules, cost,
     )
     pareto = [
@@ -242,7 +272,7 @@ def never_slower(
     fit = [score(evaluate(records, c, schedules, cost)) for c, _ in options]
     for i in sorted(range(len(options)), key=lambda i: (-fit[i], i)):
         candidate, index = options[i]
-        if not (candidate.early_exit or candidate.lookup_ngram):
+        if not (candidate.early_exit or candidate.lookup_ngram or candidate.head_draft):
             return candidate, index  # plain decoding: never slower
         if fit[i] < 1.0:
             continue
@@ -255,9 +285,12 @@ def never_slower(
 def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: int) -> Candidate:
     checks = tuple(l for l in layers if params[f"check_{l}"] and l <= params["d_max"])
     ngram = int(params.get("lookup_ngram", 0))
+    head_draft = bool(params.get("head_draft", False))
     if not checks:
-        return no_exit_candidate(num_layers, int(params["w_max"]), ngram, int(params.get("lookup_max", 0)) if ngram else 0)
+        return no_exit_candidate(
+            num_layers, int(params["w_max"]), ngram, int(params.get("lookup_max", 0)) if ngram else 0, head_draft
+        )
     return Candidate(
         params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]),
-        ngram, int(params.get("lookup_max", 0)) if ngram else 0,
+        ngram, int(params.get("lookup_max", 0)) if ngram else 0, head_draft,
     )

@@ -12,7 +12,7 @@ import torch
 
 from .cache import LayeredKVCache
 from .errors import ModelError
-from .host import to_device
+from .host import read, to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Attention kernels whose masks this adapter builds exactly as transformers does for generate().
@@ -39,6 +39,11 @@ class LayerModel(Protocol):
     def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor: ...
 
     def exit_token(self, index: int) -> int: ...
+
+    def head_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int: ...
+
+    # whether head_draft can be called (the exit head holds a fitted next-token head)
+    has_head_draft: bool
 
     # token id of each exit_logits column on the device, or None when column i is token i
     exit_columns: torch.Tensor | None
@@ -81,6 +86,7 @@ class HFCausalLM:
         self._exit_head = None
         self._exit_tokens = None
         self.exit_columns = None
+        self.has_head_draft = False
         if exit_weights is not None:
             from .exit_head import FittedExitHead
 
@@ -88,6 +94,7 @@ class HFCausalLM:
             self._exit_tokens = self._exit_head.token_list
             if self._exit_head.token_ids is not None:
                 self.exit_columns = self._exit_head.token_ids.to(self._lm_head.weight.device)
+            self.has_head_draft = self._exit_head.has_next_head
         layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self._layer_types = list(layer_types)
@@ -213,6 +220,16 @@ class HFCausalLM:
 
     def exit_token(self, index: int) -> int:
         return index if self._exit_tokens is None else self._exit_tokens[index]
+
+    def head_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int:
+        """The fitted next-token head's draft (exit_head.py): final_hidden [1, 1, H], the last
+        verified position's final state (before the final norm), and embedded [1, 1, H], the
+        input embedding of the token it predicted -> the token id drafted after that token. One
+        host read."""
+        if not self.has_head_draft:
+            raise ValueError("this model's exit head holds no fitted next-token head")
+        logits = self._exit_head.next_logits(self._norm(final_hidden)[0, -1], embedded[0, -1])
+        return self.exit_token(int(read(logits.argmax().view(1))[0]))
 
 
 def sdpa_skips_mask(start: int, k: int, window: int | None) -> bool:

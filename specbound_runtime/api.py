@@ -65,6 +65,8 @@ class SpecBound:
         self.exit_weights = exit_weights
         self.calibrated = policy is not None
         self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
+        if self.policy.head_draft and not self.lm.has_head_draft:
+            raise UsageError("the policy drafts with the fitted next-token head, but the exit head given holds none")
         self.source = source
         self._fingerprint = fingerprint
         self._tokenizer_fingerprint = tokenizer_fingerprint

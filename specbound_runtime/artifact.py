@@ -44,13 +44,18 @@ class Artifact:
 
 
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
-    return {
+    """The policy as tensors. policy.head_draft is written only when on: an artifact without the
+    next-token head is byte for byte what it was before the head existed."""
+    tensors = {
         "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
         "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
         "policy.thresholds": torch.tensor(policy.thresholds, dtype=torch.float64),
         "policy.bounds": torch.tensor([policy.d_max, policy.w_max], dtype=torch.int64),
         "policy.lookup": torch.tensor([policy.lookup_ngram, policy.lookup_max], dtype=torch.int64),
     }
+    if policy.head_draft:
+        tensors["policy.head_draft"] = torch.tensor([1], dtype=torch.int64)
+    return tensors
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -92,6 +97,12 @@ def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> 
         for layer, (w, b) in sorted(artifact.exit_weights.lens.items()):
             tensors[f"lens.{layer}.weight"] = w.to(torch.float32)
             tensors[f"lens.{layer}.bias"] = b.to(torch.float32)
+        if artifact.exit_weights.next_head is not None:
+            w, b = artifact.exit_weights.next_head
+            tensors["next_head.weight"] = w.to(torch.float32)
+            tensors["next_head.bias"] = b.to(torch.float32)
+    if artifact.policy.head_draft and (artifact.exit_weights is None or artifact.exit_weights.next_head is None):
+        raise ArtifactError("the policy drafts with the fitted next-token head, but the artifact would hold none")
     metadata = {k: str(v) for k, v in artifact.metadata.items()}
     metadata["kind"] = KIND
     metadata["schema_version"] = str(SCHEMA_VERSION)
@@ -199,6 +210,11 @@ def read_artifact(path: str | Path) -> Artifact:
         lookup = _require(tensors, "policy.lookup", 1, "int", path)
         if lookup.numel() != 2:
             raise ArtifactError(f"{path}: policy.lookup must hold [ngram, max_tokens], got {lookup.numel()} values")
+    head_draft = tensors.get("policy.head_draft")  # absent (older artifacts): no head draft
+    if head_draft is not None:
+        head_draft = _require(tensors, "policy.head_draft", 1, "int", path)
+        if head_draft.numel() != 1 or int(head_draft[0]) not in (0, 1):
+            raise ArtifactError(f"{path}: policy.head_draft must hold one value, 0 or 1, got {head_draft.tolist()}")
     try:
         policy = ExitPolicy(
             num_layers=num_layers,
@@ -209,6 +225,7 @@ def read_artifact(path: str | Path) -> Artifact:
             w_max=int(bounds[1]),
             lookup_ngram=0 if lookup is None else int(lookup[0]),
             lookup_max=0 if lookup is None else int(lookup[1]),
+            head_draft=head_draft is not None and bool(int(head_draft[0])),
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None
@@ -231,10 +248,18 @@ def read_artifact(path: str | Path) -> Artifact:
             w = _require(tensors, name, 2, "float", path)
             b = _require(tensors, f"lens.{layer}.bias", 1, "float", path)
             lens[int(layer)] = (w, b)
+    next_head = None  # the fitted next-token head: optional, both tensors or neither
+    if "next_head.weight" in tensors or "next_head.bias" in tensors:
+        next_head = (
+            _require(tensors, "next_head.weight", 2, "float", path),
+            _require(tensors, "next_head.bias", 1, "float", path),
+        )
+    if policy.head_draft and next_head is None:
+        raise ArtifactError(f"{path}: the policy drafts with the fitted next-token head, but the artifact holds none; recalibrate")
     weights = None
-    if shortlist is not None or lens:
+    if shortlist is not None or lens or next_head is not None:
         try:
-            weights = ExitHeadWeights(shortlist=shortlist, lens=lens)
+            weights = ExitHeadWeights(shortlist=shortlist, lens=lens, next_head=next_head)
         except ValueError as e:
             raise ArtifactError(f"{path}: invalid exit head: {e}") from None
     return Artifact(policy=policy, exit_weights=weights, metadata=metadata)
@@ -266,6 +291,11 @@ def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: st
         for layer, (w, b) in artifact.exit_weights.lens.items():
             if hidden is not None and w.shape[0] != hidden:
                 raise ArtifactError(f"{path}: lens for layer {layer} is {w.shape[0]}-wide, the model's hidden size is {hidden}")
+        nh = artifact.exit_weights.next_head
+        if nh is not None and hidden is not None and nh[0].shape[1] != hidden:
+            raise ArtifactError(
+                f"{path}: the next-token head is {nh[0].shape[1]}-wide, the model's hidden size is {hidden}"
+            )
         sl = artifact.exit_weights.shortlist
         if sl is not None and (int(sl.min()) < 0 or int(sl.max()) >= ours.get("vocab_size", 1 << 62)):
             raise ArtifactError(f"{path}: short-list token ids fall outside the model's vocabulary")

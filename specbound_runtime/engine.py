@@ -9,6 +9,11 @@ A `DecodeState` holds one generation's state. Positions not yet run through ever
 "pending"; each keeps its hidden state at its current depth (the hidden-state cache). Depth never
 increases along the pending positions, so at any layer the positions still to run form one
 contiguous block, and each layer's KV cache is a prefix of the sequence.
+
+Every draft carries its source: "lookup" (prompt lookup), "head" (the fitted next-token head) or
+"early-exit". The first two cost no layers. After each verification the state keeps the final
+hidden state of the row that predicted the emitted token, which the next-token head reads at the
+start of the next round; nothing is run again for it.
 """
 
 from __future__ import annotations
@@ -49,8 +54,11 @@ class DecodeState:
         self.pending_depth = [0] * len(prompt_ids)
         self.drafts: list[int] = []
         self.draft_exit_layers: list[int] = []
-        self.draft_sources: list[str] = []  # which drafter proposed each draft ("lookup", "early-exit", ...)
+        self.draft_sources: list[str] = []  # which drafter proposed each draft ("lookup", "head", "early-exit", ...)
         self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
+        # [1, 1, H]: the final state (before the final norm) of the row that predicted the last
+        # committed token, kept from its verification pass; None before the first one
+        self.verified_state: torch.Tensor | None = None
 
     @property
     def frontier_depth(self) -> int:
@@ -109,6 +117,9 @@ class DecodeState:
         """Keep the accepted drafts and the full model's token; roll the rest back everywhere."""
         new = self.drafts[: acceptance.accepted_length] + [acceptance.next_token]
         last_kept = self.pending_start + (len(self.pending_depth) - len(self.drafts) - 1) + acceptance.accepted_length
+        row = last_kept - self.pending_start  # the pending row that predicted next_token
+        full = self.pending_depth[row] == self.lm.num_layers
+        self.verified_state = self.pending_hidden[:, row : row + 1].clone() if full else None
         self.cache.truncate(last_kept + 1)
         self.tokens.extend(new)
         self.pending_start = last_kept + 1
@@ -119,6 +130,14 @@ class DecodeState:
         self.draft_sources = []
         self.draft_probs = []
         return new
+
+    def head_draft(self) -> int | None:
+        """The fitted next-token head's draft at the start of a round: from the kept final state
+        and the embedding of the token it predicted (the frontier, still at depth 0); None when
+        there is no kept state or drafting has begun."""
+        if self.verified_state is None or self.drafts or len(self.pending_depth) != 1 or self.pending_depth[0] != 0:
+            return None
+        return self.lm.head_draft(self.verified_state, self.pending_hidden)
 
     def prefix_ids(self) -> torch.Tensor:
         """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
@@ -159,7 +178,9 @@ class EarlyExitDrafter:
     """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
     threshold; stop at the first hard token (depth bound reached) or at the width bound. With
     prompt lookup on (policy.lookup_ngram), a continuation found earlier in the context is drafted
-    first, at depth 0 (exit layer 0 in the statistics)."""
+    first, at depth 0 (exit layer 0 in the statistics). With policy.head_draft, a round where
+    lookup proposes nothing starts with one draft of the fitted next-token head, at depth 0 too
+    (a deterministic proposal: q is one-hot under sampling)."""
 
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
@@ -178,6 +199,13 @@ class EarlyExitDrafter:
                     if token in self.eos_token_ids:
                         return
                 if found:
+                    continue
+            if policy.head_draft and not seq.drafts:
+                token = seq.head_draft()
+                if token is not None:
+                    seq.push_draft(token, 0, source="head")
+                    if token in self.eos_token_ids:
+                        return
                     continue
             if not checks:  # no early exit: prompt lookup alone
                 return

@@ -6,6 +6,12 @@ state towards the final normalised state (closed-form ridge, fitted by `calibrat
 only a short-list of the vocabulary, which makes an exit check ~10x cheaper than a full LM-head
 product. Both maps fold into one matrix per layer at load time, so the map costs nothing extra.
 Drafts need not be right: verification decides. A head only changes speed, never the output.
+
+The fitted next-token head is a draft source of its own, at no layer cost: an affine map (closed-form
+ridge, fitted by `calibrate`) of [norm(h_t); e(x_{t+1})] -- the final state of the last verified
+position and the input embedding of the token the full model just chose -- towards norm(h_{t+1}),
+read through the same short-list of the LM head; its argmax is a draft for x_{t+2}. Folded with the
+short-list rows at load time like the lens, so a draft costs one [2H] x [2H, S] product.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ class ExitHeadWeights:
 
     shortlist: torch.Tensor | None  # [S] token ids, or None for the full vocabulary
     lens: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    # the fitted next-token head: (W [2H, H], b [H]) maps [norm(h_t); e(x_{t+1})] towards norm(h_{t+1})
+    next_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.shortlist is not None:
@@ -31,6 +39,12 @@ class ExitHeadWeights:
         for layer, (w, b) in self.lens.items():
             if w.ndim != 2 or w.shape[0] != w.shape[1] or b.shape != (w.shape[0],):
                 raise ValueError(f"lens for layer {layer} must be W [H, H] and b [H]")
+        if self.next_head is not None:
+            w, b = self.next_head
+            if w.ndim != 2 or w.shape[0] != 2 * w.shape[1] or b.shape != (w.shape[1],):
+                raise ValueError(
+                    f"the next-token head must be W [2H, H] and b [H], got {list(w.shape)} and {list(b.shape)}"
+                )
 
 
 class FittedExitHead:
@@ -64,6 +78,24 @@ class FittedExitHead:
                 (w @ exact.t()).to(rows.dtype).contiguous(),
                 (b @ exact.t()).to(rows.dtype).contiguous(),
             )
+        self._next = None
+        if weights.next_head is not None:
+            w, b = (t.to(device=rows.device, dtype=torch.float32) for t in weights.next_head)
+            self._next = ((w @ exact.t()).to(rows.dtype).contiguous(), (b @ exact.t()).to(rows.dtype).contiguous())
+
+    @property
+    def has_next_head(self) -> bool:
+        return self._next is not None
+
+    def next_logits(self, normed_state: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """The next-token head: normed_state [..., H] (a final state through the final norm) and
+        embedded [..., H] (the input embedding of the token that state predicted) -> logits
+        [..., S] for the token after that one. Without soft-capping: only the argmax is used, and
+        soft-capping is monotone."""
+        w, b = self._next
+        x = torch.cat([normed_state, embedded.to(normed_state.dtype)], dim=-1)
+        out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w)
+        return out.reshape(*x.shape[:-1], -1)
 
     def logits(self, normed: torch.Tensor, layer: int) -> torch.Tensor:
         """normed [..., H] (already through the final norm) -> logits [..., S]."""

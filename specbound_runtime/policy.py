@@ -38,6 +38,9 @@ class ExitPolicy:
     lookup_ngram, lookup_max: our addition to the paper. When the last lookup_ngram tokens occurred
       earlier in the context, up to lookup_max tokens that followed them are drafted at depth 0,
       at no layer cost (prompt lookup); early-exit drafting goes on from there. 0 turns it off.
+    head_draft: our addition too. When prompt lookup proposes nothing at the start of a round, one
+      draft from the fitted next-token head (exit_head.py), also at no layer cost; needs an exit
+      head that holds one. Prompt lookup and early exit go on after it.
     """
 
     num_layers: int
@@ -48,6 +51,7 @@ class ExitPolicy:
     w_max: int
     lookup_ngram: int = 0
     lookup_max: int = 0
+    head_draft: bool = False
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -72,11 +76,13 @@ class ExitPolicy:
             raise ValueError(
                 f"lookup_ngram and lookup_max must both be 0 (off) or both >= 1, got {self.lookup_ngram}, {self.lookup_max}"
             )
+        if not isinstance(self.head_draft, bool):
+            raise ValueError(f"head_draft must be True or False, got {self.head_draft!r}")
 
     @property
     def drafts(self) -> bool:
-        """Whether this policy drafts at all (early exit or prompt lookup)."""
-        return bool(self.check_layers) or self.lookup_ngram > 0
+        """Whether this policy drafts at all (early exit, prompt lookup or the next-token head)."""
+        return bool(self.check_layers) or self.lookup_ngram > 0 or self.head_draft
 
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:

@@ -94,6 +94,28 @@ def test_ridge_lens_recovers_a_linear_map():
     assert np.allclose(w_hat, w, atol=1e-5) and np.allclose(b_hat, b, atol=1e-5)
 
 
+def test_next_token_head_fit_recovers_a_linear_map_from_exact_moments():
+    """The head's ridge map from calibration's exact int64 moments, inputs [state; scale * e]:
+    with small embeddings scaled up before rounding, the map (scaled back) is recovered, and the
+    moments summed in any split give the same bits."""
+    from specbound.calibrate.precision import exact_moments
+
+    rng = np.random.default_rng(2)
+    n, H = 3000, 6
+    state, emb = rng.normal(size=(n, H)), rng.normal(size=(n, H)) * 0.03  # embeddings ~30x smaller
+    w1, w2, b = rng.normal(size=(H, H)), rng.normal(size=(H, H)) * 30, rng.normal(size=H)
+    y = state @ w1 + emb @ w2 + b
+    scale = 32.0
+    x = np.concatenate([state, emb * scale], axis=1)
+    gram, cross = exact_moments(x, y)
+    w, bias = C.fit_next_head(gram, cross, scale, 1e-9)
+    assert np.allclose(w[:H].numpy(), w1, atol=2e-3) and np.allclose(w[H:].numpy(), w2, rtol=2e-3, atol=2e-2)
+    assert np.allclose(bias.numpy(), b, atol=2e-3)
+    parts = [exact_moments(x[i::3], y[i::3]) for i in range(3)]
+    again = C.fit_next_head(sum(g for g, _ in parts), sum(c for _, c in parts), scale, 1e-9)
+    assert torch.equal(again[0], w) and torch.equal(again[1], bias)
+
+
 def test_simulator_without_exits_is_plain_decoding_plus_checks():
     n = 50
     exits = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.full(n, 2))
@@ -115,9 +137,13 @@ def test_simulator_with_perfect_shallow_drafts_accepts_full_width():
     assert r.speedup > 1.5
 
 
+@pytest.mark.parametrize("head", [False, True], ids=["", "next-token-head"])
 @pytest.mark.parametrize("lookup", [0, 1, 2], ids=["no-lookup", "unigram-lookup", "bigram-lookup"])
-def test_simulator_matches_the_engine_round_by_round(lookup):
-    """Replaying recorded statistics gives the same accepted lengths as decoding for real."""
+def test_simulator_matches_the_engine_round_by_round(lookup, head):
+    """Replaying recorded statistics gives the same accepted lengths as decoding for real; with
+    the next-token head (fitted by calibration's own code on every other answer position, so
+    that it is right about every other position and mostly wrong on the rest), the same head
+    drafts too."""
     from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
     from specbound_runtime.exit_head import ExitHeadWeights
@@ -127,15 +153,32 @@ def test_simulator_matches_the_engine_round_by_round(lookup):
     model = tiny_model("llama", seed=3)
     lm_plain = HFCausalLM(model)
     layers = (2, 3, 4)
-    weights = ExitHeadWeights(shortlist=torch.arange(lm_plain.vocab_size), lens={})
+    prompts = ([5, 9, 20], [40, 41, 42, 43], [7])
+    answers = [list(generate(lm_plain, prompt, 40, NoDrafter()).token_ids) for prompt in prompts]
+    next_head = None
+    if head:  # fitted on every other position of the answers: right there, mostly wrong elsewhere
+        from specbound.calibrate.precision import exact_moments
+
+        scale = C.embedding_scale(lm_plain)
+        gram = cross = 0
+        for prompt, answer in zip(prompts, answers):
+            ids = prompt + answer
+            with torch.inference_mode():
+                x, y = C.head_inputs(lm_plain, ids, lm_plain.layer_states(ids)[0][-1], scale)
+            rows = np.arange(len(prompt) - 1, len(x), 2)
+            g, c = exact_moments(x[rows], y[rows])
+            gram, cross = gram + g, cross + c
+        next_head = C.fit_next_head(gram, cross, scale, 1e-6)
+    weights = ExitHeadWeights(shortlist=torch.arange(lm_plain.vocab_size), lens={}, next_head=next_head)
     lm = HFCausalLM(model, exit_weights=weights)
     t = float(TEMPERATURE_GRID[8])
-    policy = ExitPolicy(6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup, lookup_max=3 if lookup else 0)
+    policy = ExitPolicy(
+        6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup, lookup_max=3 if lookup else 0, head_draft=head
+    )
     settings = C.CollectSettings(candidate_layers=layers, shortlist_size=lm.vocab_size)
     heads = {name: C.FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap) for name in C.HEADS}
     simulated, real = [], []
-    for p, prompt in enumerate(([5, 9, 20], [40, 41, 42, 43], [7])):
-        answer = list(generate(lm_plain, prompt, 40, NoDrafter()).token_ids)
+    for p, (prompt, answer) in enumerate(zip(prompts, answers)):
         seq = C.RecordedSequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
         rec = C.record_sequence(lm, heads, seq, layers)
         k = len(rec["final"])
@@ -145,15 +188,20 @@ def test_simulator_matches_the_engine_round_by_round(lookup):
         )
         exits = decide_exits(rec["conf"][:, 0], rec["right"][:, 0], [0, 1, 2], list(layers), [t] * 3, [0.08] * 3)
         lookups = Lookups(records.lookup_proposed[:, lookup - 1], records.lookup_right[:, lookup - 1]) if lookup else None
-        sim = simulate(exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max)
+        sim = simulate(
+            exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max, rec["head_right"] if head else None
+        )
         result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
         assert list(result.token_ids) == answer
         simulated.append(sim)
         real.append(result)
     assert sum(r.drafted for r in real) > 10
+    if head:  # the head drafted, and was both right and wrong
+        assert 0 < sum(r.accepted_sources.count("head") for r in real) < sum(r.drafted_sources.count("head") for r in real)
     for sim, result in zip(simulated, real):
         assert sim.rounds == result.verify_passes
         assert sim.accepted == result.accepted
+        assert sim.head_reads == result.drafted_sources.count("head")
         # drafts after a wrong one are charged from the true context (the documented approximation)
         assert abs(sim.drafted - result.drafted) <= 0.15 * result.drafted
 
@@ -203,6 +251,7 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
     art = load_artifact(a.artifact, loaded.fingerprint, loaded.tokenizer_fingerprint)
     assert art.metadata["seed"] == "0" and "cost_model" in art.metadata
     _exports_the_best_trial(art, root / "work-a", a.report)
+    _reports_the_next_token_head(art, a.report)
     tuned = Decoder(sb.load(str(model), artifact=a.artifact))
     plain = Decoder(tuned.m.uncalibrated())
     for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
@@ -210,9 +259,24 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
         assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids
 
 
+def _reports_the_next_token_head(art, report) -> None:
+    """The report and the summary say how often the fitted head is right on held-out positions
+    and whether the policy uses it; the artifact holds the head exactly when it does."""
+    from specbound import cli
+
+    head = report["next_token_head"]
+    assert head["used"] == art.policy.head_draft == (art.exit_weights.next_head is not None)
+    assert 0.0 <= head["held_out_agreement"] <= 1.0 and head["held_out_positions"] == report["positions"]["held_out"]
+    summary = cli._calibration_summary(report)
+    assert f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%}" in summary
+    assert ("the policy drafts with it" in summary) == head["used"]
+
+
 def _exports_the_best_trial(art, work, report) -> None:
     """Trial 0 tried the paper's defaults; the artifact holds the best trial's policy, and the
-    simulated speedup it records is that trial's, better than the paper's on this model."""
+    simulated speedup it records is that trial's, better than the paper's on this model; or,
+    when a fallback without early exit (lookup and/or the next-token head) scores higher, that
+    fallback, with its higher simulated speedup."""
     import optuna
 
     from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, default_check_layers, paper_temperatures
@@ -224,15 +288,30 @@ def _exports_the_best_trial(art, work, report) -> None:
     paper_checks = default_check_layers(L)
     assert trials[0].params == {
         "head": "plain", "schedule": "paper", "threshold": PAPER_THRESHOLD, **{f"check_{l}": l in paper_checks for l in layers},
-        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup_ngram": 0, "lookup_max": 1,
+        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup_ngram": 0, "lookup_max": 1, "head_draft": False,
     }
     best = max(trials, key=lambda t: (t.value, -t.number))
+    simulated = json.loads(art.metadata["simulation"])
+    if json.loads(art.metadata["best_trial"])["number"] == -1:
+        from specbound.calibrate.tune import fallback_candidates
+
+        policy = art.policy
+        fallbacks = [c for c in fallback_candidates(L, with_head=True)]
+        assert any(
+            (c.checks, c.w_max, c.lookup_ngram, c.lookup_max, c.head_draft)
+            == (policy.check_layers, policy.w_max, policy.lookup_ngram, policy.lookup_max, policy.head_draft)
+            for c in fallbacks
+        )
+        assert (art.exit_weights.next_head is not None) == policy.head_draft
+        assert simulated["fit"]["speedup"] >= best.value > simulated["fit_paper_defaults"]["speedup"]
+        return
     assert json.loads(art.metadata["best_trial"])["number"] == best.number
     p = best.params
     checks = tuple(l for l in layers if p[f"check_{l}"] and l <= p["d_max"])
     policy = art.policy
     assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1], p["w_max"])
     assert (policy.lookup_ngram, policy.lookup_max) == (p["lookup_ngram"], p["lookup_max"] if p["lookup_ngram"] else 0)
+    assert policy.head_draft == p["head_draft"] and (art.exit_weights.next_head is not None) == p["head_draft"]
     assert policy.thresholds == pytest.approx((p["threshold"],) * len(checks))
     calibration = report["calibration"][p["head"]]
     fitted = {row["layer"]: row["temperature"] for row in calibration["layers"]}
@@ -240,7 +319,6 @@ def _exports_the_best_trial(art, work, report) -> None:
     want = [fitted[l] for l in checks] if alpha is None else paper_temperatures(alpha, checks, L)
     assert policy.temperatures == pytest.approx(want, abs=1e-5)
     assert (art.exit_weights.lens != {}) == (p["head"] == "lens")
-    simulated = json.loads(art.metadata["simulation"])
     assert simulated["fit"] == best.user_attrs["result"] and simulated["fit"]["speedup"] == pytest.approx(best.value, abs=1e-6)
     assert simulated["fit_paper_defaults"] == trials[0].user_attrs["result"]
     assert simulated["fit"]["speedup"] > simulated["fit_paper_defaults"]["speedup"]

@@ -65,6 +65,31 @@ def test_recorded_acceptance_is_what_the_engine_accepts_with(setup):
     assert 0.05 < rec["accept"].mean() < 0.95
 
 
+def test_recorded_head_acceptance_is_p_of_the_engines_head_draft(setup):
+    """head_accept = p(x) for the next-token head's one-hot draft x, with x exactly what the engine
+    drafts (from the previous position's final state and x_t's embedding) and p the full model's
+    distribution after generate()'s processors; head_right says whether x is p's argmax."""
+    model, _, _, processors, base = setup
+    g = torch.Generator().manual_seed(11)
+    H = 64
+    weights = ExitHeadWeights(base.shortlist, {}, (torch.randn(2 * H, H, generator=g) * 0.2, torch.randn(H, generator=g)))
+    lm = HFCausalLM(model, exit_weights=weights)
+    ids = [5, 9, 2, 7, 7, 11, 4, 13, 2, 9]
+    rec = _record(lm, C.exit_heads(lm, weights), processors, C.RecordedSequence("s", False, True, tuple(ids), 2))
+    with torch.inference_mode():
+        states, logits = lm.layer_states(ids)
+    accepts = []
+    for row in range(len(ids) - 2):
+        position = 2 + row
+        p = probabilities(target_scores(logits[position : position + 1], ids[: position + 1], [], processors))[0]
+        with torch.inference_mode():
+            x = lm.head_draft(states[-1][position - 1][None, None], lm.embed([ids[position]]))
+        assert rec["head_accept"][row] == pytest.approx(float(p[x]), abs=1e-4)
+        assert rec["head_right"][row] == (x == int(logits[position].argmax()))
+        accepts.append(float(p[x]))
+    assert min(accepts) < max(accepts) and max(accepts) > 0  # drafts of differing quality, not a constant
+
+
 class CountingLM(HFCausalLM):
     """Counts the work the simulator charges: layer calls and the positions in each."""
 
@@ -161,3 +186,20 @@ def test_calibrate_for_sampling_tunes_for_it_and_records_the_mode(tiny_setup, mo
     greedy = _calibrate(root, model, corpus, cost, "greedy-twin", monkeypatch)
     assert "decoding_mode" not in sb.load(str(model), artifact=greedy.artifact).artifact_metadata
     assert "decoding" not in json.loads(sb.load(str(model), artifact=greedy.artifact).artifact_metadata["job"])
+
+
+def test_the_sampling_replay_keeps_head_drafts_at_their_acceptance_probability():
+    """Under sampling the head's draft is kept in replay with its recorded acceptance probability
+    p(x), not by whether it is the argmax: drafts that are never the argmax but always accepted
+    (p(x) = 1) are all kept, never-accepted ones never, and at p(x) = 0.3 about 30% are."""
+    n = 4000
+    for p_accept, low, high in ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.3, 0.27, 0.33)):
+        records = C.Records(
+            np.zeros(n, np.int32), np.zeros(n, bool), np.ones(n, bool), np.zeros(n, np.int32),
+            np.zeros((n, len(C.HEADS), len(LAYERS)), bool), np.zeros((n, len(C.HEADS), len(LAYERS), 17), np.float32), LAYERS,
+            accept=np.zeros((n, len(C.HEADS), len(LAYERS)), np.float32),
+            head_right=np.zeros(n, bool), head_accept=np.full(n, p_accept, np.float32),
+        ).with_draws(0)
+        exits = decide_exits(records.conf[:, 0], records.draft_right(0), [], [], [], [])
+        sim = simulate(exits, records.bounds(), COST, 5, 1, head=records.head_draft_right())
+        assert sim.head_reads > 0 and low <= sim.acceptance_rate <= high

@@ -152,7 +152,7 @@ def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built
     meta["simulation"] = json.dumps(sim, sort_keys=True)
     meta.pop("checksum")
     tampered = folder / "out" / "tampered.safetensors"
-    save_artifact(tampered, Artifact(policy, ExitHeadWeights(shortlist, lens), meta))
+    save_artifact(tampered, Artifact(policy, ExitHeadWeights(shortlist, lens, art.exit_weights.next_head), meta))
     job2 = write_job(folder, "tampered", work="runs/ref")
     result = invoke("calibrate", "--job", job2, "--check", "--json")
     assert_one_error(result, 8, "differs from", str(tampered))

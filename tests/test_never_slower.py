@@ -18,9 +18,12 @@ LAYERS = (2, 3, 4)
 COST = CostModel(num_layers=L, layer_base=1.0, layer_extra=0.08, head_base=0.6, head_extra=0.1, check=0.05, round_overhead=0.3)
 
 
-def _records(n_seq: int = 4, length: int = 80, right: float = 0.0, lookup_right: int = 0, seed: int = 0) -> Records:
+def _records(
+    n_seq: int = 4, length: int = 80, right: float = 0.0, lookup_right: int = 0, seed: int = 0, head: float | None = None
+) -> Records:
     """Recorded positions whose exit heads are always confident; a draft is right with
-    probability `right`; prompt lookup always proposes 3 tokens, `lookup_right` of them right."""
+    probability `right`; prompt lookup always proposes 3 tokens, `lookup_right` of them right;
+    with `head`, the next-token head was recorded too, its draft right with that probability."""
     rng = np.random.default_rng(seed)
     n = n_seq * length
     C, G = len(LAYERS), len(TEMPERATURE_GRID)
@@ -34,6 +37,7 @@ def _records(n_seq: int = 4, length: int = 80, right: float = 0.0, lookup_right:
         layers=LAYERS,
         lookup_proposed=np.full((n, 3), 3, np.int64),
         lookup_right=np.full((n, 3), lookup_right, np.int64),
+        head_right=None if head is None else np.random.default_rng(seed + 100).random(n) < head,
     )
 
 
@@ -133,3 +137,41 @@ def _rounds_from(attempts):
         return current.pop(0)
 
     return measure_round
+
+
+def test_the_next_token_head_alone_when_only_it_pays(tmp_path):
+    """Early exit and prompt lookup are useless, the next-token head is right 90% of the time.
+    Lookup proposes in every round, and the head drafts only where lookup proposes nothing, so
+    tuning must turn lookup off to use the head."""
+    result = _tune(_records(head=0.9), COST, tmp_path)
+    policy = result.best.policy(SCHEDULES)
+    assert policy.head_draft and policy.check_layers == () and policy.lookup_ngram == 0
+    assert result.value.head_reads > 0 and result.value.speedup > 1.2
+
+
+def test_a_useless_next_token_head_is_not_chosen(tmp_path):
+    """The head is never right, nor is anything else: no drafting at all; and a head that pays on
+    the tuning split but not on held-out sequences is not chosen either."""
+    assert not _tune(_records(head=0.0), COST, tmp_path / "a").best.policy(SCHEDULES).drafts
+    held = _tune(_records(head=0.95), COST, tmp_path / "b", held_out=_records(head=0.0, seed=1))
+    assert not held.best.policy(SCHEDULES).drafts
+
+
+def test_a_replay_with_the_head_costs_the_same_whichever_way_it_is_priced():
+    rng = np.random.default_rng(4)
+    n = 400
+    exits = Exits(layer=rng.choice([-1, 2, 3, 4], n), right=rng.random(n) < 0.5, checks=rng.integers(1, 4, n))
+    head = rng.random(n) < 0.4
+    for cost in (COST, CostModel(L, 0.3, 0.01, 2.0, 0.5, 0.2, 1.0)):
+        r = simulate(exits, [(0, 200), (200, n)], cost, d_max=4, w_max=5, head=head)
+        assert r.head_reads > 0
+        assert r.speedup_under(cost) == pytest.approx(r.speedup, rel=1e-12)
+
+
+def test_tuning_trials_search_the_head(tmp_path):
+    """Early exit and the next-token head both pay (lookup does not): the trials themselves,
+    not only the fallbacks, try the head, and a trial that drafts with it wins."""
+    result = _tune(_records(right=0.9, head=0.9), COST, tmp_path, trials=12)
+    policy = result.best.policy(SCHEDULES)
+    assert result.best_trial >= 0 and policy.head_draft and policy.lookup_ngram == 0
+    assert result.value.head_reads > 0 and result.value.speedup > 1.2
