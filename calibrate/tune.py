@@ -65,6 +65,11 @@ class Candidate:
     def early_exit(self) -> bool:
         return bool(self.checks)
 
+    @property
+    def drafts(self) -> bool:
+        """Whether the policy drafts at all (else it is plain decoding)."""
+        return self.early_exit or self.lookup_ngram > 0 or self.head_draft
+
     def policy(self, schedules: Schedules) -> ExitPolicy:
         temps = dict(zip(schedules.layers, schedules.temperatures(self.head, self.schedule)))
         return ExitPolicy(
@@ -272,7 +277,7 @@ def never_slower(
     fit = [score(evaluate(records, c, schedules, cost)) for c, _ in options]
     for i in sorted(range(len(options)), key=lambda i: (-fit[i], i)):
         candidate, index = options[i]
-        if not (candidate.early_exit or candidate.lookup_ngram or candidate.head_draft):
+        if not candidate.drafts:
             return candidate, index  # plain decoding: never slower
         if fit[i] < 1.0:
             continue

@@ -117,9 +117,8 @@ class DecodeState:
         """Keep the accepted drafts and the full model's token; roll the rest back everywhere."""
         new = self.drafts[: acceptance.accepted_length] + [acceptance.next_token]
         last_kept = self.pending_start + (len(self.pending_depth) - len(self.drafts) - 1) + acceptance.accepted_length
-        row = last_kept - self.pending_start  # the pending row that predicted next_token
-        full = self.pending_depth[row] == self.lm.num_layers
-        self.verified_state = self.pending_hidden[:, row : row + 1].clone() if full else None
+        row = last_kept - self.pending_start  # the pending row that predicted next_token (at full depth: verified)
+        self.verified_state = self.pending_hidden[:, row : row + 1].clone()
         self.cache.truncate(last_kept + 1)
         self.tokens.extend(new)
         self.pending_start = last_kept + 1
@@ -134,8 +133,8 @@ class DecodeState:
     def head_draft(self) -> int | None:
         """The fitted next-token head's draft at the start of a round: from the kept final state
         and the embedding of the token it predicted (the frontier, still at depth 0); None when
-        there is no kept state or drafting has begun."""
-        if self.verified_state is None or self.drafts or len(self.pending_depth) != 1 or self.pending_depth[0] != 0:
+        there is no kept state (before the first verification) or drafting has begun."""
+        if self.verified_state is None or self.drafts:
             return None
         return self.lm.head_draft(self.verified_state, self.pending_hidden)
 
