@@ -572,6 +572,11 @@ def costs(
             f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms "
             f"(medians of {len(cost.samples)} rounds; plain decoding's per-token cost spreads {cost.spread:.1%} over them)"
         )
+        passes = ", ".join(
+            f"{n}: {cost.num_layers * cost.layer_call(n) + cost.head_call(n):.1f}" for n in range(1, len(cost.layer_widths) + 1)
+        )
+        if passes:
+            typer.echo(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -44,6 +44,7 @@ def _time(fn, repeats: int) -> float:
 ROUNDS = 5  # independent measurement rounds; the cost model is their component-wise median
 STABLE_SPREAD = 0.25  # rounds whose plain per-token cost spreads wider than this are remeasured
 MAX_ATTEMPTS = 3
+WIDTHS = 13  # layer calls and LM-head reads are timed over 1..WIDTHS positions (the tuner's widest pass)
 
 
 def measure_costs(
@@ -76,7 +77,7 @@ def measure_costs(
 
 def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: int, warpers) -> dict:
     L = lm.num_layers
-    cache = lm.new_cache(context + 16)
+    cache = lm.new_cache(context + WIDTHS + 1)
     ids = [(7 * i + 3) % lm.vocab_size for i in range(context)]
     with torch.inference_mode():
         hidden = lm.embed(torch.tensor(ids))
@@ -92,12 +93,14 @@ def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: i
             return run
 
         layers(1)()  # warm-up
-        one = _time(layers(1), repeats) / L
-        eight = _time(layers(8), repeats) / L
-        h1 = lm.embed(torch.tensor(ids[:1]))
-        h8 = lm.embed(torch.tensor(ids[:8]))
-        head1 = _time(lambda: lm.final_logits(h1), repeats * 4)
-        head8 = _time(lambda: lm.final_logits(h8), repeats * 4)
+        # a call over more positions does more work than over fewer: where timing noise says
+        # otherwise, the narrower call's figure stands (so tuning cannot chase noise toward wide passes)
+        layer_widths = _rising([_time(layers(n), repeats) / L for n in range(1, WIDTHS + 1)])
+        hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
+        head_widths = _rising([_time(lambda: lm.final_logits(h), repeats * 4) for h in hiddens])
+        one, eight = layer_widths[0], layer_widths[7]
+        head1, head8 = head_widths[0], head_widths[7]
+        h1 = hiddens[0]
         size = min(shortlist_size, lm.vocab_size)
         weights = ExitHeadWeights(shortlist=torch.arange(size), lens={1: (torch.eye(h1.shape[-1]), torch.zeros(h1.shape[-1]))})
         head = FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap)
@@ -127,14 +130,25 @@ def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: i
         "head_extra": max(0.0, (head8 - head1) / 7),
         "check": check,
         "round_overhead": max(0.0, per_token - (L * one + head1)),
+        "layer_widths": layer_widths,
+        "head_widths": head_widths,
     }
+
+
+def _rising(values: list[float]) -> list[float]:
+    """The running maximum: each width costs at least what every narrower one does."""
+    out, top = [], 0.0
+    for v in values:
+        top = max(top, v)
+        out.append(top)
+    return out
 
 
 def cached_costs(
     lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None, warn=None
 ) -> CostModel:
     parts = [
-        "r2",  # measured in rounds, with samples (older entries hold a single measurement)
+        "r3",  # measured in rounds, with samples and per-width costs (older entries lack them)
         fingerprint.weights_sha256[:16],
         f"s{shortlist_size}",
         f"t{torch.get_num_threads()}",

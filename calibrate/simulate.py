@@ -33,9 +33,15 @@ class CostModel:
     """Milliseconds, measured by calibrate.costs on this machine for this model.
 
     The fields are the medians of independent measurement rounds; `samples` keeps each round's
-    values (in COST_FIELDS order), so a policy can be judged under the whole spread of the
-    measurement (`robust_speedup`), not only under its median. A cost model written before
-    rounds were kept has no samples: it is its own only sample."""
+    values (COST_FIELDS, then its layer_widths and head_widths), so a policy can be judged under
+    the whole spread of the measurement (`robust_speedup`), not only under its median. A cost
+    model written before rounds were kept has no samples: it is its own only sample.
+
+    A call over n positions costs what was measured for n (`layer_widths`, `head_widths`: n = 1,
+    2, ...): the BLAS picks a different kernel as the row count grows, so the cost is not linear
+    in n (SmolLM2 on a 2-core CPU: a pass over 2 or 3 positions costs ~10-20% more than over one,
+    over 4 positions ~60% more). Beyond the measured widths, and in a cost model without them, a
+    call costs base + extra per further position."""
 
     num_layers: int
     layer_base: float  # one decoder-layer call over one position
@@ -45,28 +51,53 @@ class CostModel:
     check: float  # one exit check (exit head over one position, confidence)
     round_overhead: float  # fixed cost of a verification round (embedding, acceptance, bookkeeping)
     samples: tuple[tuple[float, ...], ...] = ()
+    layer_widths: tuple[float, ...] = ()  # one decoder-layer call over n = 1, 2, ... positions
+    head_widths: tuple[float, ...] = ()  # the full LM head over n = 1, 2, ... positions
 
     def __post_init__(self) -> None:
         for k in COST_FIELDS:
             v = getattr(self, k)
             if not (v >= 0 and np.isfinite(v)):
                 raise ValueError(f"cost {k} must be finite and >= 0, got {v}")
+        for name in ("layer_widths", "head_widths"):
+            widths = tuple(float(x) for x in getattr(self, name))
+            if not all(x >= 0 and np.isfinite(x) for x in widths):
+                raise ValueError(f"{name} must be finite and >= 0, got {list(widths)}")
+            object.__setattr__(self, name, widths)
+        size = len(COST_FIELDS) + len(self.layer_widths) + len(self.head_widths)
         samples = tuple(tuple(float(x) for x in row) for row in self.samples)
         for row in samples:
-            if len(row) != len(COST_FIELDS) or not all(x >= 0 and np.isfinite(x) for x in row):
-                raise ValueError(f"each cost sample needs {len(COST_FIELDS)} finite values >= 0, got {list(row)}")
+            if len(row) != size or not all(x >= 0 and np.isfinite(x) for x in row):
+                raise ValueError(f"each cost sample needs {size} finite values >= 0, got {list(row)}")
         object.__setattr__(self, "samples", samples)
 
     @classmethod
     def from_rounds(cls, num_layers: int, rounds: list[dict]) -> "CostModel":
-        """The component-wise median of measurement rounds, keeping every round as a sample."""
-        rows = [tuple(float(r[k]) for k in COST_FIELDS) for r in rounds]
-        median = np.median(np.asarray(rows), axis=0)
-        return cls(num_layers, *(float(x) for x in median), samples=tuple(rows))
+        """The component-wise median of measurement rounds, keeping every round as a sample.
+        A round may carry `layer_widths` and `head_widths` (the same lengths in every round)."""
+        rows = [
+            tuple(float(r[k]) for k in COST_FIELDS) + tuple(r.get("layer_widths", ())) + tuple(r.get("head_widths", ()))
+            for r in rounds
+        ]
+        n_layer = len(rounds[0].get("layer_widths", ()))
+        return cls._from_row(num_layers, tuple(float(x) for x in np.median(np.asarray(rows), axis=0)), n_layer, tuple(rows))
+
+    @classmethod
+    def _from_row(cls, num_layers: int, row: tuple[float, ...], n_layer: int, samples=()) -> "CostModel":
+        n = len(COST_FIELDS)
+        return cls(num_layers, *row[:n], samples=samples, layer_widths=row[n : n + n_layer], head_widths=row[n + n_layer :])
 
     def variants(self) -> list["CostModel"]:
         """The median and every measured round, as cost models."""
-        return [self] + [CostModel(self.num_layers, *row) for row in self.samples]
+        return [self] + [CostModel._from_row(self.num_layers, row, len(self.layer_widths)) for row in self.samples]
+
+    def layer_call(self, n: int) -> float:
+        """One decoder-layer call over n positions."""
+        return _width_cost(self.layer_widths, self.layer_base, self.layer_extra, n)
+
+    def head_call(self, n: int) -> float:
+        """The full LM head over n positions."""
+        return _width_cost(self.head_widths, self.head_base, self.head_extra, n)
 
     @property
     def spread(self) -> float:
@@ -77,13 +108,24 @@ class CostModel:
     @property
     def ar_token(self) -> float:
         """One token of plain greedy decoding through the engine."""
-        return self.num_layers * self.layer_base + self.head_base + self.round_overhead
+        return self.num_layers * self.layer_call(1) + self.head_call(1) + self.round_overhead
 
     def to_dict(self) -> dict:
         out = {"num_layers": self.num_layers, **{k: round(getattr(self, k), 6) for k in COST_FIELDS}}
+        for name in ("layer_widths", "head_widths"):
+            if getattr(self, name):
+                out[name] = [round(x, 6) for x in getattr(self, name)]
         if self.samples:
             out["samples"] = [[round(x, 6) for x in row] for row in self.samples]
         return out
+
+
+def _width_cost(widths: tuple[float, ...], base: float, extra: float, n: int) -> float:
+    if n <= len(widths):
+        return widths[n - 1]
+    if widths:
+        return widths[-1] + extra * (n - len(widths))
+    return base + extra * (n - 1)
 
 
 @dataclass(frozen=True)
@@ -107,26 +149,56 @@ class SimResult:
     drafted: int
     accepted: int
     cost_ms: float
-    # what the replay did, counted: the cost under any cost model is a dot product with these
-    layer_calls: int = 0  # decoder-layer calls (each pays layer_base)
-    extra_positions: int = 0  # further positions inside those calls (each pays layer_extra)
+    # what the replay did, counted: the cost under any cost model is a sum over these
+    layer_calls: int = 0  # decoder-layer calls
+    extra_positions: int = 0  # further positions inside those calls
     exit_checks: int = 0
     head_reads: int = 0  # next-token head drafts (each a short-list head product, priced as an exit check)
     robust_speedup: float | None = None  # the least speedup over the cost model's measured rounds
+    call_widths: tuple[int, ...] = ()  # [n - 1]: decoder-layer calls over n positions
+    head_rows: tuple[int, ...] = ()  # [n - 1]: rounds whose LM head reads n positions (n - 1 drafts)
 
     def speedup_under(self, cost: CostModel) -> float:
         """The predicted speedup of the same replay under another cost model."""
-        total = (
-            cost.layer_base * self.layer_calls
-            + cost.layer_extra * self.extra_positions
-            + cost.check * (self.exit_checks + self.head_reads)
-            + (cost.head_base + cost.round_overhead) * self.rounds
-            + cost.head_extra * self.drafted
-        )
+        total = price(cost, self.call_widths, self.head_rows, self.exit_checks + self.head_reads, self.rounds)
         return cost.ar_token * self.tokens / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def price(cost: CostModel, call_widths, head_rows, checks: int, rounds: int) -> float:
+    """Milliseconds for the counted work under `cost`: layer calls and LM-head reads by width,
+    exit checks (and head drafts), and each round's fixed overhead."""
+    return (
+        sum(count * cost.layer_call(n) for n, count in enumerate(call_widths, 1) if count)
+        + sum(count * cost.head_call(n) for n, count in enumerate(head_rows, 1) if count)
+        + cost.check * checks
+        + cost.round_overhead * rounds
+    )
+
+
+def _advance(blocks: list[list[int]], depth: int, widths: list[int]) -> None:
+    """The engine's DecodeState.advance_to over run-length blocks [depth, count] of pending
+    positions (depths non-increasing): climb the last block one layer per call, merging with the
+    block before it on reaching its depth; count each call by its width."""
+    while blocks[-1][0] < depth:
+        d, n = blocks[-1]
+        target = min(depth, blocks[-2][0]) if len(blocks) > 1 else depth
+        widths[n] += target - d
+        if len(blocks) > 1 and blocks[-2][0] == target:
+            blocks.pop()
+            blocks[-1][1] += n
+        else:
+            blocks[-1][0] = target
+
+
+def _push(blocks: list[list[int]], m: int = 1) -> None:
+    """m new pending positions at depth 0."""
+    if blocks[-1][0] == 0:
+        blocks[-1][1] += m
+    else:
+        blocks.append([0, m])
 
 
 def decide_exits(
@@ -200,23 +272,26 @@ def simulate(
     proposed = np.minimum(lookups.proposed, lookup_max).tolist() if use_lookup else None
     proposed_right = lookups.right.tolist() if use_lookup else None
     head_right = head.tolist() if head is not None else None
-    base, extra, check = cost.layer_base, cost.layer_extra, cost.check
-    total = 0.0
+    early_exit = bool(np.any(exits.layer >= 0)) or bool(np.any(exits.checks > 0))
+    widths = [0] * (w_max + 2)  # [n]: layer calls over n positions
+    heads = [0] * (w_max + 2)  # [n]: rounds whose LM head reads n positions
     tokens = rounds = drafted = accepted = 0
-    all_calls = all_extra = all_checks = all_heads = 0
+    all_checks = all_heads = 0
     for start, end in bounds:
         t = start
         while t < end:
             # the first position is the prompt's last token: its round is the prefill, which the
-            # engine runs without drafting
+            # engine runs without drafting (priced as one position)
             limit = min(w_max, end - 1 - t) if t > start else 0
-            # k drafts so far, a of them accepted (the leading right ones), their exit depths summed
-            k = a = depth_sum = n_checks = n_head = 0
+            # k drafts so far, a of them accepted (the leading right ones)
+            k = a = n_checks = n_head = 0
+            blocks = [[0, 1]]  # the pending positions by depth: the token emitted last round
             j = t
             if head_right is not None and limit and not (use_lookup and proposed[j]):
                 # the next-token head: one draft at depth 0, from the state verified last round
                 n_head = k = 1
                 a = 1 if head_right[j] else 0
+                _push(blocks)
                 j += 1
             while k < limit:
                 m = min(proposed[j], limit - k) if use_lookup else 0
@@ -225,36 +300,31 @@ def simulate(
                         a += min(m, proposed_right[j])
                     k += m
                     j += m
+                    _push(blocks, m)
                     continue
                 n_checks += checks[j]
-                if layer[j] < 0:  # a hard token: drafting stops
+                if layer[j] < 0:  # a hard token: the frontier climbs to the depth bound, drafting stops
+                    if early_exit:
+                        _advance(blocks, d_max, widths)
                     break
-                depth_sum += layer[j]
+                _advance(blocks, layer[j], widths)  # the frontier climbs to its exit layer
                 if a == k and right[j]:
                     a += 1
                 k += 1
                 j += 1
-            # Every pending position runs all L layers exactly once (drafting, catch-up, verification);
-            # the layer calls are the frontier's climbs plus one verification pass.
-            calls = depth_sum + L
-            position_layers = (k + 1) * L
-            all_calls += calls
-            all_extra += position_layers - calls
+                _push(blocks)
+            _advance(blocks, L, widths)  # one verification pass finishes every pending position
+            heads[k + 1] += 1
             all_checks += n_checks
             all_heads += n_head
-            total += (
-                base * calls
-                + extra * (position_layers - calls)
-                + check * (n_checks + n_head)
-                + cost.head_base
-                + cost.head_extra * k
-                + cost.round_overhead
-            )
             tokens += a + 1
             rounds += 1
             drafted += k
             accepted += a
             t += a + 1
+    call_widths = tuple(widths[1:])
+    head_rows = tuple(heads[1:])
+    total = price(cost, call_widths, head_rows, all_checks + all_heads, rounds)
     ar = cost.ar_token * tokens
     result = SimResult(
         speedup=ar / total if total > 0 else 0.0,
@@ -266,10 +336,12 @@ def simulate(
         drafted=drafted,
         accepted=accepted,
         cost_ms=total,
-        layer_calls=all_calls,
-        extra_positions=all_extra,
+        layer_calls=sum(call_widths),
+        extra_positions=sum((n - 1) * c for n, c in enumerate(call_widths, 1)),
         exit_checks=all_checks,
         head_reads=all_heads,
+        call_widths=call_widths,
+        head_rows=head_rows,
     )
     if not cost.samples:
         return result

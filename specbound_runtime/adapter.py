@@ -105,6 +105,7 @@ class HFCausalLM:
         self._rope_per_type = model_type == "gemma3_text"
         self._rope: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_length = 0
+        self._last_mask: tuple[tuple, torch.Tensor] | None = None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -132,6 +133,14 @@ class HFCausalLM:
         key lies inside the window), so the same kernel path runs; a mask everywhere else."""
         if self._sdpa and sdpa_skips_mask(start, k, window):
             return None
+        key = (start, k, window)
+        if self._last_mask is not None and self._last_mask[0] == key:  # every layer of a pass asks for the same mask
+            return self._last_mask[1]
+        mask = self._build_mask(start, k, window)
+        self._last_mask = (key, mask)
+        return mask
+
+    def _build_mask(self, start: int, k: int, window: int | None) -> torch.Tensor:
         q = torch.arange(start, start + k, device=self.device)[:, None]
         kv = torch.arange(start + k, device=self.device)[None, :]
         allowed = kv <= q

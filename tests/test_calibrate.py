@@ -206,6 +206,96 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
         assert abs(sim.drafted - result.drafted) <= 0.15 * result.drafted
 
 
+# A cost model whose layer calls and LM-head reads jump at four positions, as SmolLM2's do on a
+# 2-core CPU (the BLAS switches kernels): only pricing each call by its width gets it right.
+CLIFF = CostModel(
+    num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5,
+    layer_widths=(1.0, 1.1, 1.2, 3.0, 3.1, 3.2), head_widths=(2.0, 2.1, 2.2, 5.0),
+)
+
+
+def test_width_costs_price_each_call_by_what_its_width_measured():
+    assert [CLIFF.layer_call(n) for n in (1, 3, 4, 6)] == [1.0, 1.2, 3.0, 3.2]
+    assert CLIFF.layer_call(8) == pytest.approx(3.2 + 2 * 0.1)  # past the table: its last entry plus extra
+    assert CLIFF.head_call(4) == 5.0 and CLIFF.head_call(5) == pytest.approx(5.2)
+    assert CLIFF.ar_token == pytest.approx(6 * 1.0 + 2.0 + 0.5)
+    rounds = [
+        dict(layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5,
+             layer_widths=[1.0, w], head_widths=[2.0, 2.5])
+        for w in (1.1, 1.5, 4.0)
+    ]
+    cost = CostModel.from_rounds(6, rounds)
+    assert cost.layer_widths == (1.0, 1.5)  # the median round's width costs
+    assert [v.layer_call(2) for v in cost.variants()] == [1.5, 1.1, 1.5, 4.0]  # every round kept
+    assert CostModel(**json.loads(json.dumps(cost.to_dict()))) == cost
+
+
+class _ScriptedDrafter:
+    """Drafts the true next token at a recorded exit layer (-1: a hard token), through the
+    engine's own DecodeState: so the live engine's rounds are exactly the replay's."""
+
+    def __init__(self, ids, first, layer, d_max, w_max):
+        self.ids, self.first, self.layer, self.d_max, self.w_max = ids, first, layer, d_max, w_max
+
+    def draft(self, seq, budget):
+        while len(seq.drafts) < min(budget, self.w_max):
+            frontier = len(seq.tokens) + len(seq.drafts) - 1
+            exit_layer = int(self.layer[frontier - self.first])
+            if exit_layer < 0:
+                seq.advance_to(self.d_max)
+                return
+            seq.advance_to(exit_layer)
+            seq.push_draft(self.ids[frontier + 1], exit_layer)
+
+    def observe(self, acceptance):
+        return None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_simulator_counts_every_layer_call_and_head_read_by_width_as_the_engine_makes_them(seed):
+    """Exit layers varying draft by draft make the engine climb, merge and verify positions in
+    calls of many widths (DecodeState.advance_to); the replay counts the same calls and LM-head
+    reads, width by width, and so prices them as the engine's own work costs under CLIFF."""
+    from specbound_runtime.adapter import HFCausalLM
+    from specbound_runtime.engine import NoDrafter, generate
+    from tiny_models import tiny_model
+
+    class Counting(HFCausalLM):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls, self.heads = [], []
+
+        def run_layer(self, layer, hidden, start, cache):
+            self.calls.append((start, hidden.shape[1]))
+            return super().run_layer(layer, hidden, start, cache)
+
+        def final_logits(self, hidden):
+            self.heads.append(hidden.shape[1])
+            return super().final_logits(hidden)
+
+    model = tiny_model("llama", seed=3)
+    lm = Counting(model)
+    prompt, n_new, d_max, w_max = [5, 9, 20], 40, 4, 5
+    answer = list(generate(HFCausalLM(model), prompt, n_new, NoDrafter()).token_ids)
+    rng = np.random.default_rng(seed)
+    layer = rng.choice([-1, 2, 3, 4], size=n_new + 1, p=[0.15, 0.35, 0.25, 0.25])
+    exits = Exits(layer=layer, right=np.ones(n_new + 1, bool), checks=np.ones(n_new + 1, np.int64))
+    sim = simulate(exits, [(0, n_new)], CLIFF, d_max, w_max)
+
+    drafter = _ScriptedDrafter(prompt + answer, len(prompt) - 1, layer, d_max, w_max)
+    result = generate(lm, prompt, n_new, drafter)
+    assert list(result.token_ids) == answer
+    calls = [n for start, n in lm.calls if start != 0] + [1] * 6  # the prefill, priced as one position
+    widths = np.bincount(calls, minlength=len(sim.call_widths) + 1)[1:]
+    heads = np.bincount(lm.heads[1:] + [1], minlength=len(sim.head_rows) + 1)[1:]
+    assert max(calls) >= 4 and len(set(calls)) >= 4  # the cliff and several widths below it were met
+    assert sim.rounds == result.verify_passes and sim.drafted == result.drafted
+    assert tuple(widths) == sim.call_widths
+    assert tuple(heads) == sim.head_rows
+    engine_ms = sum(CLIFF.layer_call(n) for n in calls) + sum(CLIFF.head_call(n) for n in lm.heads[1:] + [1])
+    assert sim.cost_ms == pytest.approx(engine_ms + CLIFF.round_overhead * sim.rounds + CLIFF.check * sim.exit_checks)
+
+
 # -- the whole pipeline on a tiny model ------------------------------------------------------------
 
 

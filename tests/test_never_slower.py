@@ -175,3 +175,21 @@ def test_tuning_trials_search_the_head(tmp_path):
     policy = result.best.policy(SCHEDULES)
     assert result.best_trial >= 0 and policy.head_draft and policy.lookup_ngram == 0
     assert result.value.head_reads > 0 and result.value.speedup > 1.2
+
+
+def test_tuning_keeps_passes_below_a_measured_cost_cliff(tmp_path):
+    """Prompt lookup always proposes right tokens. Under costs linear in the number of positions,
+    wide passes pay best; where a layer call over four positions costs four
+    times one over three (the BLAS switches kernels), tuning stops at two drafts, the widest pass
+    below the cliff."""
+    cliff = CostModel(
+        num_layers=L, layer_base=1.0, layer_extra=0.05, head_base=0.6, head_extra=0.05, check=0.05, round_overhead=0.3,
+        layer_widths=(1.0, 1.05, 1.1, 4.0, 4.0, 4.0), head_widths=(0.6, 0.65, 0.7, 2.0),
+    )
+    linear = CostModel(num_layers=L, layer_base=1.0, layer_extra=0.05, head_base=0.6, head_extra=0.05, check=0.05, round_overhead=0.3)
+    records = _records(lookup_right=3)
+    widest = lambda result: max(n for n, rounds in enumerate(result.value.head_rows, 1) if rounds)  # noqa: E731
+    under_linear = _tune(records, linear, tmp_path / "linear")
+    under_cliff = _tune(records, cliff, tmp_path / "cliff")
+    assert widest(under_linear) > 4  # positions verified in the widest pass
+    assert widest(under_cliff) == 3 and under_cliff.value.speedup > 2.0
