@@ -391,8 +391,12 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
         )
 
 
+def _gram_words(ngram: int, lookup_min: int = 0) -> str:
+    return f"{ngram}-gram backing off to {lookup_min}" if lookup_min and lookup_min != ngram else f"{ngram}-gram"
+
+
 def _policy_words(pol: dict) -> str:
-    lookup = f"prompt lookup {pol['lookup_ngram']}-gram x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
+    lookup = f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
     if pol.get("head_draft"):
         lookup += ", the next-token head where lookup proposes nothing"
     if not pol["check_layers"]:
@@ -475,6 +479,7 @@ def inspect(
                 "w_max": p.w_max,
                 "lookup_ngram": p.lookup_ngram,
                 "lookup_max": p.lookup_max,
+                "lookup_min": p.lookup_min,
                 "head_draft": p.head_draft,
                 "num_layers": p.num_layers,
             },
@@ -500,7 +505,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {p.lookup_ngram}-gram x{p.lookup_max} head draft: {'on' if p.head_draft else 'off'}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} x{p.lookup_max} head draft: {'on' if p.head_draft else 'off'}")
         if info["exit_head"]:
             nh = art.exit_weights.next_head
             typer.echo(

@@ -4,7 +4,8 @@ For each answer, the per-layer statistics of the reference output are recorded w
 `collect.record_sequence` (the artifact's exit head, candidate layers = its check layers), then
 replayed through `simulate` under the artifact's cost model, once with `decide_exits` (the
 simulator's prediction for the calibrated policy) and once with `oracle_exits` (every exit decided
-perfectly). Both are speedups over our plain engine (`ar`); `specbound`'s measured speedup over
+perfectly). Prompt lookup and the fitted next-token head, where the policy has them, draft in both
+replays as the runtime does: they make no decision an oracle could improve. Both are speedups over our plain engine (`ar`); `specbound`'s measured speedup over
 `ar` is set beside them.
 
 The limit: the speed if every draft were free and right at the artifact's width bound (w_max):
@@ -46,6 +47,8 @@ class OracleSetup:
     cost: CostModel
     lookup_ngram: int = 0
     lookup_max: int = 0
+    head_draft: bool = False
+    lookup_min: int = 0  # the policy drafts with the fitted next-token head
 
 
 def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
@@ -56,8 +59,10 @@ def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
     weights = artifact.exit_weights
     shortlist = weights.shortlist if weights is not None and weights.shortlist is not None else torch.arange(lm.vocab_size)
     lens = weights.lens if weights is not None else {}
-    # as calibration records them; "lens" is exactly the runtime's exit head for this artifact
-    heads = C.exit_heads(lm, ExitHeadWeights(shortlist, lens))
+    head_draft = bool(artifact.policy.head_draft and weights is not None and weights.next_head is not None)
+    # as calibration records them; "lens" is exactly the runtime's exit head for this artifact, and
+    # with the next-token head in the policy its drafts are recorded too
+    heads = C.exit_heads(lm, ExitHeadWeights(shortlist, lens, weights.next_head if head_draft else None))
     active = artifact.policy.active_checks
     return OracleSetup(
         lm=lm,
@@ -70,6 +75,8 @@ def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
         cost=cost,
         lookup_ngram=artifact.policy.lookup_ngram,
         lookup_max=artifact.policy.lookup_max,
+        head_draft=head_draft,
+        lookup_min=artifact.policy.lookup_min,
     )
 
 
@@ -128,8 +135,10 @@ def oracle_record(setup: OracleSetup, prompt_ids, answer_ids) -> dict:
         k = len(rec["final"])
         rows = C.Records(np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], setup.layers)
         rows = C.with_lookups(rows, [seq])
-        g = C.LOOKUP_NGRAMS.index(setup.lookup_ngram)
+        g = C.lookup_column(setup.lookup_ngram, setup.lookup_min)
         out["lookup_proposed"], out["lookup_right"] = rows.lookup_proposed[:, g], rows.lookup_right[:, g]
+    if setup.head_draft:
+        out["head_right"] = rec["head_right"]
     return out
 
 
@@ -154,7 +163,10 @@ def oracle_simulate(setup: OracleSetup, recs: list[dict]) -> dict | None:
         lookups = Lookups(
             np.concatenate([r["lookup_proposed"] for r in recs]), np.concatenate([r["lookup_right"] for r in recs])
         )
-    sim = dict(lookups=lookups, lookup_max=setup.lookup_max)
+    head = np.concatenate([r["head_right"] for r in recs]) if setup.head_draft else None
+    # the oracle decides exits perfectly; prompt lookup and the next-token head draft what they
+    # draft (neither has a decision to make), so they are the same in both replays
+    sim = dict(lookups=lookups, lookup_max=setup.lookup_max, head=head)
     return {
         "predicted": simulate(policy, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
         "oracle": simulate(oracle, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),

@@ -417,21 +417,31 @@ def load_records(paths: list[Path], layers: tuple[int, ...]) -> Records:
 REPLAY_SEED = 0  # the acceptance draws of a sampling replay: fixed, so tuning is deterministic
 
 
-LOOKUP_NGRAMS = (1, 2, 3)
+LOOKUP_NGRAMS = (1, 2, 3)  # prompt lookup on exactly this many last tokens
+LOOKUP_BACKOFF = (2, 3, 4)  # prompt lookup on this many last tokens, backing off to 1
+# the rules tuning chooses among, (ngram, lookup_min: 0 = no backoff), in the order of the
+# columns of Records.lookup_proposed and lookup_right
+LOOKUP_RULES = tuple((n, 0) for n in LOOKUP_NGRAMS) + tuple((n, 1) for n in LOOKUP_BACKOFF)
 LOOKUP_MAX = 10
 
 
+def lookup_column(ngram: int, lookup_min: int = 0) -> int:
+    """The column of a prompt-lookup rule in Records.lookup_proposed / lookup_right."""
+    return LOOKUP_RULES.index((ngram, 0 if lookup_min in (0, ngram) else lookup_min))
+
+
 def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
-    """Add, per recorded position, what prompt lookup proposes from the true context (as
-    specbound_runtime.policy.lookup_continuation does) and how much of it is right.
-    `recorded` are the sequences in the order their shards (records_shard) stored them."""
+    """Add, per recorded position and rule of LOOKUP_RULES, what prompt lookup proposes from the
+    true context (as specbound_runtime.policy.lookup_continuation does) and how much of it is
+    right. `recorded` are the sequences in the order their shards (records_shard) stored them."""
     n = len(records.seq)
-    proposed = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)
-    right = np.zeros((n, len(LOOKUP_NGRAMS)), dtype=np.int64)
+    sizes = range(1, max(n for n, _ in LOOKUP_RULES) + 1)
+    by_size = {size: (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) for size in sizes}
     for start, end in records.blocks():
         seq = recorded[int(records.seq[start])]
         ids = list(seq.ids)
-        for g, size in enumerate(LOOKUP_NGRAMS):
+        for size in sizes:
+            proposed, right = by_size[size]
             last_end: dict[tuple, int] = {}
             for p in range(len(ids)):
                 tail = tuple(ids[p - size + 1 : p + 1]) if p >= size - 1 else None
@@ -439,12 +449,21 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
                 if tail is not None and start <= row < end and tail in last_end:
                     q = last_end[tail]
                     cont = ids[q + 1 : min(p + 1, q + 1 + LOOKUP_MAX)]
-                    proposed[row, g] = len(cont)
+                    proposed[row] = len(cont)
                     truth = ids[p + 1 : p + 1 + len(cont)]
                     k = 0
                     while k < len(truth) and cont[k] == truth[k]:
                         k += 1
-                    right[row, g] = k
+                    right[row] = k
                 if tail is not None:
                     last_end[tail] = p
+    proposed = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
+    right = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
+    for g, (ngram, lookup_min) in enumerate(LOOKUP_RULES):
+        found = np.zeros(n, dtype=bool)
+        for size in range(ngram, (lookup_min or ngram) - 1, -1):  # the longest tail that occurred wins
+            take = ~found & (by_size[size][0] > 0)
+            proposed[take, g] = by_size[size][0][take]
+            right[take, g] = by_size[size][1][take]
+            found |= take
     return dataclasses.replace(records, lookup_proposed=proposed, lookup_right=right)

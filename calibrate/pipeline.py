@@ -741,6 +741,7 @@ def _jsonable(candidate) -> dict:
         "w_max": candidate.w_max,
         "lookup_ngram": candidate.lookup_ngram,
         "lookup_max": candidate.lookup_max,
+        "lookup_min": candidate.lookup_min,
         "head_draft": candidate.head_draft,
     }
 

@@ -164,7 +164,9 @@ class SimResult:
         return cost.ar_token * self.tokens / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {
+            k: round(v, 6) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+        }
 
 
 def price(cost: CostModel, call_widths, head_rows, checks: int, rounds: int) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 
 from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers, paper_temperatures
 
-from .collect import HEADS, LOOKUP_MAX, LOOKUP_NGRAMS, Records
+from .collect import HEADS, LOOKUP_MAX, LOOKUP_RULES, Records, lookup_column
 from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
@@ -60,6 +60,7 @@ class Candidate:
     lookup_ngram: int = 0
     lookup_max: int = 0
     head_draft: bool = False
+    lookup_min: int = 0  # prompt lookup backs off to this n-gram size (0: no backoff)
 
     @property
     def early_exit(self) -> bool:
@@ -82,6 +83,7 @@ class Candidate:
             lookup_ngram=self.lookup_ngram,
             lookup_max=self.lookup_max,
             head_draft=self.head_draft,
+            lookup_min=self.lookup_min,
         )
 
 
@@ -91,24 +93,43 @@ def paper_candidate(layers: tuple[int, ...], num_layers: int) -> Candidate:
 
 
 def no_exit_candidate(
-    num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0, head_draft: bool = False
+    num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0, head_draft: bool = False, lookup_min: int = 0
 ) -> Candidate:
     """A policy without early exit: prompt lookup alone, the next-token head (with or without
     lookup), or (neither) no drafting at all. Head, schedule and threshold mean nothing without
     check layers; they take fixed values."""
-    return Candidate("plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max, head_draft)
+    return Candidate(
+        "plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min
+    )
+
+
+def lookup_rule_name(ngram: int, lookup_min: int = 0) -> str:
+    """How tuning names a prompt-lookup rule: "off", "2" (exactly 2 tokens), "3-1" (3 backing off to 1)."""
+    if not ngram:
+        return "off"
+    return f"{ngram}-{lookup_min}" if lookup_min and lookup_min != ngram else str(ngram)
+
+
+def _lookup_rule(name: str) -> tuple[int, int]:
+    if name == "off":
+        return 0, 0
+    ngram, _, lookup_min = str(name).partition("-")
+    return int(ngram), int(lookup_min or 0)
+
+
+LOOKUP_CHOICES = ["off"] + [lookup_rule_name(n, m) for n, m in LOOKUP_RULES]
 
 
 def fallback_candidates(num_layers: int, with_head: bool = False) -> list[Candidate]:
-    """No drafting, then prompt lookup alone at every n-gram size and width; with the head
+    """No drafting, then prompt lookup alone under every rule (LOOKUP_RULES) and width; with the head
     recorded, then the head alone and lookup + head at every size and width (one more draft
     slot, so a head draft leaves lookup its full width)."""
     out = [no_exit_candidate(num_layers)] + [
-        no_exit_candidate(num_layers, m, g, m) for g in LOOKUP_NGRAMS for m in range(1, LOOKUP_MAX + 1)
+        no_exit_candidate(num_layers, m, g, m, lookup_min=b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
     ]
     if with_head:
         out += [no_exit_candidate(num_layers, 1, head_draft=True)] + [
-            no_exit_candidate(num_layers, m + 1, g, m, True) for g in LOOKUP_NGRAMS for m in range(1, LOOKUP_MAX + 1)
+            no_exit_candidate(num_layers, m + 1, g, m, True, b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
         ]
     return out
 
@@ -122,7 +143,7 @@ def score(result: SimResult) -> float:
 def _lookups(records: Records, candidate: Candidate) -> Lookups | None:
     if not candidate.lookup_ngram or records.lookup_proposed is None:
         return None
-    g = LOOKUP_NGRAMS.index(candidate.lookup_ngram)
+    g = lookup_column(candidate.lookup_ngram, candidate.lookup_min)
     return Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g])
 
 
@@ -165,22 +186,21 @@ def _suggest(trial, layers: tuple[int, ...], num_layers: int, with_head: bool = 
     use = [trial.suggest_categorical(f"check_{l}", [True, False]) for l in layers]
     d_max = trial.suggest_categorical("d_max", list(layers))
     w_max = trial.suggest_int("w_max", 1, 12)
-    lookup_ngram = trial.suggest_categorical("lookup_ngram", [0, *LOOKUP_NGRAMS])
+    lookup_ngram, lookup_min = _lookup_rule(trial.suggest_categorical("lookup", LOOKUP_CHOICES))
     lookup_max = trial.suggest_int("lookup_max", 1, LOOKUP_MAX)
     head_draft = bool(trial.suggest_categorical("head_draft", [False, True])) if with_head else False
     checks = tuple(l for l, u in zip(layers, use) if u and l <= d_max)
+    lookup_max = lookup_max if lookup_ngram else 0
     if not checks:
-        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max if lookup_ngram else 0, head_draft)
-    return Candidate(
-        head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max if lookup_ngram else 0, head_draft
-    )
+        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min)
+    return Candidate(head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max, head_draft, lookup_min)
 
 
 def _params(candidate: Candidate, layers: tuple[int, ...], with_head: bool = False) -> dict:
     params = {"head": candidate.head, "schedule": candidate.schedule, "threshold": candidate.threshold}
     params.update({f"check_{l}": l in candidate.checks for l in layers})
     params.update({"d_max": candidate.d_max, "w_max": candidate.w_max})
-    params.update({"lookup_ngram": candidate.lookup_ngram, "lookup_max": max(1, candidate.lookup_max)})
+    params.update({"lookup": lookup_rule_name(candidate.lookup_ngram, candidate.lookup_min), "lookup_max": max(1, candidate.lookup_max)})
     if with_head:
         params["head_draft"] = candidate.head_draft
     return params
@@ -289,13 +309,12 @@ def never_slower(
 
 def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: int) -> Candidate:
     checks = tuple(l for l in layers if params[f"check_{l}"] and l <= params["d_max"])
-    ngram = int(params.get("lookup_ngram", 0))
+    ngram, lookup_min = _lookup_rule(params.get("lookup", "off"))
     head_draft = bool(params.get("head_draft", False))
+    lookup_max = int(params.get("lookup_max", 0)) if ngram else 0
     if not checks:
-        return no_exit_candidate(
-            num_layers, int(params["w_max"]), ngram, int(params.get("lookup_max", 0)) if ngram else 0, head_draft
-        )
+        return no_exit_candidate(num_layers, int(params["w_max"]), ngram, lookup_max, head_draft, lookup_min)
     return Candidate(
         params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]),
-        ngram, int(params.get("lookup_max", 0)) if ngram else 0, head_draft,
+        ngram, lookup_max, head_draft, lookup_min,
     )

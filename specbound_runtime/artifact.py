@@ -44,8 +44,8 @@ class Artifact:
 
 
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
-    """The policy as tensors. policy.head_draft is written only when on: an artifact without the
-    next-token head is byte for byte what it was before the head existed."""
+    """The policy as tensors. policy.head_draft and policy.lookup_backoff are written only when
+    on: an artifact without them is byte for byte what it was before they existed."""
     tensors = {
         "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
         "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
@@ -55,6 +55,8 @@ def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
     }
     if policy.head_draft:
         tensors["policy.head_draft"] = torch.tensor([1], dtype=torch.int64)
+    if policy.lookup_min:  # written only with backoff on, as head_draft
+        tensors["policy.lookup_backoff"] = torch.tensor([policy.lookup_min], dtype=torch.int64)
     return tensors
 
 
@@ -215,6 +217,11 @@ def read_artifact(path: str | Path) -> Artifact:
         head_draft = _require(tensors, "policy.head_draft", 1, "int", path)
         if head_draft.numel() != 1 or int(head_draft[0]) not in (0, 1):
             raise ArtifactError(f"{path}: policy.head_draft must hold one value, 0 or 1, got {head_draft.tolist()}")
+    lookup_min = tensors.get("policy.lookup_backoff")  # absent (older artifacts): no backoff
+    if lookup_min is not None:
+        lookup_min = _require(tensors, "policy.lookup_backoff", 1, "int", path)
+        if lookup_min.numel() != 1:
+            raise ArtifactError(f"{path}: policy.lookup_backoff must hold one value, the shortest n-gram, got {lookup_min.tolist()}")
     try:
         policy = ExitPolicy(
             num_layers=num_layers,
@@ -226,6 +233,7 @@ def read_artifact(path: str | Path) -> Artifact:
             lookup_ngram=0 if lookup is None else int(lookup[0]),
             lookup_max=0 if lookup is None else int(lookup[1]),
             head_draft=head_draft is not None and bool(int(head_draft[0])),
+            lookup_min=0 if lookup_min is None else int(lookup_min[0]),
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None

@@ -191,7 +191,8 @@ class EarlyExitDrafter:
         while len(seq.drafts) < limit:
             if policy.lookup_ngram:
                 found = lookup_continuation(
-                    seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit - len(seq.drafts))
+                    seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit - len(seq.drafts)),
+                    policy.lookup_min,
                 )
                 for token in found:
                     seq.push_draft(token, 0)

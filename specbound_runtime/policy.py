@@ -38,6 +38,9 @@ class ExitPolicy:
     lookup_ngram, lookup_max: our addition to the paper. When the last lookup_ngram tokens occurred
       earlier in the context, up to lookup_max tokens that followed them are drafted at depth 0,
       at no layer cost (prompt lookup); early-exit drafting goes on from there. 0 turns it off.
+    lookup_min: with lookup on, back off: where the last lookup_ngram tokens never occurred
+      earlier, try the last lookup_ngram - 1, and so on down to lookup_min tokens (the longest
+      match wins). 0: no backoff, only lookup_ngram.
     head_draft: our addition too. When prompt lookup proposes nothing at the start of a round, one
       draft from the fitted next-token head (exit_head.py), also at no layer cost; needs an exit
       head that holds one. Prompt lookup and early exit go on after it.
@@ -52,6 +55,7 @@ class ExitPolicy:
     lookup_ngram: int = 0
     lookup_max: int = 0
     head_draft: bool = False
+    lookup_min: int = 0
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -76,6 +80,10 @@ class ExitPolicy:
             raise ValueError(
                 f"lookup_ngram and lookup_max must both be 0 (off) or both >= 1, got {self.lookup_ngram}, {self.lookup_max}"
             )
+        if self.lookup_min and not (1 <= self.lookup_min <= self.lookup_ngram):
+            raise ValueError(
+                f"lookup_min must be 0 (no backoff) or within 1..lookup_ngram ({self.lookup_ngram}), got {self.lookup_min}"
+            )
         if not isinstance(self.head_draft, bool):
             raise ValueError(f"head_draft must be True or False, got {self.head_draft!r}")
 
@@ -83,6 +91,13 @@ class ExitPolicy:
     def drafts(self) -> bool:
         """Whether this policy drafts at all (early exit, prompt lookup or the next-token head)."""
         return bool(self.check_layers) or self.lookup_ngram > 0 or self.head_draft
+
+    @property
+    def lookup_sizes(self) -> tuple[int, ...]:
+        """The n-gram sizes prompt lookup tries, longest first (empty when it is off)."""
+        if not self.lookup_ngram:
+            return ()
+        return tuple(range(self.lookup_ngram, (self.lookup_min or self.lookup_ngram) - 1, -1))
 
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:
@@ -167,9 +182,18 @@ def decide_exit(
     return ExitDecision(confidence=conf, token=int(index), exits=bool(flag))
 
 
-def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:
+def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int, min_ngram: int = 0) -> list[int]:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
-    `ngram` tokens (at most max_tokens of them); [] when there is none."""
+    `ngram` tokens (at most max_tokens of them); [] when there is none. With min_ngram (1 ..
+    ngram), back off to shorter tails down to min_ngram tokens: the longest one that occurred wins."""
+    for size in range(ngram, (min_ngram or ngram) - 1, -1):
+        found = _continuation(tokens, size, max_tokens)
+        if found:
+            return found
+    return []
+
+
+def _continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:
     n = len(tokens)
     if ngram < 1 or max_tokens < 1 or n <= ngram:
         return []

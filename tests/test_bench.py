@@ -216,6 +216,33 @@ def test_oracle_row_puts_the_measured_speedup_beside_the_simulated_ones():
     assert row["predicted_specbound"]["speedup_vs_ar"] == 1.6
 
 
+def test_oracle_replays_the_next_token_head_the_policy_drafts_with():
+    """The oracle decides exits perfectly; the head has no decision to make, so with the head in
+    the policy both replays draft with it, from its recorded right/wrong per position."""
+    import numpy as np
+
+    from specbound.calibrate.fit import TEMPERATURE_GRID
+
+    n = 60
+    cost = CostModel(num_layers=30, layer_base=1.0, layer_extra=0.02, head_base=0.5, head_extra=0.05, check=0.1, round_overhead=0.5)
+
+    def rec(head_right: bool) -> dict:
+        return {
+            "conf": np.zeros((n + 1, 0, len(TEMPERATURE_GRID)), np.float32), "right": np.zeros((n + 1, 0), bool),
+            "tokens": n, "head_right": np.full(n + 1, head_right),
+        }
+
+    def setup(head_draft: bool) -> O.OracleSetup:
+        return O.OracleSetup(None, {}, (), (), (), d_max=30, w_max=1, cost=cost, head_draft=head_draft)
+
+    right, wrong = (O.oracle_simulate(setup(True), [rec(r)]) for r in (True, False))
+    for sim in (right, wrong):
+        assert sim["oracle"]["head_reads"] == sim["predicted"]["head_reads"] > n / 3
+    assert right["oracle"]["speedup"] > 1.5 > 1.0 > wrong["oracle"]["speedup"]
+    assert right["oracle"]["mean_accepted_length"] > 1.9
+    assert O.oracle_simulate(setup(False), [rec(True)])["oracle"]["head_reads"] == 0  # not in the policy: not drafted
+
+
 class WrongTokensRunner(MethodRunner):
     """`ar` returns a wrong token in its second timed run of every answer (repeat 1): at position
     2, or one token too many when the answer is shorter. Records what it changed."""

@@ -138,7 +138,9 @@ def test_simulator_with_perfect_shallow_drafts_accepts_full_width():
 
 
 @pytest.mark.parametrize("head", [False, True], ids=["", "next-token-head"])
-@pytest.mark.parametrize("lookup", [0, 1, 2], ids=["no-lookup", "unigram-lookup", "bigram-lookup"])
+@pytest.mark.parametrize(
+    "lookup", [(0, 0), (1, 0), (2, 0), (3, 1)], ids=["no-lookup", "unigram-lookup", "bigram-lookup", "trigram-lookup-backing-off"]
+)
 def test_simulator_matches_the_engine_round_by_round(lookup, head):
     """Replaying recorded statistics gives the same accepted lengths as decoding for real; with
     the next-token head (fitted by calibration's own code on every other answer position, so
@@ -173,7 +175,8 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
     lm = HFCausalLM(model, exit_weights=weights)
     t = float(TEMPERATURE_GRID[8])
     policy = ExitPolicy(
-        6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup, lookup_max=3 if lookup else 0, head_draft=head
+        6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup[0], lookup_max=3 if lookup[0] else 0,
+        head_draft=head, lookup_min=lookup[1],
     )
     settings = C.CollectSettings(candidate_layers=layers, shortlist_size=lm.vocab_size)
     heads = {name: C.FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap) for name in C.HEADS}
@@ -187,7 +190,8 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
             [seq],
         )
         exits = decide_exits(rec["conf"][:, 0], rec["right"][:, 0], [0, 1, 2], list(layers), [t] * 3, [0.08] * 3)
-        lookups = Lookups(records.lookup_proposed[:, lookup - 1], records.lookup_right[:, lookup - 1]) if lookup else None
+        g = C.lookup_column(*lookup) if lookup[0] else None
+        lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g]) if lookup[0] else None
         sim = simulate(
             exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max, rec["head_right"] if head else None
         )
@@ -369,6 +373,7 @@ def _exports_the_best_trial(art, work, report) -> None:
     fallback, with its higher simulated speedup."""
     import optuna
 
+    from specbound.calibrate.tune import lookup_rule_name
     from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, default_check_layers, paper_temperatures
 
     study = optuna.load_study(study_name=report["study_name"], storage=f"sqlite:///{(work / 'study.db').resolve()}")
@@ -378,7 +383,7 @@ def _exports_the_best_trial(art, work, report) -> None:
     paper_checks = default_check_layers(L)
     assert trials[0].params == {
         "head": "plain", "schedule": "paper", "threshold": PAPER_THRESHOLD, **{f"check_{l}": l in paper_checks for l in layers},
-        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup_ngram": 0, "lookup_max": 1, "head_draft": False,
+        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup": "off", "lookup_max": 1, "head_draft": False,
     }
     best = max(trials, key=lambda t: (t.value, -t.number))
     simulated = json.loads(art.metadata["simulation"])
@@ -388,8 +393,8 @@ def _exports_the_best_trial(art, work, report) -> None:
         policy = art.policy
         fallbacks = [c for c in fallback_candidates(L, with_head=True)]
         assert any(
-            (c.checks, c.w_max, c.lookup_ngram, c.lookup_max, c.head_draft)
-            == (policy.check_layers, policy.w_max, policy.lookup_ngram, policy.lookup_max, policy.head_draft)
+            (c.checks, c.w_max, c.lookup_ngram, c.lookup_max, c.head_draft, c.lookup_min)
+            == (policy.check_layers, policy.w_max, policy.lookup_ngram, policy.lookup_max, policy.head_draft, policy.lookup_min)
             for c in fallbacks
         )
         assert (art.exit_weights.next_head is not None) == policy.head_draft
@@ -400,7 +405,8 @@ def _exports_the_best_trial(art, work, report) -> None:
     checks = tuple(l for l in layers if p[f"check_{l}"] and l <= p["d_max"])
     policy = art.policy
     assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1], p["w_max"])
-    assert (policy.lookup_ngram, policy.lookup_max) == (p["lookup_ngram"], p["lookup_max"] if p["lookup_ngram"] else 0)
+    assert lookup_rule_name(policy.lookup_ngram, policy.lookup_min) == p["lookup"]
+    assert policy.lookup_max == (p["lookup_max"] if p["lookup"] != "off" else 0)
     assert policy.head_draft == p["head_draft"] and (art.exit_weights.next_head is not None) == p["head_draft"]
     assert policy.thresholds == pytest.approx((p["threshold"],) * len(checks))
     calibration = report["calibration"][p["head"]]

@@ -82,7 +82,7 @@ def test_exit_policy_rejects_impossible_values(kwargs):
         ExitPolicy(**base)
 
 
-@pytest.mark.parametrize("lookup", [0, 2], ids=["no-drafting", "lookup-only"])
+@pytest.mark.parametrize("lookup", [0, 2, (3, 1)], ids=["no-drafting", "lookup-only", "lookup-backing-off"])
 def test_a_policy_without_check_layers_drafts_only_lookups(lookup):
     """No check layer: early exit is off. With lookup on, every draft is a prompt-lookup draft
     (exit layer 0); with lookup off too, nothing is drafted: plain decoding. Either way the output
@@ -92,7 +92,8 @@ def test_a_policy_without_check_layers_drafts_only_lookups(lookup):
     from tiny_models import tiny_model
 
     lm = HFCausalLM(tiny_model("llama", seed=1))
-    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=4, lookup_ngram=lookup, lookup_max=4 if lookup else 0)
+    ngram, lookup_min = lookup if isinstance(lookup, tuple) else (lookup, 0)
+    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=4, lookup_ngram=ngram, lookup_max=4 if ngram else 0, lookup_min=lookup_min)
     assert policy.drafts == bool(lookup)
     prompt = [5, 9, 20, 5, 9, 20, 5, 9]
     plain = generate(lm, prompt, 40, NoDrafter())
@@ -140,9 +141,27 @@ def test_lookup_continuation(tokens, ngram, m, expected):
     assert lookup_continuation(tokens, ngram, m) == expected
 
 
+@pytest.mark.parametrize(
+    "tokens,ngram,lowest,expected",
+    [
+        ([8, 2, 3, 5, 1, 2, 3, 6, 9, 2, 3], 3, 1, [6, 9]),  # "2 3" never followed "9": the 2-gram's latest match
+        ([1, 2, 3, 7, 4, 2, 3, 8, 1, 2, 3], 3, 1, [7, 4]),  # the 3-gram "1 2 3" matched: it wins over the later "2 3"
+        ([5, 6, 7, 6, 9, 1, 8, 9], 3, 1, [1, 8]),  # only the last token occurred before
+        ([5, 6, 7, 6, 9, 1, 8, 9], 3, 2, []),  # ... and the backoff stops at 2 tokens
+        ([1, 2, 3, 4], 3, 1, []),  # nothing occurred before
+    ],
+)
+def test_lookup_backs_off_to_shorter_tails_and_the_longest_match_wins(tokens, ngram, lowest, expected):
+    assert lookup_continuation(tokens, ngram, 2, lowest) == expected
+
+
 def test_lookup_settings_are_both_on_or_both_off():
     base = dict(num_layers=6, check_layers=(2,), temperatures=(1.0,), thresholds=(0.5,), d_max=2, w_max=2)
     ExitPolicy(**base, lookup_ngram=2, lookup_max=4)
     for bad in ((2, 0), (0, 3), (-1, 2)):
         with pytest.raises(ValueError):
             ExitPolicy(**base, lookup_ngram=bad[0], lookup_max=bad[1])
+    ExitPolicy(**base, lookup_ngram=3, lookup_max=2, lookup_min=1)
+    for ngram, lookup_min in ((3, 4), (0, 1), (2, -1)):  # backoff past the n-gram, without lookup, negative
+        with pytest.raises(ValueError):
+            ExitPolicy(**base, lookup_ngram=ngram, lookup_max=2 if ngram else 0, lookup_min=lookup_min)

@@ -658,7 +658,7 @@ def _trials(storage: str, state: str | None = None):
     return [t for t in trials if state is None or t.state.name == state]
 
 
-PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4, "lookup_ngram": 0, "lookup_max": 1}
+PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4, "lookup": "off", "lookup_max": 1}
 
 
 def test_interrupted_tuning_resumes_from_its_storage(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from specbound.calibrate import costs as costs_module
-from specbound.calibrate.collect import HEADS, Records
+from specbound.calibrate.collect import HEADS, LOOKUP_RULES, Records
 from specbound.calibrate.fit import TEMPERATURE_GRID
 from specbound.calibrate.simulate import COST_FIELDS, CostModel, Exits, simulate
 from specbound.calibrate.tune import Schedules, tune
@@ -35,8 +35,8 @@ def _records(
         right=rng.random((n, len(HEADS), C)) < right,
         conf=np.full((n, len(HEADS), C, G), 0.99),
         layers=LAYERS,
-        lookup_proposed=np.full((n, 3), 3, np.int64),
-        lookup_right=np.full((n, 3), lookup_right, np.int64),
+        lookup_proposed=np.full((n, len(LOOKUP_RULES)), 3, np.int64),
+        lookup_right=np.full((n, len(LOOKUP_RULES)), lookup_right, np.int64),
         head_right=None if head is None else np.random.default_rng(seed + 100).random(n) < head,
     )
 

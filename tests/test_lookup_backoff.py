@@ -1,0 +1,65 @@
+"""Prompt lookup backing off to shorter tails (policy.lookup_min): the artifact keeps it, the
+engine drafts with it and stays exact, a broken value is refused, and an artifact without it
+reads as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clitools import invoke, save_tiny_artifact
+from helpers import make_tiny_model_folder
+from specbound_runtime.artifact import _read, load_artifact, read_artifact
+from specbound_runtime.models import resolve_model
+from specbound_runtime.policy import ExitPolicy
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny_model_folder(tmp_path_factory.mktemp("tiny-backoff") / "model", num_layers=4, seed=0)
+    return folder, resolve_model(str(folder))
+
+
+def _saved(loaded, path, lookup_min):
+    policy = ExitPolicy(4, (), (), (), 4, 3, lookup_ngram=3, lookup_max=2, lookup_min=lookup_min)
+    return save_tiny_artifact(loaded, path, policy=policy)
+
+
+def test_backoff_survives_the_artifact_round_trip_and_decodes_exactly(tiny, tmp_path):
+    import specbound_runtime as sb
+
+    folder, loaded = tiny
+    path = _saved(loaded, tmp_path / "backoff.safetensors", 1)
+    art = load_artifact(path, loaded.fingerprint, loaded.tokenizer_fingerprint)
+    assert (art.policy.lookup_ngram, art.policy.lookup_min) == (3, 1)
+    m = sb.load(str(folder), artifact=path)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 9, 7, 8, 6]])
+    out = m.generate_with_stats(ids, max_new_tokens=24, do_sample=False)
+    assert out.stats.drafted > 0
+    assert torch.equal(out.sequences, m.model.generate(ids, max_new_tokens=24, do_sample=False))
+    assert "3-gram backing off to 1" in invoke("inspect", path).output
+
+
+def test_an_artifact_without_backoff_reads_as_before(tiny, tmp_path):
+    _, loaded = tiny
+    path = _saved(loaded, tmp_path / "plain.safetensors", 0)
+    assert "policy.lookup_backoff" not in _read(path)[1]
+    assert read_artifact(path).policy.lookup_min == 0
+
+
+@pytest.mark.parametrize(
+    "value,fragment",
+    [
+        (torch.tensor([4]), "lookup_min must be 0 (no backoff) or within 1..lookup_ngram (3)"),
+        (torch.tensor([1, 1]), "policy.lookup_backoff must hold one value"),
+        (torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
+    ],
+    ids=["past-the-ngram", "two-values", "float"],
+)
+def test_a_broken_backoff_is_refused(tiny, tmp_path, value, fragment):
+    from test_errors import refused, rewrite
+
+    _, loaded = tiny
+    path = _saved(loaded, tmp_path / "a.safetensors", 1)
+    rewrite(path, lambda t, m: t.__setitem__("policy.lookup_backoff", value))
+    refused(path, loaded, fragment)
