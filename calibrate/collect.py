@@ -418,10 +418,12 @@ REPLAY_SEED = 0  # the acceptance draws of a sampling replay: fixed, so tuning i
 
 
 LOOKUP_NGRAMS = (1, 2, 3)  # prompt lookup on exactly this many last tokens
-LOOKUP_BACKOFF = (2, 3, 4)  # prompt lookup on this many last tokens, backing off to 1
+# (ngram, lookup_min): lookup on this many last tokens, backing off down to lookup_min; backing
+# off only to 2 leaves the 1-token matches to the next-token head, where the policy has one
+LOOKUP_BACKOFF = ((2, 1), (3, 1), (4, 1), (3, 2), (4, 2))
 # the rules tuning chooses among, (ngram, lookup_min: 0 = no backoff), in the order of the
 # columns of Records.lookup_proposed and lookup_right
-LOOKUP_RULES = tuple((n, 0) for n in LOOKUP_NGRAMS) + tuple((n, 1) for n in LOOKUP_BACKOFF)
+LOOKUP_RULES = tuple((n, 0) for n in LOOKUP_NGRAMS) + LOOKUP_BACKOFF
 LOOKUP_MAX = 10
 
 
