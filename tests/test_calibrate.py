@@ -404,7 +404,7 @@ def _exports_the_best_trial(art, work, report) -> None:
     p = best.params
     checks = tuple(l for l in layers if p[f"check_{l}"] and l <= p["d_max"])
     policy = art.policy
-    assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1], p["w_max"])
+    assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1] if checks else L, p["w_max"])
     assert lookup_rule_name(policy.lookup_ngram, policy.lookup_min) == p["lookup"]
     assert policy.lookup_max == (p["lookup_max"] if p["lookup"] != "off" else 0)
     assert policy.head_draft == p["head_draft"] and (art.exit_weights.next_head is not None) == p["head_draft"]
