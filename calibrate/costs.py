@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.engine import DecodeState, NoDrafter, generate, verify
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 from specbound_runtime.policy import decide_exit
 from specbound_runtime.sampling import Sampler, draft_probabilities
@@ -48,7 +48,7 @@ WIDTHS = 13  # layer calls and LM-head reads are timed over 1..WIDTHS positions 
 
 
 def measure_costs(
-    lm: HFCausalLM, shortlist_size: int, context: int = 128, repeats: int = 5, warpers=None,
+    lm: HFCausalLM, shortlist_size: int, context: int = 256, repeats: int = 5, warpers=None,
     rounds: int = ROUNDS, warn=None,
 ) -> CostModel:
     """The cost model: `rounds` independent rounds, each the median of `repeats` timings per
@@ -77,27 +77,30 @@ def measure_costs(
 
 def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: int, warpers) -> dict:
     L = lm.num_layers
-    cache = lm.new_cache(context + WIDTHS + 1)
     ids = [(7 * i + 3) % lm.vocab_size for i in range(context)]
     with torch.inference_mode():
-        hidden = lm.embed(torch.tensor(ids))
-        for layer in range(L):
-            hidden = lm.run_layer(layer, hidden, 0, cache)
+        # A verification pass as the engine runs it (DecodeState: the drafts' embeddings, one call
+        # per layer over every pending position, the LM head over them) over n = 1..WIDTHS
+        # positions, after a context of `context` tokens; the widths take turns, repeat by repeat,
+        # so that a machine whose speed drifts shifts every width alike.
+        seq = DecodeState(lm, ids, context + WIDTHS + 1)
+        seq.commit(verify(seq, seq.verify_logits()))  # the prefill
 
-        def layers(k: int):
-            x = lm.embed(torch.tensor(ids[:k]))
-            def run():
-                for layer in range(L):
-                    lm.run_layer(layer, x, context, cache)
-                cache.truncate(context)
-            return run
+        def verification(n: int):
+            for token in ids[: n - 1]:
+                seq.push_draft(token, 0)
+            seq.verify_logits()
+            seq.discard_drafts()
 
-        layers(1)()  # warm-up
-        # a call over more positions does more work than over fewer: where timing noise says
-        # otherwise, the narrower call's figure stands (so tuning cannot chase noise toward wide passes)
-        layer_widths = _rising([_time(layers(n), repeats) / L for n in range(1, WIDTHS + 1)])
+        verification(WIDTHS)  # warm-up
         hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
-        head_widths = _rising([_time(lambda: lm.final_logits(h), repeats * 4) for h in hiddens])
+        # a pass over more positions does more work than over fewer: where timing noise says
+        # otherwise, the narrower pass's figure stands (so tuning cannot chase noise toward wide passes)
+        passes = _rising(_interleaved([lambda n=n: verification(n) for n in range(1, WIDTHS + 1)], repeats))
+        head_widths = _rising(_interleaved([lambda h=h: lm.final_logits(h) for h in hiddens], repeats * 4))
+        # the rest of a pass, per layer call (a layer call over n positions stands for its share
+        # of the pass: the layers, the drafts' embeddings and the attention mask)
+        layer_widths = _rising([max(0.0, p - h) / L for p, h in zip(passes, head_widths)])
         one, eight = layer_widths[0], layer_widths[7]
         head1, head8 = head_widths[0], head_widths[7]
         h1 = hiddens[0]
@@ -120,8 +123,8 @@ def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: i
             check = _time(sampled_check, repeats * 4)
             sampling = {"logits_processor": warpers, "sampler": sampler}
         # plain decoding per token, without the prefill: (17 tokens - 1 token) / 16
-        long = statistics.median(generate(lm, ids[:32], 17, NoDrafter(), **sampling).wall_time_s for _ in range(3))
-        short = statistics.median(generate(lm, ids[:32], 1, NoDrafter(), **sampling).wall_time_s for _ in range(3))
+        long = statistics.median(generate(lm, ids, 17, NoDrafter(), **sampling).wall_time_s for _ in range(3))
+        short = statistics.median(generate(lm, ids, 1, NoDrafter(), **sampling).wall_time_s for _ in range(3))
         per_token = (long - short) * 1000.0 / 16
     return {
         "layer_base": one,
@@ -133,6 +136,17 @@ def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: i
         "layer_widths": layer_widths,
         "head_widths": head_widths,
     }
+
+
+def _interleaved(fns: list, repeats: int) -> list[float]:
+    """The median milliseconds of each of `fns`, timed in turns: all once, `repeats` times over."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - t)
+    return [statistics.median(x) * 1000.0 for x in samples]
 
 
 def _rising(values: list[float]) -> list[float]:
@@ -148,7 +162,7 @@ def cached_costs(
     lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None, warn=None
 ) -> CostModel:
     parts = [
-        "r3",  # measured in rounds, with samples and per-width costs (older entries lack them)
+        "r4",  # measured in rounds, with samples and per-width costs of engine passes (older entries lack them)
         fingerprint.weights_sha256[:16],
         f"s{shortlist_size}",
         f"t{torch.get_num_threads()}",

@@ -3,10 +3,12 @@
 Pure numpy. It replays the exact policy of the runtime's EarlyExitDrafter (first check layer whose
 confidence passes its threshold; a hard token at the depth bound ends drafting; the width bound;
 catch-up of earlier drafts to the frontier's depth; one verification pass from each position's
-depth; prompt lookup first, and with the fitted next-token head one head draft at the start of a
-round where lookup proposes nothing) over the model's own greedy sequences, and charges each layer call, exit check and LM-head
-product what it costs on this machine. The one approximation: after a wrong draft, later drafts
-of the same round are charged with the statistics of the true context (they are rejected anyway).
+depth; prompt lookup first, once per round, and with the fitted next-token head one head draft
+at the start of a round where lookup proposes nothing) over the model's own greedy sequences, and
+charges each layer call, exit check and LM-head read, by its width, what it costs on this machine.
+The one approximation: after a wrong draft, later early-exit drafts of the same round are charged
+with the statistics of the true context (they are rejected anyway). Lookup and the head draft
+from committed tokens only, so their rounds are replayed exactly.
 
 Under sampling the same replay runs over the model's own sampled sequences, with a draft "right"
 when speculative sampling accepts it: drawn once per position from its recorded acceptance
@@ -289,21 +291,20 @@ def simulate(
             k = a = n_checks = n_head = 0
             blocks = [[0, 1]]  # the pending positions by depth: the token emitted last round
             j = t
-            if head_right is not None and limit and not (use_lookup and proposed[j]):
+            if use_lookup and limit and proposed[j]:
+                # prompt lookup, once per round from the committed tokens: drafts at depth 0, no
+                # layer or check cost (the replay's context is the engine's: exact)
+                k = min(proposed[j], limit)
+                a = min(k, proposed_right[j])
+                j += k
+                _push(blocks, k)
+            elif head_right is not None and limit:
                 # the next-token head: one draft at depth 0, from the state verified last round
                 n_head = k = 1
                 a = 1 if head_right[j] else 0
                 _push(blocks)
                 j += 1
             while k < limit:
-                m = min(proposed[j], limit - k) if use_lookup else 0
-                if m:  # prompt lookup: drafts at depth 0, no layer or check cost
-                    if a == k:
-                        a += min(m, proposed_right[j])
-                    k += m
-                    j += m
-                    _push(blocks, m)
-                    continue
                 n_checks += checks[j]
                 if layer[j] < 0:  # a hard token: the frontier climbs to the depth bound, drafting stops
                     if early_exit:

@@ -122,14 +122,14 @@ LOOKUP_CHOICES = ["off"] + [lookup_rule_name(n, m) for n, m in LOOKUP_RULES]
 
 def fallback_candidates(num_layers: int, with_head: bool = False) -> list[Candidate]:
     """No drafting, then prompt lookup alone under every rule (LOOKUP_RULES) and width; with the head
-    recorded, then the head alone and lookup + head at every size and width (one more draft
-    slot, so a head draft leaves lookup its full width)."""
+    recorded, then the head alone and lookup + head under every rule and width (the head drafts
+    where lookup proposes nothing, so the width bound is lookup's)."""
     out = [no_exit_candidate(num_layers)] + [
         no_exit_candidate(num_layers, m, g, m, lookup_min=b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
     ]
     if with_head:
         out += [no_exit_candidate(num_layers, 1, head_draft=True)] + [
-            no_exit_candidate(num_layers, m + 1, g, m, True, b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
+            no_exit_candidate(num_layers, m, g, m, True, b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
         ]
     return out
 

@@ -176,10 +176,15 @@ class NoDrafter:
 class EarlyExitDrafter:
     """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
     threshold; stop at the first hard token (depth bound reached) or at the width bound. With
-    prompt lookup on (policy.lookup_ngram), a continuation found earlier in the context is drafted
-    first, at depth 0 (exit layer 0 in the statistics). With policy.head_draft, a round where
-    lookup proposes nothing starts with one draft of the fitted next-token head, at depth 0 too
-    (a deterministic proposal: q is one-hot under sampling)."""
+    prompt lookup on (policy.lookup_ngram), a continuation found earlier in the committed tokens
+    is drafted first, once per round (up to lookup_max tokens), at depth 0 (exit layer 0 in the
+    statistics). With policy.head_draft, a round where lookup proposes nothing starts with one
+    draft of the fitted next-token head, at depth 0 too (a deterministic proposal: q is one-hot
+    under sampling). Early exit goes on from there up to the width bound.
+
+    Lookup runs once per round, from committed tokens only, so the simulator replays it exactly:
+    looking up again inside drafted tokens would mostly find the span being copied, and chain
+    proposals to the width bound on prompts where the first one was already wrong."""
 
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
@@ -188,27 +193,25 @@ class EarlyExitDrafter:
         policy = self.policy
         checks = policy.active_checks
         limit = min(budget, policy.w_max)
+        if limit < 1:
+            return
+        if policy.lookup_ngram:  # once, at the start of the round: from the committed tokens
+            found = lookup_continuation(
+                seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit), policy.lookup_min
+            )
+            for token in found:
+                seq.push_draft(token, 0)
+                if token in self.eos_token_ids:
+                    return
+        if policy.head_draft and not seq.drafts:
+            token = seq.head_draft()
+            if token is not None:
+                seq.push_draft(token, 0, source="head")
+                if token in self.eos_token_ids:
+                    return
+        if not checks:  # no early exit: prompt lookup or the head alone
+            return
         while len(seq.drafts) < limit:
-            if policy.lookup_ngram:
-                found = lookup_continuation(
-                    seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit - len(seq.drafts)),
-                    policy.lookup_min,
-                )
-                for token in found:
-                    seq.push_draft(token, 0)
-                    if token in self.eos_token_ids:
-                        return
-                if found:
-                    continue
-            if policy.head_draft and not seq.drafts:
-                token = seq.head_draft()
-                if token is not None:
-                    seq.push_draft(token, 0, source="head")
-                    if token in self.eos_token_ids:
-                        return
-                    continue
-            if not checks:  # no early exit: prompt lookup alone
-                return
             for layer, temperature, threshold in checks:
                 seq.advance_to(layer)
                 logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]
