@@ -210,6 +210,38 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
         assert abs(sim.drafted - result.drafted) <= 0.15 * result.drafted
 
 
+@pytest.mark.parametrize("rule", [(1, 0), (3, 1), (4, 2)], ids=["unigram", "trigram-backing-off-to-1", "4-gram-backing-off-to-2"])
+def test_prompt_lookup_is_replayed_exactly(rule):
+    """Lookup drafts once per round from committed tokens, so the replay's rounds are the engine's:
+    the same drafts, acceptances and passes, call for call."""
+    from specbound_runtime.adapter import HFCausalLM
+    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from specbound_runtime.policy import ExitPolicy
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    lm = HFCausalLM(model)
+    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=3, lookup_ngram=rule[0], lookup_max=3, lookup_min=rule[1])
+    drafted = 0
+    for prompt in ([5, 9, 20, 5, 9, 21, 5, 9], [40, 41, 42, 43, 40, 41], [7, 8, 7, 8, 7]):
+        answer = list(generate(lm, prompt, 40, NoDrafter()).token_ids)
+        seq = C.RecordedSequence("s", False, True, tuple(prompt + answer), len(prompt) - 1)
+        n = len(answer) + 1
+        records = C.with_lookups(
+            C.Records(np.zeros(n, np.int32), np.zeros(n, bool), np.ones(n, bool), np.zeros(n, np.int32),
+                      np.zeros((n, 1, 0), bool), np.zeros((n, 1, 0, 1), np.float32), ()),
+            [seq],
+        )
+        g = C.lookup_column(*rule)
+        none = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.zeros(n, np.int64))
+        sim = simulate(none, [(0, n - 1)], COST, 6, 3, Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g]), 3)
+        result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+        assert list(result.token_ids) == answer
+        assert (sim.rounds, sim.drafted, sim.accepted) == (result.verify_passes, result.drafted, result.accepted)
+        drafted += result.drafted
+    assert drafted > 0
+
+
 # A cost model whose layer calls and LM-head reads jump at four positions, as SmolLM2's do on a
 # 2-core CPU (the BLAS switches kernels): only pricing each call by its width gets it right.
 CLIFF = CostModel(
