@@ -413,6 +413,9 @@ def prepare(opts: CalibrateOptions) -> Plan:
     atomic_write_bytes(manifest, json.dumps(want, sort_keys=True).encode())
     mode, warpers = sampling_setup(loaded.model, opts.mode())
     cost = resolve_cost(opts, loaded, fp, warpers)
+    # the default study is the job's under this cost model: costs measured again tune afresh
+    # instead of meeting the old measurement's trials
+    study_key = job_digest({"study": study_key, "cost": cost.to_dict()})
     return Plan(
         opts=opts, loaded=loaded, layers=layers, corpus=corpus, job=job, work=work, out=out,
         storage=_storage_url(opts, work), study_name=opts.study_name or f"specbound-{fp.model_type}-L{L}-{study_key[:12]}",

@@ -463,6 +463,20 @@ def _big_text(path, megabytes: float = 3.0, seed: int = 0):
     return path
 
 
+def test_costs_measured_again_tune_afresh_in_the_same_work_folder(tiny_setup, monkeypatch):
+    """After the cost model is measured again, the same command tunes in a new study (the old
+    trials were scored under the old costs) instead of failing on the work folder's study."""
+    import dataclasses
+
+    root, model, corpus, cost = tiny_setup
+    first = _calibrate(root, model, corpus, cost, "recost", monkeypatch)
+    again = _calibrate(root, model, corpus, cost, "recost", monkeypatch, force=True)
+    assert again.report["study_name"] == first.report["study_name"]  # same costs: the same study resumes
+    other = dataclasses.replace(cost, layer_extra=cost.layer_extra * 3)
+    second = _calibrate(root, model, corpus, other, "recost", monkeypatch, force=True)
+    assert second.report["study_name"] != first.report["study_name"]
+
+
 def test_split_text_packs_paragraphs_and_cuts_long_ones_between_words():
     from specbound.calibrate.corpus import split_text
 
