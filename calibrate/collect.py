@@ -43,6 +43,7 @@ import torch
 
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
+from specbound_runtime.policy import lookup_sizes
 
 from .fit import TEMPERATURE_GRID, ridge_lens
 from .precision import exact_moments, moments_as_float, round_bits
@@ -463,7 +464,7 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     right = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
     for g, (ngram, lookup_min) in enumerate(LOOKUP_RULES):
         found = np.zeros(n, dtype=bool)
-        for size in range(ngram, (lookup_min or ngram) - 1, -1):  # the longest tail that occurred wins
+        for size in lookup_sizes(ngram, lookup_min):  # the longest tail that occurred wins
             take = ~found & (by_size[size][0] > 0)
             proposed[take, g] = by_size[size][0][take]
             right[take, g] = by_size[size][1][take]

@@ -276,7 +276,6 @@ def simulate(
     proposed = np.minimum(lookups.proposed, lookup_max).tolist() if use_lookup else None
     proposed_right = lookups.right.tolist() if use_lookup else None
     head_right = head.tolist() if head is not None else None
-    early_exit = bool(np.any(exits.layer >= 0)) or bool(np.any(exits.checks > 0))
     widths = [0] * (w_max + 2)  # [n]: layer calls over n positions
     heads = [0] * (w_max + 2)  # [n]: rounds whose LM head reads n positions
     tokens = rounds = drafted = accepted = 0
@@ -306,10 +305,8 @@ def simulate(
                 j += 1
             while k < limit:
                 n_checks += checks[j]
-                if layer[j] < 0:  # a hard token: the frontier climbs to the depth bound, drafting stops
-                    if early_exit:
-                        _advance(blocks, d_max, widths)
-                    break
+                if layer[j] < 0:  # a hard token: drafting stops (its climb to the depth bound is the
+                    break  # start of the verification pass's climb: the same calls, counted there)
                 _advance(blocks, layer[j], widths)  # the frontier climbs to its exit layer
                 if a == k and right[j]:
                     a += 1

@@ -14,15 +14,25 @@ import json
 import sys
 
 from specbound_runtime.artifact import Artifact, read_artifact, save_artifact
+from specbound_runtime.errors import SpecBoundError, UsageError
 
 
 def main(source: str, out: str, changes: list[str]) -> None:
     art = read_artifact(source)
+    known = {f.name for f in dataclasses.fields(art.policy)}
     fields = {}
     for change in changes:
         name, _, value = change.partition("=")
-        fields[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
-    policy = dataclasses.replace(art.policy, **fields)
+        if name not in known:
+            raise UsageError(f"{name!r} is not a policy field; use one of {', '.join(sorted(known))}")
+        try:
+            fields[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+        except ValueError:
+            raise UsageError(f"{change!r}: give an integer or true/false") from None
+    try:
+        policy = dataclasses.replace(art.policy, **fields)
+    except ValueError as e:
+        raise UsageError(f"invalid policy: {e}") from None
     metadata = {k: v for k, v in art.metadata.items() if k not in ("checksum", "kind", "schema_version")}
     metadata["ablation"] = json.dumps({"from": source, "changed": fields}, sort_keys=True)
     save_artifact(out, Artifact(policy, art.exit_weights, metadata), force=True)
@@ -30,4 +40,9 @@ def main(source: str, out: str, changes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    try:
+        main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    except SpecBoundError as e:
+        sys.exit(f"Error: {e}")

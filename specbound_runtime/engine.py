@@ -196,9 +196,7 @@ class EarlyExitDrafter:
         if limit < 1:
             return
         if policy.lookup_ngram:  # once, at the start of the round: from the committed tokens
-            found = lookup_continuation(
-                seq.tokens + seq.drafts, policy.lookup_ngram, min(policy.lookup_max, limit), policy.lookup_min
-            )
+            found = lookup_continuation(seq.tokens, policy.lookup_ngram, min(policy.lookup_max, limit), policy.lookup_min)
             for token in found:
                 seq.push_draft(token, 0)
                 if token in self.eos_token_ids:

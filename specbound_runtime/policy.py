@@ -93,13 +93,6 @@ class ExitPolicy:
         return bool(self.check_layers) or self.lookup_ngram > 0 or self.head_draft
 
     @property
-    def lookup_sizes(self) -> tuple[int, ...]:
-        """The n-gram sizes prompt lookup tries, longest first (empty when it is off)."""
-        if not self.lookup_ngram:
-            return ()
-        return tuple(range(self.lookup_ngram, (self.lookup_min or self.lookup_ngram) - 1, -1))
-
-    @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:
         """(layer, temperature, threshold) for the check layers within the depth bound."""
         return tuple(
@@ -186,11 +179,16 @@ def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int, min_ngra
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
     `ngram` tokens (at most max_tokens of them); [] when there is none. With min_ngram (1 ..
     ngram), back off to shorter tails down to min_ngram tokens: the longest one that occurred wins."""
-    for size in range(ngram, (min_ngram or ngram) - 1, -1):
+    for size in lookup_sizes(ngram, min_ngram):
         found = _continuation(tokens, size, max_tokens)
         if found:
             return found
     return []
+
+
+def lookup_sizes(ngram: int, min_ngram: int = 0) -> range:
+    """The tail lengths prompt lookup tries, longest first: ngram, then down to min_ngram (0: ngram only)."""
+    return range(ngram, (min_ngram or ngram) - 1, -1)
 
 
 def _continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:
