@@ -395,8 +395,19 @@ def _gram_words(ngram: int, lookup_min: int = 0) -> str:
     return f"{ngram}-gram backing off to {lookup_min}" if lookup_min and lookup_min != ngram else f"{ngram}-gram"
 
 
+def _lookup_drafts(lookup_max: int, lookup_floor: int = 0) -> str:
+    """How many tokens a lookup match drafts: fixed, or sized by the match's length."""
+    if not lookup_floor:
+        return f"x{lookup_max}"
+    return f"x{lookup_floor}-{lookup_max} by match length" if lookup_floor < lookup_max else f"x{lookup_max}"
+
+
 def _policy_words(pol: dict) -> str:
-    lookup = f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} x{pol['lookup_max']}" if pol["lookup_ngram"] else "no prompt lookup"
+    lookup = (
+        f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} {_lookup_drafts(pol['lookup_max'], pol.get('lookup_floor', 0))}"
+        if pol["lookup_ngram"]
+        else "no prompt lookup"
+    )
     if pol.get("head_draft"):
         lookup += ", the next-token head where lookup proposes nothing"
     if not pol["check_layers"]:
@@ -480,6 +491,7 @@ def inspect(
                 "lookup_ngram": p.lookup_ngram,
                 "lookup_max": p.lookup_max,
                 "lookup_min": p.lookup_min,
+                "lookup_floor": p.lookup_floor,
                 "head_draft": p.head_draft,
                 "num_layers": p.num_layers,
             },
@@ -505,7 +517,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} x{p.lookup_max} head draft: {'on' if p.head_draft else 'off'}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor)} head draft: {'on' if p.head_draft else 'off'}")
         if info["exit_head"]:
             nh = art.exit_weights.next_head
             typer.echo(

@@ -49,6 +49,7 @@ class OracleSetup:
     lookup_max: int = 0
     head_draft: bool = False
     lookup_min: int = 0  # the policy drafts with the fitted next-token head
+    lookup_floor: int = 0
 
 
 def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
@@ -77,6 +78,7 @@ def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
         lookup_max=artifact.policy.lookup_max,
         head_draft=head_draft,
         lookup_min=artifact.policy.lookup_min,
+        lookup_floor=artifact.policy.lookup_floor,
     )
 
 
@@ -137,6 +139,7 @@ def oracle_record(setup: OracleSetup, prompt_ids, answer_ids) -> dict:
         rows = C.with_lookups(rows, [seq])
         g = C.lookup_column(setup.lookup_ngram, setup.lookup_min)
         out["lookup_proposed"], out["lookup_right"] = rows.lookup_proposed[:, g], rows.lookup_right[:, g]
+        out["lookup_size"] = rows.lookup_size[:, g]
     if setup.head_draft:
         out["head_right"] = rec["head_right"]
     return out
@@ -161,12 +164,14 @@ def oracle_simulate(setup: OracleSetup, recs: list[dict]) -> dict | None:
     lookups = None
     if setup.lookup_ngram:
         lookups = Lookups(
-            np.concatenate([r["lookup_proposed"] for r in recs]), np.concatenate([r["lookup_right"] for r in recs])
+            np.concatenate([r["lookup_proposed"] for r in recs]),
+            np.concatenate([r["lookup_right"] for r in recs]),
+            np.concatenate([r["lookup_size"] for r in recs]),
         )
     head = np.concatenate([r["head_right"] for r in recs]) if setup.head_draft else None
     # the oracle decides exits perfectly; prompt lookup and the next-token head draft what they
     # draft (neither has a decision to make), so they are the same in both replays
-    sim = dict(lookups=lookups, lookup_max=setup.lookup_max, head=head)
+    sim = dict(lookups=lookups, lookup_max=setup.lookup_max, head=head, lookup_floor=setup.lookup_floor)
     return {
         "predicted": simulate(policy, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
         "oracle": simulate(oracle, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),

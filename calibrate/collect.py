@@ -338,13 +338,14 @@ class Records:
     draws: np.ndarray | None = None  # [N]: a uniform number per position, deciding acceptance in replay
     head_right: np.ndarray | None = None  # [N]: the next-token head's draft equals the full model's argmax
     head_accept: np.ndarray | None = None  # [N]: under sampling, its acceptance probability p(draft)
+    lookup_size: np.ndarray | None = None  # [N, rules]: how many tokens prompt lookup matched (0: none)
 
     def select(self, mask: np.ndarray) -> "Records":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Records(
             self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask],
             self.conf[mask], self.layers, pick(self.lookup_proposed), pick(self.lookup_right),
-            pick(self.accept), pick(self.draws), pick(self.head_right), pick(self.head_accept),
+            pick(self.accept), pick(self.draws), pick(self.head_right), pick(self.head_accept), pick(self.lookup_size),
         )
 
     @property
@@ -421,7 +422,7 @@ REPLAY_SEED = 0  # the acceptance draws of a sampling replay: fixed, so tuning i
 LOOKUP_NGRAMS = (1, 2, 3)  # prompt lookup on exactly this many last tokens
 # (ngram, lookup_min): lookup on this many last tokens, backing off down to lookup_min; backing
 # off only to 2 leaves the 1-token matches to the next-token head, where the policy has one
-LOOKUP_BACKOFF = ((2, 1), (3, 1), (4, 1), (3, 2), (4, 2))
+LOOKUP_BACKOFF = ((2, 1), (3, 1), (4, 1), (3, 2), (4, 2), (8, 1), (8, 2))
 # the rules tuning chooses among, (ngram, lookup_min: 0 = no backoff), in the order of the
 # columns of Records.lookup_proposed and lookup_right
 LOOKUP_RULES = tuple((n, 0) for n in LOOKUP_NGRAMS) + LOOKUP_BACKOFF
@@ -435,8 +436,9 @@ def lookup_column(ngram: int, lookup_min: int = 0) -> int:
 
 def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     """Add, per recorded position and rule of LOOKUP_RULES, what prompt lookup proposes from the
-    true context (as specbound_runtime.policy.lookup_continuation does) and how much of it is
-    right. `recorded` are the sequences in the order their shards (records_shard) stored them."""
+    true context (as specbound_runtime.policy.lookup_match finds it, up to LOOKUP_MAX tokens), how
+    much of it is right and how many tokens the match took (the policy's lookup_floor sizes drafts
+    by it). `recorded` are the sequences in the order their shards (records_shard) stored them."""
     n = len(records.seq)
     sizes = range(1, max(n for n, _ in LOOKUP_RULES) + 1)
     by_size = {size: (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) for size in sizes}
@@ -462,11 +464,13 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
                     last_end[tail] = p
     proposed = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
     right = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
+    matched = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
     for g, (ngram, lookup_min) in enumerate(LOOKUP_RULES):
         found = np.zeros(n, dtype=bool)
         for size in lookup_sizes(ngram, lookup_min):  # the longest tail that occurred wins
             take = ~found & (by_size[size][0] > 0)
             proposed[take, g] = by_size[size][0][take]
             right[take, g] = by_size[size][1][take]
+            matched[take, g] = size
             found |= take
-    return dataclasses.replace(records, lookup_proposed=proposed, lookup_right=right)
+    return dataclasses.replace(records, lookup_proposed=proposed, lookup_right=right, lookup_size=matched)

@@ -30,7 +30,7 @@ from .job import job_digest, recorded_job
 from .precision import round_bits
 from .simulate import CostModel
 from .study import check_storage_url, is_shared
-from .tune import Schedules, evaluate, evaluate_oracle, paper_candidate, score, tune
+from .tune import SEARCH_SPACE, Schedules, evaluate, evaluate_oracle, paper_candidate, score, tune
 
 MIN_FIT_POSITIONS = 200  # below this, per-layer temperatures are not meaningful
 
@@ -402,7 +402,9 @@ def prepare(opts: CalibrateOptions) -> Plan:
         {k: v for k, v in job.items() if k in ("model", "corpus", "collect", "decoding")}
         | {"seed": opts.seed, "records_format": C.RECORDS_FORMAT}
     )
-    study_key = job_digest({**job, "tuning": {k: v for k, v in job["tuning"].items() if k != "trials"}})
+    study_key = job_digest(
+        {**job, "tuning": {k: v for k, v in job["tuning"].items() if k != "trials"}, "space": SEARCH_SPACE}
+    )
     work = opts.resolve(opts.work_dir) or Path("runs") / f"calibrate-{fp.model_type}-L{L}-{collect_key[:12]}"
     out = opts.resolve(opts.out) or Path("artifacts") / f"{fp.model_type}-L{L}-{fp.weights_sha256[:8]}.safetensors"
     manifest = work / "manifest.json"
@@ -550,7 +552,7 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
         data.update(path.read_bytes())
     study_key = job_digest(
         {"job": {**plan.job, "tuning": {k: v for k, v in plan.job["tuning"].items() if k != "trials"}},
-         "cost": plan.cost.to_dict(), "records": data.hexdigest()}
+         "cost": plan.cost.to_dict(), "records": data.hexdigest(), "space": SEARCH_SPACE}
     )
     own = records.own if records.own.any() else np.ones_like(records.own)
     with _bar(opts.trials, "tuning (simulated)", "trial", quiet) as bar:
@@ -746,6 +748,7 @@ def _jsonable(candidate) -> dict:
         "lookup_max": candidate.lookup_max,
         "lookup_min": candidate.lookup_min,
         "head_draft": candidate.head_draft,
+        **({"lookup_floor": candidate.lookup_floor} if candidate.lookup_floor else {}),
     }
 
 

@@ -245,10 +245,22 @@ def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exi
 @dataclass(frozen=True)
 class Lookups:
     """Prompt lookup per recorded position, from the true context: how many tokens it proposes
-    (capped at lookup_max) and how many of those lead the true continuation."""
+    (capped at lookup_max) and how many of those lead the true continuation; size: how many
+    tokens the match took (needed only to size drafts by it, lookup_floor)."""
 
     proposed: np.ndarray
     right: np.ndarray
+    size: np.ndarray | None = None
+
+    def drafts(self, lookup_max: int, lookup_floor: int = 0) -> np.ndarray:
+        """What the policy drafts at each position (ExitPolicy.lookup_width of the match, at
+        most what the context holds)."""
+        if not lookup_floor:
+            return np.minimum(self.proposed, lookup_max)
+        if self.size is None:
+            raise ValueError("sizing lookup drafts by the match (lookup_floor) needs the matched sizes")
+        width = np.minimum(lookup_max, np.maximum(lookup_floor, self.size))
+        return np.minimum(self.proposed, width)
 
 
 def simulate(
@@ -260,6 +272,7 @@ def simulate(
     lookups: Lookups | None = None,
     lookup_max: int = 0,
     head: np.ndarray | None = None,
+    lookup_floor: int = 0,
 ) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
     is the last prompt token (its hidden state predicts the first generated token).
@@ -273,7 +286,7 @@ def simulate(
     right = exits.right.tolist()
     checks = exits.checks.tolist()
     use_lookup = lookups is not None and lookup_max > 0
-    proposed = np.minimum(lookups.proposed, lookup_max).tolist() if use_lookup else None
+    proposed = lookups.drafts(lookup_max, lookup_floor).tolist() if use_lookup else None
     proposed_right = lookups.right.tolist() if use_lookup else None
     head_right = head.tolist() if head is not None else None
     widths = [0] * (w_max + 2)  # [n]: layer calls over n positions

@@ -6,7 +6,8 @@ the exit threshold, which candidate layers are exit checks, the depth bound and 
 The paper's defaults are enqueued as the first trial, so tuning can only match or beat them.
 No check layer at all is a point of the space too: prompt lookup alone, or no drafting. Where the
 records hold the fitted next-token head, whether to draft with it is searched too (a boolean: one
-head draft in a round where prompt lookup proposes nothing).
+head draft in a round where prompt lookup proposes nothing). So is how prompt lookup sizes its
+drafts: up to lookup_max always, or by the match's length from lookup_floor up to lookup_max.
 
 Every trial is scored by its robust speedup: the least over the cost model's measured rounds
 (`CostModel.samples`), so a policy wins only if it wins across the measurement's spread.
@@ -29,6 +30,9 @@ from .collect import HEADS, LOOKUP_MAX, LOOKUP_RULES, Records, lookup_column
 from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
+# the search space's version, part of every study's key: a study holding another space's trials
+# (an older release's, in a reused work folder) is another job's (2: lookup_floor, 8-token lookups)
+SEARCH_SPACE = 2
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Candidate:
     lookup_max: int = 0
     head_draft: bool = False
     lookup_min: int = 0  # prompt lookup backs off to this n-gram size (0: no backoff)
+    lookup_floor: int = 0  # lookup drafts max(lookup_floor, matched) tokens, at most lookup_max (0: lookup_max)
 
     @property
     def early_exit(self) -> bool:
@@ -84,6 +89,7 @@ class Candidate:
             lookup_max=self.lookup_max,
             head_draft=self.head_draft,
             lookup_min=self.lookup_min,
+            lookup_floor=self.lookup_floor,
         )
 
 
@@ -93,14 +99,29 @@ def paper_candidate(layers: tuple[int, ...], num_layers: int) -> Candidate:
 
 
 def no_exit_candidate(
-    num_layers: int, w_max: int = 1, lookup_ngram: int = 0, lookup_max: int = 0, head_draft: bool = False, lookup_min: int = 0
+    num_layers: int,
+    w_max: int = 1,
+    lookup_ngram: int = 0,
+    lookup_max: int = 0,
+    head_draft: bool = False,
+    lookup_min: int = 0,
+    lookup_floor: int = 0,
 ) -> Candidate:
     """A policy without early exit: prompt lookup alone, the next-token head (with or without
     lookup), or (neither) no drafting at all. Head, schedule and threshold mean nothing without
     check layers; they take fixed values."""
     return Candidate(
-        "plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min
+        "plain", "paper", PAPER_THRESHOLD, (), num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min,
+        _floor(lookup_floor, lookup_ngram, lookup_max),
     )
+
+
+LOOKUP_FLOORS = (0, 1, 2, 3)  # 0: lookup drafts up to lookup_max whatever it matched
+
+
+def _floor(lookup_floor: int, lookup_ngram: int, lookup_max: int) -> int:
+    """The canonical floor: 0 where it changes nothing (lookup off, or a floor at lookup_max)."""
+    return lookup_floor if lookup_ngram and lookup_floor < lookup_max else 0
 
 
 def lookup_rule_name(ngram: int, lookup_min: int = 0) -> str:
@@ -121,15 +142,17 @@ LOOKUP_CHOICES = ["off"] + [lookup_rule_name(n, m) for n, m in LOOKUP_RULES]
 
 
 def fallback_candidates(num_layers: int, with_head: bool = False) -> list[Candidate]:
-    """No drafting, then prompt lookup alone under every rule (LOOKUP_RULES) and width; with the head
-    recorded, then the head alone and lookup + head under every rule and width (the head drafts
-    where lookup proposes nothing, so the width bound is lookup's)."""
+    """No drafting, then prompt lookup alone under every rule (LOOKUP_RULES), width and way of sizing
+    drafts (LOOKUP_FLOORS); with the head recorded, then the head alone and lookup + head under
+    every one of those (the head drafts where lookup proposes nothing, so the width bound is
+    lookup's)."""
+    sizes = [(m, f) for m in range(1, LOOKUP_MAX + 1) for f in LOOKUP_FLOORS if f == 0 or f < m]
     out = [no_exit_candidate(num_layers)] + [
-        no_exit_candidate(num_layers, m, g, m, lookup_min=b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
+        no_exit_candidate(num_layers, m, g, m, lookup_min=b, lookup_floor=f) for g, b in LOOKUP_RULES for m, f in sizes
     ]
     if with_head:
         out += [no_exit_candidate(num_layers, 1, head_draft=True)] + [
-            no_exit_candidate(num_layers, m, g, m, True, b) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1)
+            no_exit_candidate(num_layers, m, g, m, True, b, f) for g, b in LOOKUP_RULES for m, f in sizes
         ]
     return out
 
@@ -144,7 +167,8 @@ def _lookups(records: Records, candidate: Candidate) -> Lookups | None:
     if not candidate.lookup_ngram or records.lookup_proposed is None:
         return None
     g = lookup_column(candidate.lookup_ngram, candidate.lookup_min)
-    return Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g])
+    size = None if records.lookup_size is None else records.lookup_size[:, g]
+    return Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g], size)
 
 
 def _head(records: Records, candidate: Candidate) -> np.ndarray | None:
@@ -164,7 +188,7 @@ def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost:
     )
     return simulate(
         exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max,
-        _head(records, candidate),
+        _head(records, candidate), candidate.lookup_floor,
     )
 
 
@@ -175,7 +199,7 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     exits = oracle_exits(records.draft_right(h), columns, list(candidate.checks))
     return simulate(
         exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max,
-        _head(records, candidate),
+        _head(records, candidate), candidate.lookup_floor,
     )
 
 
@@ -188,12 +212,16 @@ def _suggest(trial, layers: tuple[int, ...], num_layers: int, with_head: bool = 
     w_max = trial.suggest_int("w_max", 1, 12)
     lookup_ngram, lookup_min = _lookup_rule(trial.suggest_categorical("lookup", LOOKUP_CHOICES))
     lookup_max = trial.suggest_int("lookup_max", 1, LOOKUP_MAX)
+    lookup_floor = trial.suggest_categorical("lookup_floor", list(LOOKUP_FLOORS))
     head_draft = bool(trial.suggest_categorical("head_draft", [False, True])) if with_head else False
     checks = tuple(l for l, u in zip(layers, use) if u and l <= d_max)
     lookup_max = lookup_max if lookup_ngram else 0
+    lookup_floor = _floor(lookup_floor, lookup_ngram, lookup_max)
     if not checks:
-        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min)
-    return Candidate(head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max, head_draft, lookup_min)
+        return no_exit_candidate(num_layers, w_max, lookup_ngram, lookup_max, head_draft, lookup_min, lookup_floor)
+    return Candidate(
+        head, schedule, threshold, checks, checks[-1], w_max, lookup_ngram, lookup_max, head_draft, lookup_min, lookup_floor
+    )
 
 
 def _params(candidate: Candidate, layers: tuple[int, ...], with_head: bool = False) -> dict:
@@ -201,6 +229,7 @@ def _params(candidate: Candidate, layers: tuple[int, ...], with_head: bool = Fal
     params.update({f"check_{l}": l in candidate.checks for l in layers})
     params.update({"d_max": candidate.d_max, "w_max": candidate.w_max})
     params.update({"lookup": lookup_rule_name(candidate.lookup_ngram, candidate.lookup_min), "lookup_max": max(1, candidate.lookup_max)})
+    params["lookup_floor"] = candidate.lookup_floor
     if with_head:
         params["head_draft"] = candidate.head_draft
     return params
@@ -312,9 +341,10 @@ def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: in
     ngram, lookup_min = _lookup_rule(params.get("lookup", "off"))
     head_draft = bool(params.get("head_draft", False))
     lookup_max = int(params.get("lookup_max", 0)) if ngram else 0
+    lookup_floor = _floor(int(params.get("lookup_floor", 0)), ngram, lookup_max)
     if not checks:
-        return no_exit_candidate(num_layers, int(params["w_max"]), ngram, lookup_max, head_draft, lookup_min)
+        return no_exit_candidate(num_layers, int(params["w_max"]), ngram, lookup_max, head_draft, lookup_min, lookup_floor)
     return Candidate(
         params["head"], params["schedule"], float(params["threshold"]), checks, checks[-1], int(params["w_max"]),
-        ngram, lookup_max, head_draft, lookup_min,
+        ngram, lookup_max, head_draft, lookup_min, lookup_floor,
     )

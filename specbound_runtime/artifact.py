@@ -44,8 +44,8 @@ class Artifact:
 
 
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
-    """The policy as tensors. policy.head_draft and policy.lookup_backoff are written only when
-    on: an artifact without them is byte for byte what it was before they existed."""
+    """The policy as tensors. policy.head_draft, policy.lookup_backoff and policy.lookup_floor are
+    written only when on: an artifact without them is byte for byte what it was before they existed."""
     tensors = {
         "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
         "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
@@ -57,6 +57,8 @@ def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
         tensors["policy.head_draft"] = torch.tensor([1], dtype=torch.int64)
     if policy.lookup_min:  # written only with backoff on, as head_draft
         tensors["policy.lookup_backoff"] = torch.tensor([policy.lookup_min], dtype=torch.int64)
+    if policy.lookup_floor:  # drafts sized by the match's length: written only when on, as head_draft
+        tensors["policy.lookup_floor"] = torch.tensor([policy.lookup_floor], dtype=torch.int64)
     return tensors
 
 
@@ -222,6 +224,11 @@ def read_artifact(path: str | Path) -> Artifact:
         lookup_min = _require(tensors, "policy.lookup_backoff", 1, "int", path)
         if lookup_min.numel() != 1:
             raise ArtifactError(f"{path}: policy.lookup_backoff must hold one value, the shortest n-gram, got {lookup_min.tolist()}")
+    lookup_floor = tensors.get("policy.lookup_floor")  # absent (older artifacts): drafts fixed at lookup_max
+    if lookup_floor is not None:
+        lookup_floor = _require(tensors, "policy.lookup_floor", 1, "int", path)
+        if lookup_floor.numel() != 1:
+            raise ArtifactError(f"{path}: policy.lookup_floor must hold one value, the fewest drafts of a match, got {lookup_floor.tolist()}")
     try:
         policy = ExitPolicy(
             num_layers=num_layers,
@@ -234,6 +241,7 @@ def read_artifact(path: str | Path) -> Artifact:
             lookup_max=0 if lookup is None else int(lookup[1]),
             head_draft=head_draft is not None and bool(int(head_draft[0])),
             lookup_min=0 if lookup_min is None else int(lookup_min[0]),
+            lookup_floor=0 if lookup_floor is None else int(lookup_floor[0]),
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None

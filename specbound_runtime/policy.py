@@ -41,6 +41,10 @@ class ExitPolicy:
     lookup_min: with lookup on, back off: where the last lookup_ngram tokens never occurred
       earlier, try the last lookup_ngram - 1, and so on down to lookup_min tokens (the longest
       match wins). 0: no backoff, only lookup_ngram.
+    lookup_floor: with lookup on, draft by the match's length: a match on the last s tokens drafts
+      up to max(lookup_floor, s) tokens, never more than lookup_max (a longer match is right more
+      often, so it may draft more; SuffixDecoding sizes its speculation by match length too).
+      0: every match drafts up to lookup_max.
     head_draft: our addition too. When prompt lookup proposes nothing at the start of a round, one
       draft from the fitted next-token head (exit_head.py), also at no layer cost; needs an exit
       head that holds one. Prompt lookup and early exit go on after it.
@@ -56,6 +60,7 @@ class ExitPolicy:
     lookup_max: int = 0
     head_draft: bool = False
     lookup_min: int = 0
+    lookup_floor: int = 0
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -84,6 +89,11 @@ class ExitPolicy:
             raise ValueError(
                 f"lookup_min must be 0 (no backoff) or within 1..lookup_ngram ({self.lookup_ngram}), got {self.lookup_min}"
             )
+        if self.lookup_floor and not (self.lookup_ngram and 1 <= self.lookup_floor <= self.lookup_max):
+            raise ValueError(
+                f"lookup_floor must be 0 (drafts fixed at lookup_max) or within 1..lookup_max ({self.lookup_max}) "
+                f"with lookup on, got {self.lookup_floor}"
+            )
         if not isinstance(self.head_draft, bool):
             raise ValueError(f"head_draft must be True or False, got {self.head_draft!r}")
 
@@ -91,6 +101,12 @@ class ExitPolicy:
     def drafts(self) -> bool:
         """Whether this policy drafts at all (early exit, prompt lookup or the next-token head)."""
         return bool(self.check_layers) or self.lookup_ngram > 0 or self.head_draft
+
+    def lookup_width(self, matched: int) -> int:
+        """How many tokens prompt lookup may draft after a match on the last `matched` tokens."""
+        if not self.lookup_floor:
+            return self.lookup_max
+        return min(self.lookup_max, max(self.lookup_floor, matched))
 
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:
@@ -179,25 +195,36 @@ def lookup_continuation(tokens: list[int], ngram: int, max_tokens: int, min_ngra
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
     `ngram` tokens (at most max_tokens of them); [] when there is none. With min_ngram (1 ..
     ngram), back off to shorter tails down to min_ngram tokens: the longest one that occurred wins."""
-    for size in lookup_sizes(ngram, min_ngram):
-        found = _continuation(tokens, size, max_tokens)
-        if found:
-            return found
-    return []
+    end, _ = lookup_match(tokens, ngram, min_ngram)
+    if end < 0 or max_tokens < 1:
+        return []
+    return tokens[end + 1 : end + 1 + max_tokens]
+
+
+def lookup_match(tokens: list[int], ngram: int, min_ngram: int = 0) -> tuple[int, int]:
+    """Where prompt lookup's match ends, and how many tokens it matched: the most recent earlier
+    occurrence of the longest tail of `tokens` (ngram tokens, backing off down to min_ngram; 0:
+    ngram only) that occurred before. (-1, 0) when there is none. One scan of the context,
+    whatever the backoff."""
+    n = len(tokens)
+    lowest = min_ngram or ngram
+    if ngram < 1 or n <= lowest:
+        return -1, 0
+    last = tokens[-1]
+    best_end, best = -1, 0
+    for end in range(n - 2, lowest - 2, -1):  # `end`: index of the match's last token
+        if tokens[end] != last:
+            continue
+        k = 1
+        while k < ngram and k <= end and tokens[end - k] == tokens[n - 1 - k]:
+            k += 1
+        if k > best:  # later (more recent) matches of the same length were seen first
+            best_end, best = end, k
+            if k == ngram:
+                break
+    return (best_end, best) if best >= lowest else (-1, 0)
 
 
 def lookup_sizes(ngram: int, min_ngram: int = 0) -> range:
     """The tail lengths prompt lookup tries, longest first: ngram, then down to min_ngram (0: ngram only)."""
     return range(ngram, (min_ngram or ngram) - 1, -1)
-
-
-def _continuation(tokens: list[int], ngram: int, max_tokens: int) -> list[int]:
-    n = len(tokens)
-    if ngram < 1 or max_tokens < 1 or n <= ngram:
-        return []
-    tail = tokens[n - ngram :]
-    last = tail[-1]
-    for end in range(n - 2, ngram - 2, -1):  # `end`: index of the match's last token
-        if tokens[end] == last and tokens[end - ngram + 1 : end + 1] == tail:
-            return tokens[end + 1 : min(n, end + 1 + max_tokens)]
-    return []

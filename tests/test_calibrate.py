@@ -210,20 +210,26 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
         assert abs(sim.drafted - result.drafted) <= 0.15 * result.drafted
 
 
-@pytest.mark.parametrize("rule", [(1, 0), (3, 1), (4, 2)], ids=["unigram", "trigram-backing-off-to-1", "4-gram-backing-off-to-2"])
+@pytest.mark.parametrize(
+    "rule",
+    [(1, 0, 0, 3), (3, 1, 0, 3), (4, 2, 0, 3), (8, 1, 1, 6), (8, 2, 2, 5)],
+    ids=["unigram", "trigram-backing-off-to-1", "4-gram-backing-off-to-2", "8-gram-drafts-by-match-from-1", "8-gram-drafts-by-match-from-2"],
+)
 def test_prompt_lookup_is_replayed_exactly(rule):
     """Lookup drafts once per round from committed tokens, so the replay's rounds are the engine's:
-    the same drafts, acceptances and passes, call for call."""
+    the same drafts, acceptances and passes, call for call; with drafts sized by the match's
+    length (lookup_floor) too."""
     from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
     from specbound_runtime.policy import ExitPolicy
     from tiny_models import tiny_model
 
+    ngram, lookup_min, floor, m = rule
     model = tiny_model("llama", seed=3)
     lm = HFCausalLM(model)
-    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=3, lookup_ngram=rule[0], lookup_max=3, lookup_min=rule[1])
-    drafted = 0
-    for prompt in ([5, 9, 20, 5, 9, 21, 5, 9], [40, 41, 42, 43, 40, 41], [7, 8, 7, 8, 7]):
+    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=m, lookup_ngram=ngram, lookup_max=m, lookup_min=lookup_min, lookup_floor=floor)
+    drafted, widths = 0, set()
+    for prompt in ([5, 9, 20, 5, 9, 21, 5, 9], [40, 41, 42, 43, 40, 41], [7, 8, 7, 8, 7], [3, 4, 5, 6, 7, 8, 9, 3, 4, 5, 6, 7, 8]):
         answer = list(generate(lm, prompt, 40, NoDrafter()).token_ids)
         seq = C.RecordedSequence("s", False, True, tuple(prompt + answer), len(prompt) - 1)
         n = len(answer) + 1
@@ -232,14 +238,18 @@ def test_prompt_lookup_is_replayed_exactly(rule):
                       np.zeros((n, 1, 0), bool), np.zeros((n, 1, 0, 1), np.float32), ()),
             [seq],
         )
-        g = C.lookup_column(*rule)
+        g = C.lookup_column(ngram, lookup_min)
+        lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g], records.lookup_size[:, g])
         none = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.zeros(n, np.int64))
-        sim = simulate(none, [(0, n - 1)], COST, 6, 3, Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g]), 3)
+        sim = simulate(none, [(0, n - 1)], COST, 6, m, lookups, m, lookup_floor=floor)
         result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
         assert list(result.token_ids) == answer
         assert (sim.rounds, sim.drafted, sim.accepted) == (result.verify_passes, result.drafted, result.accepted)
         drafted += result.drafted
+        widths |= {int(w) for w in lookups.drafts(m, floor) if w}
     assert drafted > 0
+    if floor:  # the drafts' sizes followed the matches: narrower and wider ones both occurred
+        assert min(widths) < m and max(widths) > floor
 
 
 # A cost model whose layer calls and LM-head reads jump at four positions, as SmolLM2's do on a
@@ -415,7 +425,7 @@ def _exports_the_best_trial(art, work, report) -> None:
     paper_checks = default_check_layers(L)
     assert trials[0].params == {
         "head": "plain", "schedule": "paper", "threshold": PAPER_THRESHOLD, **{f"check_{l}": l in paper_checks for l in layers},
-        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup": "off", "lookup_max": 1, "head_draft": False,
+        "d_max": paper_checks[-1], "w_max": PAPER_W_MAX, "lookup": "off", "lookup_max": 1, "lookup_floor": 0, "head_draft": False,
     }
     best = max(trials, key=lambda t: (t.value, -t.number))
     simulated = json.loads(art.metadata["simulation"])
@@ -425,8 +435,9 @@ def _exports_the_best_trial(art, work, report) -> None:
         policy = art.policy
         fallbacks = [c for c in fallback_candidates(L, with_head=True)]
         assert any(
-            (c.checks, c.w_max, c.lookup_ngram, c.lookup_max, c.head_draft, c.lookup_min)
-            == (policy.check_layers, policy.w_max, policy.lookup_ngram, policy.lookup_max, policy.head_draft, policy.lookup_min)
+            (c.checks, c.w_max, c.lookup_ngram, c.lookup_max, c.head_draft, c.lookup_min, c.lookup_floor)
+            == (policy.check_layers, policy.w_max, policy.lookup_ngram, policy.lookup_max, policy.head_draft, policy.lookup_min,
+                policy.lookup_floor)
             for c in fallbacks
         )
         assert (art.exit_weights.next_head is not None) == policy.head_draft
@@ -439,6 +450,7 @@ def _exports_the_best_trial(art, work, report) -> None:
     assert (policy.check_layers, policy.d_max, policy.w_max) == (checks, checks[-1] if checks else L, p["w_max"])
     assert lookup_rule_name(policy.lookup_ngram, policy.lookup_min) == p["lookup"]
     assert policy.lookup_max == (p["lookup_max"] if p["lookup"] != "off" else 0)
+    assert policy.lookup_floor == (p["lookup_floor"] if p["lookup"] != "off" and p["lookup_floor"] < p["lookup_max"] else 0)
     assert policy.head_draft == p["head_draft"] and (art.exit_weights.next_head is not None) == p["head_draft"]
     assert policy.thresholds == pytest.approx((p["threshold"],) * len(checks))
     calibration = report["calibration"][p["head"]]

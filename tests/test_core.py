@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specbound_runtime.acceptance import accept
-from specbound_runtime.policy import ExitPolicy, decide_exit, exit_confidence, lookup_continuation, paper_temperatures
+from specbound_runtime.policy import ExitPolicy, decide_exit, exit_confidence, lookup_continuation, lookup_match, paper_temperatures
 
 
 def _logits_for(tokens, vocab=10):
@@ -165,3 +165,29 @@ def test_lookup_settings_are_both_on_or_both_off():
     for ngram, lookup_min in ((3, 4), (0, 1), (2, -1)):  # backoff past the n-gram, without lookup, negative
         with pytest.raises(ValueError):
             ExitPolicy(**base, lookup_ngram=ngram, lookup_max=2 if ngram else 0, lookup_min=lookup_min)
+
+
+@pytest.mark.parametrize(
+    "tokens,ngram,lowest,expected",
+    [
+        ([1, 2, 3, 7, 4, 2, 3, 8, 1, 2, 3], 8, 1, (2, 3)),  # "1 2 3" matched 3 tokens, ending at index 2
+        ([8, 2, 3, 5, 1, 2, 3, 6, 9, 2, 3], 8, 1, (6, 2)),  # the most recent of the two 2-token matches
+        ([7, 7, 7, 7], 8, 1, (2, 3)),  # overlapping: "7 7 7" ending at index 2 (nothing follows index 3)
+        ([5, 6, 7, 6, 9, 1, 8, 9], 3, 2, (-1, 0)),  # a 1-token match is below the backoff's lowest
+        ([1, 2], 2, 1, (-1, 0)),
+    ],
+)
+def test_lookup_match_reports_where_the_longest_match_ends_and_its_length(tokens, ngram, lowest, expected):
+    assert lookup_match(tokens, ngram, lowest) == expected
+
+
+def test_lookup_drafts_follow_the_match_length_between_the_floor_and_lookup_max():
+    base = dict(num_layers=6, check_layers=(), temperatures=(), thresholds=(), d_max=6, w_max=6, lookup_ngram=8, lookup_min=1)
+    sized = ExitPolicy(**base, lookup_max=5, lookup_floor=2)
+    assert [sized.lookup_width(s) for s in (1, 2, 3, 4, 5, 8)] == [2, 2, 3, 4, 5, 5]
+    assert [ExitPolicy(**base, lookup_max=5).lookup_width(s) for s in (1, 8)] == [5, 5]  # no floor: fixed
+    for bad in dict(lookup_max=5, lookup_floor=6), dict(lookup_max=5, lookup_floor=-1):
+        with pytest.raises(ValueError, match="lookup_floor"):
+            ExitPolicy(**base, **bad)
+    with pytest.raises(ValueError, match="lookup_floor"):
+        ExitPolicy(6, (), (), (), 6, 6, lookup_floor=1)  # a floor without lookup

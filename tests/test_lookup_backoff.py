@@ -1,6 +1,6 @@
-"""Prompt lookup backing off to shorter tails (policy.lookup_min): the artifact keeps it, the
-engine drafts with it and stays exact, a broken value is refused, and an artifact without it
-reads as before."""
+"""Prompt lookup backing off to shorter tails (policy.lookup_min) and sizing its drafts by the
+match's length (policy.lookup_floor): the artifact keeps them, the engine drafts with them and
+stays exact, a broken value is refused, and an artifact without them reads as before."""
 
 from __future__ import annotations
 
@@ -62,4 +62,44 @@ def test_a_broken_backoff_is_refused(tiny, tmp_path, value, fragment):
     _, loaded = tiny
     path = _saved(loaded, tmp_path / "a.safetensors", 1)
     rewrite(path, lambda t, m: t.__setitem__("policy.lookup_backoff", value))
+    refused(path, loaded, fragment)
+
+
+def _sized(loaded, path, floor):
+    policy = ExitPolicy(4, (), (), (), 4, 6, lookup_ngram=8, lookup_max=6, lookup_min=1, lookup_floor=floor)
+    return save_tiny_artifact(loaded, path, policy=policy)
+
+
+def test_drafts_sized_by_the_match_survive_the_round_trip_and_decode_exactly(tiny, tmp_path):
+    import specbound_runtime as sb
+
+    folder, loaded = tiny
+    path = _sized(loaded, tmp_path / "sized.safetensors", 2)
+    assert read_artifact(path).policy.lookup_floor == 2
+    m = sb.load(str(folder), artifact=path)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 5, 6]])
+    out = m.generate_with_stats(ids, max_new_tokens=24, do_sample=False)
+    assert out.stats.drafted > 0
+    assert torch.equal(out.sequences, m.model.generate(ids, max_new_tokens=24, do_sample=False))
+    assert "x2-6 by match length" in invoke("inspect", path).output
+    plain = _sized(loaded, tmp_path / "fixed.safetensors", 0)
+    assert "policy.lookup_floor" not in _read(plain)[1]
+    assert read_artifact(plain).policy.lookup_floor == 0
+
+
+@pytest.mark.parametrize(
+    "value,fragment",
+    [
+        (torch.tensor([7]), "lookup_floor must be 0"),
+        (torch.tensor([1, 2]), "policy.lookup_floor must hold one value"),
+        (torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
+    ],
+    ids=["past-lookup-max", "two-values", "float"],
+)
+def test_a_broken_floor_is_refused(tiny, tmp_path, value, fragment):
+    from test_errors import refused, rewrite
+
+    _, loaded = tiny
+    path = _sized(loaded, tmp_path / "a.safetensors", 2)
+    rewrite(path, lambda t, m: t.__setitem__("policy.lookup_floor", value))
     refused(path, loaded, fragment)

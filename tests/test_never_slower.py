@@ -37,6 +37,7 @@ def _records(
         layers=LAYERS,
         lookup_proposed=np.full((n, len(LOOKUP_RULES)), 3, np.int64),
         lookup_right=np.full((n, len(LOOKUP_RULES)), lookup_right, np.int64),
+        lookup_size=np.full((n, len(LOOKUP_RULES)), 2, np.int64),  # every match on 2 tokens
         head_right=None if head is None else np.random.default_rng(seed + 100).random(n) < head,
     )
 
@@ -171,7 +172,7 @@ def test_a_replay_with_the_head_costs_the_same_whichever_way_it_is_priced():
 def test_tuning_trials_search_the_head(tmp_path):
     """Early exit and the next-token head both pay (lookup does not): the trials themselves,
     not only the fallbacks, try the head, and a trial that drafts with it wins."""
-    result = _tune(_records(right=0.9, head=0.9), COST, tmp_path, trials=12)
+    result = _tune(_records(right=0.9, head=0.9), COST, tmp_path, trials=24)
     policy = result.best.policy(SCHEDULES)
     assert result.best_trial >= 0 and policy.head_draft and policy.lookup_ngram == 0
     assert result.value.head_reads > 0 and result.value.speedup > 1.2
