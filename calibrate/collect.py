@@ -332,7 +332,7 @@ class Records:
     right: np.ndarray
     conf: np.ndarray
     layers: tuple[int, ...]
-    lookup_proposed: np.ndarray | None = None  # [N, ngrams]: prompt lookup per n-gram size 1..
+    lookup_proposed: np.ndarray | None = None  # [N, rules]: prompt lookup per rule of LOOKUP_RULES
     lookup_right: np.ndarray | None = None
     accept: np.ndarray | None = None  # [N, heads, C]: acceptance probability under sampling
     draws: np.ndarray | None = None  # [N]: a uniform number per position, deciding acceptance in replay

@@ -146,13 +146,18 @@ def fallback_candidates(num_layers: int, with_head: bool = False) -> list[Candid
     drafts (LOOKUP_FLOORS); with the head recorded, then the head alone and lookup + head under
     every one of those (the head drafts where lookup proposes nothing, so the width bound is
     lookup's)."""
-    sizes = [(m, f) for m in range(1, LOOKUP_MAX + 1) for f in LOOKUP_FLOORS if f == 0 or f < m]
+    # (rule, width, floor) without repeats: a floor changes nothing on an exact rule (every match
+    # has the same length), and every floor up to a backoff's lowest tail drafts alike
+    sizes = [
+        (g, b, m, f) for g, b in LOOKUP_RULES for m in range(1, LOOKUP_MAX + 1) for f in LOOKUP_FLOORS
+        if f == 0 or (b and max(f, b) == f < m)
+    ]
     out = [no_exit_candidate(num_layers)] + [
-        no_exit_candidate(num_layers, m, g, m, lookup_min=b, lookup_floor=f) for g, b in LOOKUP_RULES for m, f in sizes
+        no_exit_candidate(num_layers, m, g, m, lookup_min=b, lookup_floor=f) for g, b, m, f in sizes
     ]
     if with_head:
         out += [no_exit_candidate(num_layers, 1, head_draft=True)] + [
-            no_exit_candidate(num_layers, m, g, m, True, b, f) for g, b in LOOKUP_RULES for m, f in sizes
+            no_exit_candidate(num_layers, m, g, m, True, b, f) for g, b, m, f in sizes
         ]
     return out
 

@@ -252,6 +252,45 @@ def test_prompt_lookup_is_replayed_exactly(rule):
         assert min(widths) < m and max(widths) > floor
 
 
+def test_lookup_match_and_the_recorded_lookup_columns_agree_with_a_naive_backoff_on_random_sequences():
+    """The engine's one-scan lookup_match and the recorder's columns (proposed, right, matched size
+    per rule) both equal the plain definition: the longest tail, from ngram down to the backoff's
+    lowest, that occurred earlier, at its most recent occurrence."""
+    from specbound_runtime.policy import lookup_match
+
+    def naive(tokens, ngram, lowest):
+        for size in range(ngram, (lowest or ngram) - 1, -1):
+            for end in range(len(tokens) - 2, size - 2, -1):
+                if tokens[end - size + 1 : end + 1] == tokens[len(tokens) - size :]:
+                    return end, size
+        return -1, 0
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(40):
+        ids = [int(x) for x in rng.integers(0, rng.integers(2, 5), size=int(rng.integers(2, 40)))]
+        seq = C.RecordedSequence("r", False, True, tuple(ids), 0)
+        n = len(ids)
+        records = C.with_lookups(
+            C.Records(np.zeros(n, np.int32), np.zeros(n, bool), np.ones(n, bool), np.zeros(n, np.int32),
+                      np.zeros((n, 1, 0), bool), np.zeros((n, 1, 0, 1), np.float32), ()),
+            [seq],
+        )
+        for g, (ngram, lowest) in enumerate(C.LOOKUP_RULES):
+            for p in range(n):
+                tokens = ids[: p + 1]
+                end, size = naive(tokens, ngram, lowest)
+                assert lookup_match(tokens, ngram, lowest) == (end, size)
+                cont = tokens[end + 1 : end + 1 + C.LOOKUP_MAX] if size else []
+                truth = ids[p + 1 : p + 1 + len(cont)]
+                right = next((k for k, (a, b) in enumerate(zip(cont, truth)) if a != b), min(len(cont), len(truth)))
+                assert (records.lookup_proposed[p, g], records.lookup_right[p, g], records.lookup_size[p, g]) == (
+                    len(cont), right, size
+                )
+                checked += size > 0
+    assert checked > 1000
+
+
 # A cost model whose layer calls and LM-head reads jump at four positions, as SmolLM2's do on a
 # 2-core CPU (the BLAS switches kernels): only pricing each call by its width gets it right.
 CLIFF = CostModel(

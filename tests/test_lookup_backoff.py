@@ -47,24 +47,6 @@ def test_an_artifact_without_backoff_reads_as_before(tiny, tmp_path):
     assert read_artifact(path).policy.lookup_min == 0
 
 
-@pytest.mark.parametrize(
-    "value,fragment",
-    [
-        (torch.tensor([4]), "lookup_min must be 0 (no backoff) or within 1..lookup_ngram (3)"),
-        (torch.tensor([1, 1]), "policy.lookup_backoff must hold one value"),
-        (torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
-    ],
-    ids=["past-the-ngram", "two-values", "float"],
-)
-def test_a_broken_backoff_is_refused(tiny, tmp_path, value, fragment):
-    from test_errors import refused, rewrite
-
-    _, loaded = tiny
-    path = _saved(loaded, tmp_path / "a.safetensors", 1)
-    rewrite(path, lambda t, m: t.__setitem__("policy.lookup_backoff", value))
-    refused(path, loaded, fragment)
-
-
 def _sized(loaded, path, floor):
     policy = ExitPolicy(4, (), (), (), 4, 6, lookup_ngram=8, lookup_max=6, lookup_min=1, lookup_floor=floor)
     return save_tiny_artifact(loaded, path, policy=policy)
@@ -88,18 +70,21 @@ def test_drafts_sized_by_the_match_survive_the_round_trip_and_decode_exactly(tin
 
 
 @pytest.mark.parametrize(
-    "value,fragment",
+    "name,value,fragment",
     [
-        (torch.tensor([7]), "lookup_floor must be 0"),
-        (torch.tensor([1, 2]), "policy.lookup_floor must hold one value"),
-        (torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
+        ("policy.lookup_backoff", torch.tensor([9]), "lookup_min must be 0 (no backoff) or within 1..lookup_ngram (8)"),
+        ("policy.lookup_backoff", torch.tensor([1, 1]), "policy.lookup_backoff must hold one value"),
+        ("policy.lookup_backoff", torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
+        ("policy.lookup_floor", torch.tensor([7]), "lookup_floor must be 0"),
+        ("policy.lookup_floor", torch.tensor([1, 2]), "policy.lookup_floor must hold one value"),
+        ("policy.lookup_floor", torch.tensor([1.0], dtype=torch.float64), "must hold integers"),
     ],
-    ids=["past-lookup-max", "two-values", "float"],
+    ids=["backoff-past-the-ngram", "backoff-two-values", "backoff-float", "floor-past-lookup-max", "floor-two-values", "floor-float"],
 )
-def test_a_broken_floor_is_refused(tiny, tmp_path, value, fragment):
+def test_a_broken_backoff_or_floor_is_refused(tiny, tmp_path, name, value, fragment):
     from test_errors import refused, rewrite
 
     _, loaded = tiny
     path = _sized(loaded, tmp_path / "a.safetensors", 2)
-    rewrite(path, lambda t, m: t.__setitem__("policy.lookup_floor", value))
+    rewrite(path, lambda t, m: t.__setitem__(name, value))
     refused(path, loaded, fragment)
