@@ -658,20 +658,20 @@ def _trials(storage: str, state: str | None = None):
     return [t for t in trials if state is None or t.state.name == state]
 
 
-PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4, "lookup": "off", "lookup_max": 1}
+PAPER_PARAMS = {"head": "plain", "schedule": "paper", "threshold": 0.9, "check_2": True, "check_3": True, "d_max": 3, "w_max": 4, "lookup": "off", "lookup_max": 1, "lookup_floor": 0}
 
 
 def test_interrupted_tuning_resumes_from_its_storage(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     with pytest.raises(KeyboardInterrupt):
-        _tune(storage, 12, interrupt_after=4)
+        _tune(storage, 20, interrupt_after=4)
     assert len(_trials(storage, "COMPLETE")) == 5  # Ctrl-C came after the fifth trial was stored
 
     counts: list[int] = []
-    result = _tune(storage, 12, counts=counts)
-    assert counts == [5] + [1] * 7  # the 5 finished trials are counted, only 7 more run
+    result = _tune(storage, 20, counts=counts)
+    assert counts == [5] + [1] * 15  # the 5 finished trials are counted, only 15 more run
     trials = _trials(storage)
-    assert [t.user_attrs["index"] for t in trials] == list(range(12)) and all(t.state.name == "COMPLETE" for t in trials)
+    assert [t.user_attrs["index"] for t in trials] == list(range(20)) and all(t.state.name == "COMPLETE" for t in trials)
     # the paper's defaults were enqueued once, as the very first trial, and not again on resume
     assert trials[0].params == PAPER_PARAMS and sum(t.params == PAPER_PARAMS for t in trials) == 1
     # the result is the best of every trial in storage, those before the interruption included,
@@ -683,8 +683,8 @@ def test_interrupted_tuning_resumes_from_its_storage(tmp_path):
     assert round(result.paper.speedup, 6) == trials[0].value < result.value.speedup
     # asking again for as many trials runs none
     again: list[int] = []
-    _tune(storage, 12, counts=again)
-    assert again == [12] and len(_trials(storage)) == 12
+    _tune(storage, 20, counts=again)
+    assert again == [20] and len(_trials(storage)) == 20
 
 
 _TUNE_FIX = (
