@@ -10,7 +10,7 @@ what the engine's prompt lookup proposes from the true context (specbound_runtim
 lookup_match, and ExitPolicy.lookup_width with drafts sized by the match's length; nothing else
 drafts) and pays one verification pass over its width plus the round overhead; the figure is the
 speedup over plain decoding, prefill excluded. Every rule of calibrate.collect.LOOKUP_RULES is
-replayed with fixed drafts (up to 1..4) and drafts sized by the match (floor 1 or 2, up to 4 or 8).
+replayed with fixed drafts (up to 1..4 and 8) and drafts sized by the match (floor 1 or 2, up to 4 or 8).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from specbound.calibrate.collect import LOOKUP_RULES
 from specbound.calibrate.simulate import CostModel
 from specbound_runtime.policy import ExitPolicy, lookup_match
 
-SIZES = [(m, 0) for m in (1, 2, 3, 4)] + [(4, 1), (8, 1), (4, 2), (8, 2)]  # (lookup_max, lookup_floor)
+SIZES = [(m, 0) for m in (1, 2, 3, 4, 8)] + [(4, 1), (8, 1), (4, 2), (8, 2)]  # (lookup_max, lookup_floor)
 
 
 def replay(items, cost: CostModel, ngram: int, lookup_min: int, m: int, floor: int = 0) -> float:
