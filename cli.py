@@ -395,16 +395,18 @@ def _gram_words(ngram: int, lookup_min: int = 0) -> str:
     return f"{ngram}-gram backing off to {lookup_min}" if lookup_min and lookup_min != ngram else f"{ngram}-gram"
 
 
-def _lookup_drafts(lookup_max: int, lookup_floor: int = 0) -> str:
-    """How many tokens a lookup match drafts: fixed, or sized by the match's length."""
+def _lookup_drafts(lookup_max: int, lookup_floor: int, ngram: int) -> str:
+    """How many tokens a lookup match drafts: fixed, or sized by the match's length (a match is at
+    most `ngram` tokens long, so that bounds what it drafts beyond the floor)."""
     if not lookup_floor:
         return f"x{lookup_max}"
-    return f"x{lookup_floor}-{lookup_max} by match length" if lookup_floor < lookup_max else f"x{lookup_max}"
+    most = min(lookup_max, max(lookup_floor, ngram))
+    return f"x{lookup_floor}-{most} by match length" if lookup_floor < most else f"x{most}"
 
 
 def _policy_words(pol: dict) -> str:
     lookup = (
-        f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} {_lookup_drafts(pol['lookup_max'], pol.get('lookup_floor', 0))}"
+        f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} {_lookup_drafts(pol['lookup_max'], pol.get('lookup_floor', 0), pol['lookup_ngram'])}"
         if pol["lookup_ngram"]
         else "no prompt lookup"
     )
@@ -517,7 +519,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor)} head draft: {'on' if p.head_draft else 'off'}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)} head draft: {'on' if p.head_draft else 'off'}")
         if info["exit_head"]:
             nh = art.exit_weights.next_head
             typer.echo(

@@ -6,9 +6,8 @@ ANSWERS: the answers file scripts/directions.py caches (default
 runs/directions/answers-s0-b3-x24-n128.json: 18 bench answers never seen by calibration, split
 "test", and 24 own answers to calibration prompts, split "train"). COSTS: a cost model with
 per-width costs (default: the newest r4 entry in ~/.cache/specbound/costs/). Every round drafts
-what the engine's prompt lookup proposes from the true context (specbound_runtime.policy's
-lookup_match, and ExitPolicy.lookup_width with drafts sized by the match's length; nothing else
-drafts) and pays one verification pass over its width plus the round overhead; the figure is the
+what the engine's prompt lookup proposes from the true context (ExitPolicy.lookup_drafts, with
+fixed drafts or drafts sized by the match's length; nothing else drafts) and pays one verification pass over its width plus the round overhead; the figure is the
 speedup over plain decoding, prefill excluded. Every rule of calibrate.collect.LOOKUP_RULES is
 replayed with fixed drafts (up to 1..4 and 8) and drafts sized by the match (floor 1 or 2, up to 4 or 8).
 """
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from specbound.calibrate.collect import LOOKUP_RULES
 from specbound.calibrate.simulate import CostModel
-from specbound_runtime.policy import ExitPolicy, lookup_match
+from specbound_runtime.policy import ExitPolicy
 
 SIZES = [(m, 0) for m in (1, 2, 3, 4, 8)] + [(4, 1), (8, 1), (4, 2), (8, 2)]  # (lookup_max, lookup_floor)
 
@@ -34,10 +33,7 @@ def replay(items, cost: CostModel, ngram: int, lookup_min: int, m: int, floor: i
         prompt, answer = item["prompt"], item["answer"]
         t = 1  # the first token comes from the prefill
         while t < len(answer):
-            context = prompt + answer[:t]
-            end, matched = lookup_match(context, ngram, lookup_min)
-            width = min(policy.lookup_width(matched), len(answer) - t - 1)
-            proposal = context[end + 1 : end + 1 + width] if matched else []
+            proposal = policy.lookup_drafts(prompt + answer[:t], len(answer) - t - 1)
             right = 0
             while right < len(proposal) and proposal[right] == answer[t + right]:
                 right += 1

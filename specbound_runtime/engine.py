@@ -27,7 +27,7 @@ import torch
 from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
 from .host import read, to_device
-from .policy import ExitPolicy, decide_exit, lookup_match
+from .policy import ExitPolicy, decide_exit
 from .sampling import Sampler, draft_probabilities, exact_dtype, full_vocabulary, probabilities
 
 
@@ -177,7 +177,7 @@ class EarlyExitDrafter:
     """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
     threshold; stop at the first hard token (depth bound reached) or at the width bound. With
     prompt lookup on (policy.lookup_ngram), a continuation found earlier in the committed tokens
-    is drafted first, once per round (up to policy.lookup_width(matched) tokens), at depth 0 (exit layer 0 in the
+    is drafted first, once per round (policy.lookup_drafts), at depth 0 (exit layer 0 in the
     statistics). With policy.head_draft, a round where lookup proposes nothing starts with one
     draft of the fitted next-token head, at depth 0 too (a deterministic proposal: q is one-hot
     under sampling). Early exit goes on from there up to the width bound.
@@ -196,9 +196,7 @@ class EarlyExitDrafter:
         if limit < 1:
             return
         if policy.lookup_ngram:  # once, at the start of the round: from the committed tokens
-            end, matched = lookup_match(seq.tokens, policy.lookup_ngram, policy.lookup_min)
-            found = seq.tokens[end + 1 : end + 1 + min(policy.lookup_width(matched), limit)] if matched else []
-            for token in found:
+            for token in policy.lookup_drafts(seq.tokens, limit):
                 seq.push_draft(token, 0)
                 if token in self.eos_token_ids:
                     return

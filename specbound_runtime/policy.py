@@ -108,6 +108,15 @@ class ExitPolicy:
             return self.lookup_max
         return min(self.lookup_max, max(self.lookup_floor, matched))
 
+    def lookup_drafts(self, tokens: list[int], limit: int) -> list[int]:
+        """What prompt lookup drafts after `tokens` (at most `limit`): the continuation of the
+        longest matching tail (lookup_match), as many tokens as lookup_width allows. [] with
+        lookup off or no match."""
+        if not self.lookup_ngram:
+            return []
+        end, matched = lookup_match(tokens, self.lookup_ngram, self.lookup_min)
+        return tokens[end + 1 : end + 1 + min(self.lookup_width(matched), limit)] if matched else []
+
     @property
     def active_checks(self) -> tuple[tuple[int, float, float], ...]:
         """(layer, temperature, threshold) for the check layers within the depth bound."""

@@ -64,6 +64,9 @@ def test_drafts_sized_by_the_match_survive_the_round_trip_and_decode_exactly(tin
     assert out.stats.drafted > 0
     assert torch.equal(out.sequences, m.model.generate(ids, max_new_tokens=24, do_sample=False))
     assert "x2-6 by match length" in invoke("inspect", path).output
+    # a match is at most 8 tokens, so a cap of 10 drafts at most 8: inspect says what it drafts
+    wide = ExitPolicy(4, (), (), (), 4, 10, lookup_ngram=8, lookup_max=10, lookup_min=1, lookup_floor=2)
+    assert "x2-8 by match length" in invoke("inspect", save_tiny_artifact(loaded, tmp_path / "wide.safetensors", policy=wide)).output
     plain = _sized(loaded, tmp_path / "fixed.safetensors", 0)
     assert "policy.lookup_floor" not in _read(plain)[1]
     assert read_artifact(plain).policy.lookup_floor == 0
