@@ -256,7 +256,7 @@ def bench_settings(opts: BenchOptions, methods: tuple[str, ...], loaded, artifac
     checked when a bench resumes. The command line and the folder are not in it."""
     return {
         "model": loaded.fingerprint.to_dict(),
-        "tokenizer_sha256": loaded.tokenizer_fingerprint,
+        "tokenizer_sha256": loaded.tokenizer_fingerprint.sha256,
         "artifact_sha256": artifact_sha,
         "tasks": list(opts.tasks),
         "methods": list(methods),

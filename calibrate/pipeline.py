@@ -637,7 +637,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     metadata = {
         "package_version": specbound_runtime.__version__,
         "model_fingerprint": json.dumps(fp.to_dict(), sort_keys=True),
-        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "tokenizer_fingerprint": json.dumps(loaded.tokenizer_fingerprint.to_dict(), sort_keys=True),
         "corpus_fingerprint": C.fingerprint_sequences(collected.sequences),
         "corpus": opts.corpus,
         "job": json.dumps(plan.job, sort_keys=True),

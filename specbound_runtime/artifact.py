@@ -22,10 +22,12 @@ import torch
 from .errors import ArtifactError
 from .exit_head import ExitHeadWeights
 from .files import atomic_write_bytes
-from .fingerprints import ModelFingerprint
+from .fingerprints import HEX64, ModelFingerprint, TokenizerFingerprint
 from .policy import ExitPolicy
 
-SCHEMA_VERSION = 2  # 2: a policy may have no check layers (lookup only, or no drafting)
+# 2: a policy may have no check layers (lookup only, or no drafting). 3: fingerprints name what the
+# model computes (allow-listed config values, weights) and what the tokenizer does, field by field.
+SCHEMA_VERSION = 3
 KIND = "specbound-artifact"
 
 _DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float64: "F64", torch.int32: "I32"}
@@ -281,27 +283,32 @@ def read_artifact(path: str | Path) -> Artifact:
     return Artifact(policy=policy, exit_weights=weights, metadata=metadata)
 
 
-def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: str | None = None) -> Artifact:
-    """Read an artifact and refuse it unless it was fitted for this model and tokenizer."""
+def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint=None) -> Artifact:
+    """Read an artifact and refuse it unless it was fitted for this model and tokenizer
+    (fingerprints.ModelFingerprint, TokenizerFingerprint), naming the first field that differs."""
     artifact = read_artifact(path)
     theirs = artifact.meta_json("model_fingerprint")
+    if isinstance(theirs, dict) and "config" not in theirs and "config_sha256" in theirs:
+        raise ArtifactError(
+            f"{path} was made by an older SpecBound, whose model fingerprint hashed how the model was loaded "
+            "along with what it computes; recalibrate for this model"
+        )
+    mismatch = _fingerprint(path, ModelFingerprint, theirs).mismatch(model_fingerprint)
+    if mismatch is None and tokenizer_fingerprint is not None:
+        raw = artifact.metadata.get("tokenizer_fingerprint")
+        if raw is not None and HEX64.match(raw):
+            raise ArtifactError(
+                f"{path} was made by an older SpecBound, whose tokenizer fingerprint is one hash; "
+                "recalibrate for this tokenizer"
+            )
+        try:
+            their_tok = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError:
+            their_tok = raw
+        mismatch = _fingerprint(path, TokenizerFingerprint, their_tok).mismatch(tokenizer_fingerprint)
+    if mismatch is not None:
+        raise ArtifactError(f"{path} was fitted for {mismatch.describe()}; recalibrate for this {mismatch.subject}")
     ours = model_fingerprint.to_dict()
-    try:
-        their_fingerprint = ModelFingerprint.from_dict(theirs)
-        same, their_desc = their_fingerprint.same_model(model_fingerprint), their_fingerprint.short()
-    except ArtifactError:
-        same, their_desc = False, str(theirs)
-    if not same:
-        raise ArtifactError(
-            f"{path} was fitted for model [{their_desc}], not this model [{model_fingerprint.short()}]; "
-            "recalibrate for this model"
-        )
-    their_tok = artifact.metadata.get("tokenizer_fingerprint")
-    if tokenizer_fingerprint is not None and their_tok != tokenizer_fingerprint:
-        raise ArtifactError(
-            f"{path} was fitted with tokenizer {str(their_tok)[:12]}, this model's is {tokenizer_fingerprint[:12]}; "
-            "recalibrate for this tokenizer"
-        )
     hidden = ours.get("hidden_size")
     if artifact.exit_weights is not None:
         for layer, (w, b) in artifact.exit_weights.lens.items():
@@ -316,3 +323,11 @@ def load_artifact(path: str | Path, model_fingerprint, tokenizer_fingerprint: st
         if sl is not None and (int(sl.min()) < 0 or int(sl.max()) >= ours.get("vocab_size", 1 << 62)):
             raise ArtifactError(f"{path}: short-list token ids fall outside the model's vocabulary")
     return artifact
+
+
+def _fingerprint(path, kind, data):
+    """An artifact's recorded fingerprint; a damaged one is refused, naming the file."""
+    try:
+        return kind.from_dict(data)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None

@@ -33,7 +33,7 @@ import torch
 
 from .adapter import SUPPORTED_MODEL_TYPES
 from .errors import ArtifactError, ModelError
-from .fingerprints import HEX64, ModelFingerprint, fingerprint_model, fingerprint_tokenizer
+from .fingerprints import ModelFingerprint, TokenizerFingerprint, fingerprint_model, fingerprint_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ class LoadedModel:
     tokenizer: Any
     source: str  # the folder or file the weights were read from, and the GGUF it came from if any
     fingerprint: ModelFingerprint
-    tokenizer_fingerprint: str
+    tokenizer_fingerprint: TokenizerFingerprint
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, ModelFingerprint):
             raise ValueError("fingerprint must be a ModelFingerprint")
-        if not HEX64.match(self.tokenizer_fingerprint):
-            raise ValueError("tokenizer_fingerprint must be 64 lowercase hex digits")
+        if not isinstance(self.tokenizer_fingerprint, TokenizerFingerprint):
+            raise ValueError("tokenizer_fingerprint must be a TokenizerFingerprint")
 
 
 def eos_token_ids(loaded) -> tuple[int, ...]:
@@ -228,7 +228,7 @@ def _load_folder(
     device: torch.device = torch.device("cpu"),
 ) -> LoadedModel:
     """Load a local HF folder (dtype None: the checkpoint's own). `fingerprint`, when given, is
-    trusted instead of hashing the weights."""
+    trusted for the weights' hashes instead of hashing them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_folder(folder)
@@ -260,8 +260,9 @@ def _load_folder(
         raise ModelError(f"cannot load the weights in {folder}: {_first_line(exc)}") from exc
     _check_loading_info(info, str(folder), "the folder of a complete *ForCausalLM checkpoint")
     model.eval()
-    if fingerprint is None or next(model.parameters()).dtype != torch.float32:
-        fingerprint = fingerprint_model(model)  # a cached one is of the float32 weights
+    # A cached fingerprint vouches for the float32 weights' hashes only: the config is read afresh.
+    cached = fingerprint if next(model.parameters()).dtype == torch.float32 else None
+    fingerprint = fingerprint_model(model, weights_of=cached)
     model.to(device)
     return LoadedModel(
         model=model,

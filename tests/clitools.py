@@ -43,7 +43,7 @@ def save_tiny_artifact(loaded, path, policy: ExitPolicy | None = None, exit_weig
     policy = policy or ExitPolicy.paper_default(loaded.fingerprint.num_layers)
     meta = {
         "model_fingerprint": json.dumps(loaded.fingerprint.to_dict(), sort_keys=True),
-        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "tokenizer_fingerprint": json.dumps(loaded.tokenizer_fingerprint.to_dict(), sort_keys=True),
         **(metadata or {}),
     }
     return save_artifact(path, Artifact(policy=policy, exit_weights=exit_weights, metadata=meta))

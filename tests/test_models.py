@@ -13,8 +13,19 @@ import torch
 import specbound_runtime.models as models_module
 from helpers import make_tiny_gguf, make_tiny_model_folder, make_tiny_tokenizer
 
+from clitools import save_tiny_artifact
+from tiny_models import ARCHITECTURES, tiny_model
+
+from specbound_runtime.adapter import SUPPORTED_MODEL_TYPES
+from specbound_runtime.artifact import load_artifact
 from specbound_runtime.errors import ArtifactError, ModelError, SpecBoundError
-from specbound_runtime.fingerprints import ModelFingerprint, fingerprint_model, fingerprint_tokenizer
+from specbound_runtime.fingerprints import (
+    COMPUTE_CONFIG_KEYS,
+    ModelFingerprint,
+    TokenizerFingerprint,
+    fingerprint_model,
+    fingerprint_tokenizer,
+)
 from specbound_runtime.models import LoadedModel, eos_token_ids, resolve_model
 
 
@@ -73,13 +84,20 @@ def test_one_changed_weight_changes_the_hash(tiny_folder):
     assert after.config_sha256 == before.config_sha256
 
 
-def test_config_hash_ignores_volatile_keys_but_not_real_ones(tiny_folder):
+def test_config_fingerprint_ignores_how_the_model_was_loaded_but_not_what_it_computes(tiny_folder):
     model = resolve_model(str(tiny_folder)).model
     before = fingerprint_model(model)
     model.config._name_or_path = "/somewhere/else"
-    assert fingerprint_model(model).config_sha256 == before.config_sha256
+    model.config.architectures = None  # as transformers' GGUF loader leaves it
+    model.config.use_cache = False
+    model.config.attention_dropout = 0.5  # training only: the model runs in eval mode
+    model.config.initializer_range = 1.0
+    assert fingerprint_model(model) == before
     model.config.rms_norm_eps = 1e-3
-    assert fingerprint_model(model).config_sha256 != before.config_sha256
+    after = fingerprint_model(model)
+    assert after.config_sha256 != before.config_sha256
+    assert dict(after.config)["rms_norm_eps"] == 0.001 and dict(before.config)["rms_norm_eps"] == 1e-6
+    assert before.mismatch(after).describe() == "a model with rms_norm_eps=1e-06, this model has rms_norm_eps=0.001"
 
 
 def test_weights_hash_covers_non_fp32_dtypes_and_bf16_identity_spans_them(tiny_folder):
@@ -95,16 +113,178 @@ def test_weights_hash_covers_non_fp32_dtypes_and_bf16_identity_spans_them(tiny_f
     assert not fingerprint_model(other).same_model(fp32)
 
 
-def test_tokenizer_fingerprint_sees_vocab_specials_and_template(tmp_path):
+def test_tokenizer_fingerprint_sees_what_changes_ids_and_names_it():
     base = fingerprint_tokenizer(make_tiny_tokenizer(40))
     assert base == fingerprint_tokenizer(make_tiny_tokenizer(40))
-    assert base != fingerprint_tokenizer(make_tiny_tokenizer(41))
-    changed_template = make_tiny_tokenizer(40)
-    changed_template.chat_template = "{{ messages }}"
-    assert base != fingerprint_tokenizer(changed_template)
-    changed_eos = make_tiny_tokenizer(40)
-    changed_eos.eos_token = "<pad>"
-    assert base != fingerprint_tokenizer(changed_eos)
+
+    def changed(edit) -> str:
+        tokenizer = make_tiny_tokenizer(40)
+        edit(tokenizer)
+        mismatch = base.mismatch(fingerprint_tokenizer(tokenizer))
+        assert mismatch is not None and mismatch.subject == "tokenizer"
+        return mismatch.describe()
+
+    assert changed(lambda t: t.add_tokens(["w5w6"])).startswith("a tokenizer with vocab_size=40, this tokenizer has vocab_size=41")
+    assert "another chat template" in changed(lambda t: setattr(t, "chat_template", "{{ messages }}"))
+    assert changed(lambda t: setattr(t, "eos_token", "<pad>")) == 'a tokenizer with eos_token="</s>", this tokenizer has eos_token="<pad>"'
+    assert changed(lambda t: setattr(t, "bos_token", "<pad>")) == 'a tokenizer with bos_token="<s>", this tokenizer has bos_token="<pad>"'
+    from tokenizers import pre_tokenizers
+
+    def split_on_punctuation(t):
+        t.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+
+    assert "other tokenization rules" in changed(split_on_punctuation)
+
+
+def test_tokenizer_fingerprint_ignores_settings_that_do_not_change_ids(tmp_path):
+    base = fingerprint_tokenizer(make_tiny_tokenizer(40))
+    make_tiny_tokenizer(40, tmp_path)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, padding_side="left", model_max_length=16, truncation_side="left")
+    reloaded.pad_token = reloaded.eos_token  # what users do to batch
+    assert fingerprint_tokenizer(reloaded) == base
+
+
+class _PlainTokenizer:
+    """A tokenizer without a `tokenizers` backend: its rules are known only by what it does."""
+
+    chat_template, bos_token, eos_token, added_tokens_decoder = None, "<s>", "</s>", {}
+
+    def __init__(self, split):
+        self.split = split
+
+    def get_vocab(self):
+        return {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+
+    def encode(self, text):
+        return [len(piece) % 4 for piece in self.split(text)]
+
+
+def test_tokenizer_without_a_backend_is_known_by_its_encoding_of_a_probe_text():
+    by_space = fingerprint_tokenizer(_PlainTokenizer(str.split))
+    assert fingerprint_tokenizer(_PlainTokenizer(str.split)) == by_space
+    by_char = fingerprint_tokenizer(_PlainTokenizer(list))
+    assert by_space.mismatch(by_char).field == "rules_sha256"
+
+
+def test_every_supported_architecture_has_an_allow_list_its_config_fills():
+    assert set(COMPUTE_CONFIG_KEYS) == set(SUPPORTED_MODEL_TYPES)
+    for name in ARCHITECTURES:
+        config = tiny_model(name).config
+        for key in COMPUTE_CONFIG_KEYS[config.model_type]:
+            assert key == "head_dim" or hasattr(config, key), (name, key)  # head_dim: derived when absent
+
+
+def _perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return list(reversed(value)) if len(set(value)) > 1 else value + value[:1]
+    if isinstance(value, dict):
+        first = sorted(value)[0]
+        return {**value, first: _perturbed(value[first])}
+    return 7  # None: e.g. an unset sliding window (an unset soft-capping takes 7.0, see _set)
+
+
+def _set(config, key, value):
+    try:
+        setattr(config, key, value)
+    except Exception:  # strict config fields (huggingface_hub validation): an int where a float goes
+        setattr(config, key, float(value))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_compute_key_is_covered_and_named_when_it_differs(name):
+    model = tiny_model(name)
+    base = fingerprint_model(model)
+    for key in COMPUTE_CONFIG_KEYS[model.config.model_type]:
+        saved = getattr(model.config, key, None)
+        _set(model.config, key, _perturbed(saved if key != "head_dim" else dict(base.config)["head_dim"]))
+        try:
+            mismatch = base.mismatch(fingerprint_model(model))
+        finally:
+            setattr(model.config, key, saved)
+        named = {key, "head_dim"} if key == "num_attention_heads" else {key}  # head_dim may derive from it
+        assert mismatch is not None and mismatch.field.split(".")[0] in named, (key, mismatch)
+        assert f"this model has {mismatch.field}=" in mismatch.describe()
+    assert fingerprint_model(model) == base
+
+
+def test_unsupported_architecture_cannot_be_fingerprinted(tiny_folder):
+    model = resolve_model(str(tiny_folder)).model
+    model.config.model_type = "gpt2"
+    with pytest.raises(ModelError, match="cannot fingerprint a 'gpt2' model.*supported architectures: llama"):
+        fingerprint_model(model)
+
+
+# -- one checkpoint, however it is loaded ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory):
+    """The tiny GGUF loaded every way a user might, each as (model, tokenizer): by transformers'
+    GGUF loader, through SpecBound's converted folder, built in Python from a config written by
+    hand plus load_state_dict, and the converted folder in bfloat16 and float16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    root = tmp_path_factory.mktemp("one_checkpoint")
+    path = make_tiny_gguf(root / "tiny.gguf", seed=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECBOUND_CACHE", str(root / "cache"))
+        converted = resolve_model(str(path))
+    folder = converted.source.split(" (from ")[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, dtype=torch.float32).eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=path.name)
+
+    config = LlamaConfig(  # the GGUF's header, typed in: rms_norm_eps 1e-5, not its float32 9.99999974e-06
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    built = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    built.load_state_dict(gguf_model.state_dict())
+    gguf_tokenizer.save_pretrained(root / "tokenizer")
+    user_tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", padding_side="left", model_max_length=64)
+    user_tokenizer.pad_token = "<unk>"
+    return {
+        "converted folder": (converted.model, converted.tokenizer),
+        "gguf loader": (gguf_model, gguf_tokenizer),
+        "built in python": (built, user_tokenizer),
+        "bfloat16 copy": (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), AutoTokenizer.from_pretrained(folder)),
+        "float16 copy": (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16), AutoTokenizer.from_pretrained(folder)),
+    }
+
+
+def test_one_checkpoint_has_one_fingerprint_however_it_is_loaded(one_checkpoint):
+    model, tokenizer = one_checkpoint["converted folder"]
+    ours, our_tokenizer = fingerprint_model(model), fingerprint_tokenizer(tokenizer)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert one_checkpoint["gguf loader"][0].config.architectures is None  # the difference the user met
+    for how, (other_model, other_tokenizer) in one_checkpoint.items():
+        theirs = fingerprint_model(other_model)
+        assert theirs.config == ours.config and theirs.config_sha256 == ours.config_sha256, how
+        assert ours.mismatch(theirs) is None and theirs.mismatch(ours) is None, how
+        assert (theirs.weights_sha256 == ours.weights_sha256) == (how not in ("bfloat16 copy", "float16 copy")), how
+        assert fingerprint_tokenizer(other_tokenizer) == our_tokenizer, how
+        assert other_tokenizer('!"#$ !!').input_ids == tokenizer('!"#$ !!').input_ids
+
+
+@pytest.mark.parametrize("fitted_on", ["converted folder", "gguf loader", "float16 copy"])
+def test_an_artifact_for_one_loading_serves_every_other(fitted_on, one_checkpoint, tmp_path):
+    from types import SimpleNamespace
+
+    model, tokenizer = one_checkpoint[fitted_on]
+    fitted = SimpleNamespace(fingerprint=fingerprint_model(model), tokenizer_fingerprint=fingerprint_tokenizer(tokenizer))
+    path = save_tiny_artifact(fitted, tmp_path / "a.safetensors")
+    for how, (other_model, other_tokenizer) in one_checkpoint.items():
+        if {how, fitted_on} == {"bfloat16 copy", "float16 copy"}:
+            continue  # two roundings of the float32 weights: neither hash can tell they share a source
+        load_artifact(path, fingerprint_model(other_model), fingerprint_tokenizer(other_tokenizer))
 
 
 # -- fingerprint and eos helpers -------------------------------------------------------------------
@@ -123,6 +303,20 @@ def test_fingerprint_from_dict_rejects_damaged_input(tiny_folder):
         ModelFingerprint.from_dict({**good, "num_layers": 0})
     with pytest.raises(ArtifactError, match="malformed"):
         ModelFingerprint.from_dict({**good, "config_sha256": "xyz"})
+    with pytest.raises(ArtifactError, match="config_sha256 does not match config"):
+        ModelFingerprint.from_dict({**good, "config": {**good["config"], "rms_norm_eps": 0.5}})
+    with pytest.raises(ArtifactError, match="malformed.*config value of rms_norm_eps"):
+        ModelFingerprint.from_dict({**good, "config": {**good["config"], "rms_norm_eps": {"a": 1}}, "config_sha256": None})
+
+
+def test_tokenizer_fingerprint_round_trips_and_refuses_damaged_input(tiny_folder):
+    fp = resolve_model(str(tiny_folder)).tokenizer_fingerprint
+    good = json.loads(json.dumps(fp.to_dict()))
+    assert TokenizerFingerprint.from_dict(good) == fp
+    with pytest.raises(ArtifactError, match="lacks vocab_sha256"):
+        TokenizerFingerprint.from_dict({k: v for k, v in good.items() if k != "vocab_sha256"})
+    with pytest.raises(ArtifactError, match="malformed"):
+        TokenizerFingerprint.from_dict({**good, "eos_token": 2})
 
 
 def test_eos_token_ids_from_generation_config_then_tokenizer(tiny_folder):
@@ -314,6 +508,20 @@ def test_recorded_fingerprint_is_recomputed_when_weights_change(tmp_path, cache)
     again = resolve_model(str(path))
     assert again.fingerprint.weights_sha256 != first.fingerprint.weights_sha256
     assert again.fingerprint == fingerprint_model(again.model)
+
+
+def test_cached_fingerprint_vouches_for_the_weights_only(tmp_path, cache):
+    """The config values are read afresh: a cache written when the allow-list was another is not stale."""
+    path = make_tiny_gguf(tmp_path / "tiny.gguf")
+    first = resolve_model(str(path))
+    (entry,) = _cache_entries(cache)
+    info_path = cache / "gguf" / entry / "specbound-cache.json"
+    info = json.loads(info_path.read_text())
+    info["fingerprint"]["config"] = {"rms_norm_eps": 0.5}
+    info["fingerprint"].pop("config_sha256")
+    info_path.write_text(json.dumps(info))
+    again = resolve_model(str(path))
+    assert again.fingerprint == first.fingerprint == fingerprint_model(again.model)
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
