@@ -112,11 +112,28 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def _load_decoder(model: str, artifact: Optional[Path], device: Optional[str] = None, dtype: Optional[str] = None):
+_KERNELS_HELP = (
+    "Kernel path: auto (default) prepacks the weights for oneDNN where that measures faster here "
+    "(fp32 on the CPU; the extra memory and set-up time are printed), onednn insists, eager runs "
+    "every module's own forward."
+)
+
+
+def _kernels(value: str) -> str:
+    from specbound_runtime.kernels import KERNEL_MODES
+
+    if value not in KERNEL_MODES:
+        raise UsageError(f"--kernels must be one of {', '.join(KERNEL_MODES)}, got {value!r}")
+    return value
+
+
+def _load_decoder(model: str, artifact: Optional[Path], device: Optional[str] = None, dtype: Optional[str] = None, kernels: str = "auto"):
     import specbound_runtime as sb
     from specbound_runtime.decoder import Decoder
 
-    return Decoder(sb.load(model, artifact=artifact, device=device, dtype=dtype))
+    decoder = Decoder(sb.load(model, artifact=artifact, device=device, dtype=dtype, kernels=_kernels(kernels)))
+    _err(decoder.m.kernels.report.describe())
+    return decoder
 
 
 # Sampling options, the same on decode, bench and calibrate.
@@ -165,6 +182,7 @@ def decode(
     top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
     min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of sampling: prompt i of a file is seeded from (seed, i), so each output is reproducible alone (default: a fresh random seed per run)."),
+    kernels: str = typer.Option("auto", "--kernels", help=_KERNELS_HELP),
 ):
     """Generate with bounded early-exit self-speculation: greedy output equals plain greedy
     decoding token for token; sampled output (--temperature, --top-k, --top-p) is distributed
@@ -182,7 +200,8 @@ def decode(
         if seed is not None and seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
         prompts = _prompts(prompt, prompt_file)
-        decoder = _load_decoder(model, artifact, device, dtype)
+        kernels = _kernels(kernels)
+        decoder = _load_decoder(model, artifact, device, dtype, kernels)
         if artifact is None and not no_speculation:
             _err(
                 "note: no --artifact, so decoding uses the paper's uncalibrated schedule, which is slower "
@@ -252,6 +271,9 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
         "rss_mb": _rss_mb(),  # resident memory after this prompt: flat across prompts
         "decoding": sampling["mode"].describe(),
         "seed": sampling["seed"],  # the prompt's own seed, from (--seed, prompt index)
+        # one-time cost at load, apart from the decoding time above
+        "kernels": {"path": decoder.m.kernels.report.path, "setup_s": round(decoder.m.kernels.report.setup_s, 3),
+                    "extra_mb": round(decoder.m.kernels.report.extra_bytes / 2**20, 1)},
     }
     failed = 0
     if check_exact:
@@ -561,6 +583,7 @@ def costs(
     as_json: bool = typer.Option(False, "--json", help="Print the cost model as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu (default), cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU)."),
+    kernels: str = typer.Option("auto", "--kernels", help=_KERNELS_HELP),
 ):
     """Measure the cost model of the decode loop (ms per layer call, LM head, exit check, round)
     on this machine and write it to a file, so that a job can pin it: every machine that runs the
@@ -569,7 +592,7 @@ def costs(
     rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported)."""
     with _one_error_path():
         with _requires_extra("calibrate", "costs"):
-            from specbound.calibrate.costs import measure_costs, pinned_costs
+            from specbound.calibrate.costs import kernel_path, measure_costs, measure_roofline, pinned_costs
         import specbound_runtime as sb
         from specbound_runtime.files import atomic_write_bytes
 
@@ -577,10 +600,12 @@ def costs(
             raise UsageError(f"--shortlist-size must be >= 1, got {shortlist_size}")
         if out.exists() and not force:
             raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
-        loaded = sb.load(model, device=device, dtype=dtype)
+        loaded = sb.load(model, device=device, dtype=dtype, kernels=_kernels(kernels))
+        _err(loaded.kernels.report.describe())
         _err(f"measuring the cost model of {loaded.fingerprint.short()} ...")
         cost = measure_costs(loaded.lm, shortlist_size, warn=_err)
-        document = pinned_costs(cost, loaded.fingerprint, shortlist_size)
+        roofline = measure_roofline(loaded.lm)
+        document = pinned_costs(cost, loaded.fingerprint, shortlist_size, kernel_path(loaded.lm), roofline)
         atomic_write_bytes(out, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
         if as_json:
             typer.echo(json.dumps(document, sort_keys=True))
@@ -596,6 +621,25 @@ def costs(
         )
         if passes:
             typer.echo(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
+        typer.echo(_roofline_table(cost, roofline, document))
+
+
+def _roofline_table(cost, roofline, document) -> str:
+    """Each width's measured pass beside what the hardware charges for it (the memory floor)."""
+    where = document["measured_on"]
+    lines = [
+        f"memory floor on {where['cpu']} ({where['cpus']} cpus, {where['torch_threads']} torch threads): "
+        f"{roofline.weight_bytes / 1e6:.0f} MB of weights at {roofline.read_gbps:.1f} GB/s "
+        f"(streaming sum {roofline.stream_gbps:.1f}, one-row LM head {roofline.head_gbps:.1f}); "
+        f"matrix products {roofline.gflops:.0f} GFLOP/s",
+        "| positions | pass (ms) | floor (ms) | pass / floor | kernels |",
+        "| ---: | ---: | ---: | ---: | --- |",
+    ]
+    for n in range(1, len(cost.layer_widths) + 1):
+        ms = cost.num_layers * cost.layer_call(n) + cost.head_call(n)
+        floor = roofline.floor_ms(n)
+        lines.append(f"| {n} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {document['kernels']} |")
+    return "\n".join(lines)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -158,11 +159,66 @@ def _rising(values: list[float]) -> list[float]:
     return out
 
 
+@dataclass(frozen=True)
+class Roofline:
+    """What the hardware charges for a pass: every weight read once at the best read rate
+    measured here, or the pass's arithmetic at the measured matrix-product rate, whichever is larger."""
+
+    weight_bytes: int  # every parameter once (tied embeddings once)
+    params: int
+    stream_gbps: float  # a streaming sum over a 512 MB fp32 tensor
+    head_gbps: float  # the one-row LM-head product on the fastest path here (prepacked where available)
+    gflops: float  # fp32 matrix products, large and square
+
+    @property
+    def read_gbps(self) -> float:
+        return max(self.stream_gbps, self.head_gbps)
+
+    def floor_ms(self, positions: int) -> float:
+        read = self.weight_bytes / (self.read_gbps * 1e9)
+        compute = 2.0 * positions * self.params / (self.gflops * 1e9)
+        return 1000.0 * max(read, compute)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "read_gbps": self.read_gbps}
+
+
+def measure_roofline(lm: HFCausalLM, repeats: int = 5) -> Roofline:
+    """Measure the memory floor of a pass on this machine (about 2 s and 0.5 GB for the sum)."""
+    from specbound_runtime.kernels import PackedLinear, onednn_missing, plain_linear
+
+    params = list(lm.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    head_module = lm.model.lm_head
+    head_bytes = head_module.weight.numel() * head_module.weight.element_size()
+    with torch.inference_mode():
+        block = torch.ones(128 * 1024 * 1024, dtype=torch.float32, device=lm.device)  # 512 MB
+        stream = _time(lambda: block.sum(), repeats)
+        del block
+        x = torch.randn(1, 1, head_module.in_features, dtype=head_module.weight.dtype, device=lm.device)
+        heads = [head_module]
+        if lm.kernels is not None and lm.kernels.head is not None:
+            heads.append(lm.kernels.head)
+        elif onednn_missing() is None and plain_linear(head_module):
+            heads.append(PackedLinear([head_module]))
+        head = min(_time(lambda h=h: h(x), repeats * 2) for h in heads)
+        a = torch.randn(1024, 1024, device=lm.device)
+        mm = _time(lambda: a @ a, repeats)
+    return Roofline(
+        weight_bytes=weight_bytes,
+        params=sum(p.numel() for p in params),
+        stream_gbps=512 * 2**20 / (stream / 1000.0) / 1e9,
+        head_gbps=head_bytes / (head / 1000.0) / 1e9,
+        gflops=2 * 1024**3 / (mm / 1000.0) / 1e9,
+    )
+
+
 def cached_costs(
     lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None, warn=None
 ) -> CostModel:
     parts = [
         "r4",  # measured in rounds, with samples and per-width costs of engine passes (older entries lack them)
+        f"k{kernel_path(lm)}",  # the prepacked path prices wide passes quite differently
         fingerprint.weights_sha256[:16],
         f"s{shortlist_size}",
         f"t{torch.get_num_threads()}",
@@ -184,7 +240,11 @@ def cached_costs(
     return CostModel(**json.loads(path.read_text()))
 
 
-def pinned_costs(cost: CostModel, fingerprint, shortlist_size: int) -> dict:
+def kernel_path(lm: HFCausalLM) -> str:
+    return "eager" if lm.kernels is None else lm.kernels.path
+
+
+def pinned_costs(cost: CostModel, fingerprint, shortlist_size: int, kernels: str = "eager", roofline: Roofline | None = None) -> dict:
     """The document `specbound costs --out` writes: the cost model, what it was measured for, and
     where (for the reader; only the first two are checked)."""
     import torch as _torch
@@ -195,8 +255,24 @@ def pinned_costs(cost: CostModel, fingerprint, shortlist_size: int) -> dict:
         "cost_model": cost.to_dict(),
         "model": {"model_type": fingerprint.model_type, "num_layers": fingerprint.num_layers, "weights_sha256": fingerprint.weights_sha256},
         "shortlist_size": shortlist_size,
-        "measured_on": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": _torch.get_num_threads(), "torch": _torch.__version__},
+        "measured_on": {
+            "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "torch_threads": _torch.get_num_threads(), "torch": _torch.__version__,
+        },
+        "kernels": kernels,
+        **({} if roofline is None else {"roofline": roofline.to_dict()}),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_pinned_costs(path: Path, fingerprint, shortlist_size: int) -> CostModel:

@@ -495,7 +495,9 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     from .workers import log_event, make_shards
 
     opts, loaded, layers, work = plan.opts, plan.loaded, plan.layers, plan.work
-    lm, eos, L = loaded.lm, loaded.eos_token_ids, plan.num_layers
+    # records come from the modules' own forwards: the artifact must not depend on which kernel
+    # path this machine picked (the cost model, measured on loaded.lm, is what follows the kernels)
+    lm, eos, L = loaded.reference_lm(), loaded.eos_token_ids, plan.num_layers
     share = {"worker": worker, "workers": workers}
     log_event(work, f"worker {worker} of {workers} started")
     if not quiet:

@@ -52,7 +52,9 @@ class LayerModel(Protocol):
 class HFCausalLM:
     """LayerModel over a transformers *ForCausalLM of a supported architecture (decoder-only, RoPE)."""
 
-    def __init__(self, model: torch.nn.Module, exit_weights=None) -> None:
+    def __init__(self, model: torch.nn.Module, exit_weights=None, kernels=None) -> None:
+        """kernels: a kernels.Kernels built for this model (prepacked fast paths); None runs
+        every module's own forward."""
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -73,6 +75,9 @@ class HFCausalLM:
                 )
         self.model = model
         self.config = config
+        if kernels is not None and kernels.model is not model:
+            raise ValueError("kernels were built for another model")
+        self.kernels = kernels
         body = model.model
         self._embed = body.embed_tokens
         self._layers = list(body.layers)
@@ -155,6 +160,8 @@ class HFCausalLM:
     # -- LayerModel ------------------------------------------------------------------------------
 
     def new_cache(self, max_length: int) -> LayeredKVCache:
+        if self.kernels is not None:  # once per generation: weights edited or hooked since load?
+            self.kernels.refresh()
         return LayeredKVCache(self.num_layers, max_length)
 
     def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
@@ -175,10 +182,14 @@ class HFCausalLM:
             )
         layer_type = self._layer_types[layer]
         cos, sin = self._rope_table(layer_type, end)
+        mask = self._mask(start, k, self._windows[layer])
+        fast = None if self.kernels is None else self.kernels.layer(layer)
+        if fast is not None:
+            return fast(hidden, mask, (cos[:, start:end], sin[:, start:end]), cache)
         position_ids = torch.arange(start, end, device=self.device)[None]
         return self._layers[layer](
             hidden,
-            attention_mask=self._mask(start, k, self._windows[layer]),
+            attention_mask=mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
@@ -211,7 +222,8 @@ class HFCausalLM:
         return self._softcap
 
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
-        logits = self._lm_head(normed)
+        packed = None if self.kernels is None else self.kernels.head
+        logits = self._lm_head(normed) if packed is None else packed(normed)
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

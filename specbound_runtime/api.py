@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logging
 import sys
 
 import torch
@@ -33,8 +34,11 @@ from .adapter import HFCausalLM
 from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
 from .errors import ModelError, UsageError
 from .generation import custom_generate_for
+from .kernels import Kernels
 from .policy import ExitPolicy
 from .sampling import DecodingMode
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Generated:
@@ -58,10 +62,13 @@ class SpecBound:
         fingerprint=None,
         tokenizer_fingerprint: str | None = None,
         artifact_metadata=None,
+        kernels: Kernels | str = "auto",
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.lm = HFCausalLM(model, exit_weights=exit_weights)
+        # prepacked copies of the weights (kernels.py): built once, shared by with_policy/with_artifact
+        self.kernels = kernels if isinstance(kernels, Kernels) else Kernels(model, kernels)
+        self.lm = HFCausalLM(model, exit_weights=exit_weights, kernels=self.kernels)
         self.exit_weights = exit_weights
         self.calibrated = policy is not None
         self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
@@ -133,15 +140,20 @@ class SpecBound:
         return SpecBound(
             self.model, self.tokenizer, art.policy, art.exit_weights, source=self.source,
             fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
-            artifact_metadata=art.metadata,
+            artifact_metadata=art.metadata, kernels=self.kernels,
         )
 
     def with_policy(self, policy: ExitPolicy | None, exit_weights=None) -> "SpecBound":
         """The same model under another policy and exit head (calibration measures candidates)."""
         return SpecBound(
             self.model, self.tokenizer, policy, exit_weights, source=self.source,
-            fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
+            fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint, kernels=self.kernels,
         )
+
+    def reference_lm(self, exit_weights=None) -> HFCausalLM:
+        """The layer adapter on the modules' own forwards (no prepacked kernels): what calibration
+        records with, so that an artifact does not depend on which kernel path this machine picks."""
+        return HFCausalLM(self.model, exit_weights=exit_weights)
 
     @property
     def device(self) -> torch.device:
@@ -251,6 +263,7 @@ def load(
     artifact: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
 ) -> SpecBound:
     """A model ready for speculative decoding.
 
@@ -262,6 +275,9 @@ def load(
       schedule is used, which is slower than plain decoding on the models measured so far.
     device, dtype: for a name or path: cpu (default), cuda, mps; float32 (default on cpu),
       bfloat16, float16 (default on an accelerator: the checkpoint's own dtype).
+    kernels: "auto" (default) prepacks the weights for oneDNN where that measures faster on this
+      machine (fp32 on the CPU; about the model's size again in memory, logged at load), "onednn"
+      insists, "eager" runs every module's own forward. See kernels.py.
 
     Raises SpecBoundError subclasses (ModelError, ArtifactError, ...) with a message that says
     what to do."""
@@ -283,7 +299,11 @@ def load(
         fingerprint, tokenizer_fingerprint = loaded.fingerprint, loaded.tokenizer_fingerprint
     else:
         raise UsageError(f"model must be a name, a path or a transformers model, not {type(model).__name__}")
-    m = SpecBound(hf_model, tokenizer, source=source, fingerprint=fingerprint, tokenizer_fingerprint=tokenizer_fingerprint)
+    m = SpecBound(
+        hf_model, tokenizer, source=source, fingerprint=fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
+        kernels=kernels,
+    )
+    log.info("%s", m.kernels.report.describe())
     return m if artifact is None else m.with_artifact(artifact)
 
 

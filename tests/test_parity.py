@@ -12,6 +12,7 @@ from specbound_runtime.adapter import HFCausalLM, sdpa_skips_mask
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
 from specbound_runtime.errors import ModelError, UsageError
 from specbound_runtime.exactness import divergence, reference_greedy
+from specbound_runtime.kernels import Kernels
 from specbound_runtime.generation import custom_generate_for, generate_arguments
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import EOS, ScriptedDrafter, tiny_model
@@ -247,12 +248,14 @@ def test_a_cache_write_out_of_place_is_an_error(llama):
 # -- near ties -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2-sliding", "gemma3", "mistral"])
-def test_near_tied_logits_still_match_generate(arch, one_thread):
+@pytest.mark.parametrize("kernels", ["eager", "onednn"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2-sliding", "gemma3", "mistral", "qwen3"])
+def test_near_tied_logits_still_match_generate(arch, kernels, one_thread):
     """A small init makes the top two logits nearly tied (margins ~1e-5 to 1e-4), so any
-    difference in how verification rounds several rows at once would show up here."""
+    difference in how verification rounds several rows at once would show up here; on every
+    kernel path (the prepacked one fuses and reorders the weight products)."""
     model = tiny_model(arch, initializer_range=0.002)
-    lm = HFCausalLM(model)
+    lm = HFCausalLM(model, kernels=Kernels(model, kernels))
     ref = reference_greedy(model, PROMPT, 60, ())
     with torch.inference_mode():
         logits = model(torch.tensor([PROMPT + ref])).logits[0, len(PROMPT) - 1 : -1]
