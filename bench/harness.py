@@ -32,6 +32,7 @@ give 26 answers ~ 46 min. Answers that stop at EOS earlier only make it shorter.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -425,6 +426,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     results = {
         "command": opts.command,
         "model": {"spec": opts.model, "source": loaded.source, "short": fp.short(), "fingerprint": fp.to_dict()},
+        # SpecBound's one-time set-up at load (prepacking, the path measurement), apart from every timed answer
+        "kernels": dataclasses.asdict(loaded.kernels.report),
         "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": _policy_dict(artifact.policy)},
         "settings": {
             "tasks": list(opts.tasks),
@@ -486,4 +489,5 @@ def pooled_check(pits: list, idx: list[int]) -> dict:
 
 
 def _policy_dict(p) -> dict:
-    return {"check_layers": list(p.check_layers), "temperatures": [round(t, 6) for t in p.temperatures], "thresholds": [round(t, 6) for t in p.thresholds], "d_max": p.d_max, "w_max": p.w_max}
+    """Every policy field (the bench reported only the exit fields before, not lookup or the head)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}

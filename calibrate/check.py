@@ -139,6 +139,14 @@ def compare_artifacts(committed: Artifact, rebuilt: Artifact) -> list[Difference
         for part, x, y in (("weight", la[layer][0], lb[layer][0]), ("bias", la[layer][1], lb[layer][1])):
             if x.shape != y.shape or not torch.equal(x, y):
                 out.append(Difference(f"lens.{layer}.{part}", x, y, _tensor_delta(x, y)))
+    na = None if wa is None else wa.next_head
+    nb = None if wb is None else wb.next_head
+    if (na is None) != (nb is None):
+        out.append(Difference("next_head", "(absent)" if na is None else "present", "(absent)" if nb is None else "present"))
+    elif na is not None:
+        for part, x, y in (("weight", na[0], nb[0]), ("bias", na[1], nb[1])):
+            if x.shape != y.shape or not torch.equal(x, y):
+                out.append(Difference(f"next_head.{part}", x, y, _tensor_delta(x, y)))
     ma, mb = committed.metadata, rebuilt.metadata
     for key in sorted(set(ma) | set(mb)):
         if key in _SKIP_METADATA or ma.get(key) == mb.get(key):

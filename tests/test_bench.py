@@ -425,6 +425,9 @@ def test_results_json_table_and_plot(outcome, tiny):
     assert results["command"] == "specbound bench (test)"
     assert {"platform", "cpu_count", "torch_threads"} <= set(results["machine"])
     assert {"torch", "transformers"} <= set(results["versions"])
+    # the kernels' one-time set-up, apart from the timed answers; the policy with every field
+    assert results["kernels"]["path"] in ("onednn", "eager") and results["kernels"]["setup_s"] >= 0
+    assert {"lookup_ngram", "lookup_min", "lookup_floor", "head_draft"} <= set(results["artifact"]["policy"])
     assert results["grid"]["hf-prompt-lookup"]["chosen"] in PROMPT_LOOKUP_GRID
     grid = results["grid"]["hf-early-exit"]
     times = {int(k): v for k, v in grid["first_answer_wall_time_s"].items()}

@@ -141,18 +141,21 @@ def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built
     ok = invoke("calibrate", "--job", job, "--check")
     assert ok.exit_code == 0, ok.stderr
     assert ok.stdout.startswith("identical:")
-    # tamper: another width bound, one short-list token dropped, the lens nudged, a metadata number changed
+    # tamper: another width bound, one short-list token dropped, the lens and the next-token head
+    # nudged, a metadata number changed
     art = read_artifact(folder / "out" / "ref.safetensors")
     policy = dataclasses.replace(art.policy, w_max=art.policy.w_max + 2)
     shortlist = art.exit_weights.shortlist[art.exit_weights.shortlist != 5]
     lens = {l: (w + 1e-3, b) for l, (w, b) in art.exit_weights.lens.items()} or {2: (torch.eye(32), torch.zeros(32))}
+    assert art.exit_weights.next_head is not None, "the fixture's artifact must hold a next-token head"
+    next_head = (art.exit_weights.next_head[0] + 1e-3, art.exit_weights.next_head[1])
     meta = dict(art.metadata)
     sim = json.loads(meta["simulation"])
     sim["fit"]["speedup"] += 0.5
     meta["simulation"] = json.dumps(sim, sort_keys=True)
     meta.pop("checksum")
     tampered = folder / "out" / "tampered.safetensors"
-    save_artifact(tampered, Artifact(policy, ExitHeadWeights(shortlist, lens, art.exit_weights.next_head), meta))
+    save_artifact(tampered, Artifact(policy, ExitHeadWeights(shortlist, lens, next_head), meta))
     job2 = write_job(folder, "tampered", work="runs/ref")
     result = invoke("calibrate", "--job", job2, "--check", "--json")
     assert_one_error(result, 8, "differs from", str(tampered))
@@ -162,6 +165,7 @@ def test_check_passes_on_identical_bytes_and_reports_each_field_that_moved(built
     assert moved["policy.w_max"]["by"].startswith("by -2")  # the rebuilt one has the tuned bound back
     assert moved["shortlist"]["by"] == "0 dropped [], 1 added [5]"  # the rebuilt one has token 5 back
     assert any(f.startswith("lens.") for f in moved)  # a lens nudged, or one added where the policy keeps none
+    assert "values differ" in moved["next_head.weight"]["by"]  # the head was in no report before
     assert moved["metadata.simulation.fit.speedup"]["by"].startswith("by -0.5")
 
 
