@@ -229,12 +229,7 @@ class ModelFingerprint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
         """Inverse of to_dict. Malformed input (e.g. from a damaged artifact) raises ArtifactError."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict):
-            raise ArtifactError(f"model fingerprint must be a JSON object, got {type(data).__name__}; refit the artifact")
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise ArtifactError(f"model fingerprint lacks {', '.join(missing)}; refit the artifact")
+        names = _required_fields(cls, data, "model")
         config = data["config"]
         if not isinstance(config, dict):
             raise ArtifactError("malformed model fingerprint (config must be a JSON object); refit the artifact")
@@ -395,12 +390,7 @@ class TokenizerFingerprint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenizerFingerprint:
         """Inverse of to_dict. Malformed input (e.g. from a damaged artifact) raises ArtifactError."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict):
-            raise ArtifactError(f"tokenizer fingerprint must be a JSON object, got {type(data).__name__}; refit the artifact")
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise ArtifactError(f"tokenizer fingerprint lacks {', '.join(missing)}; refit the artifact")
+        names = _required_fields(cls, data, "tokenizer")
         try:
             return cls(**{n: data[n] for n in names})
         except (ValueError, TypeError) as exc:
@@ -431,3 +421,14 @@ def fingerprint_tokenizer(tokenizer: Any) -> TokenizerFingerprint:
         eos_token=_token_text(getattr(tokenizer, "eos_token", None)),
         chat_template_sha256=_sha256_json(getattr(tokenizer, "chat_template", None)),
     )
+
+
+def _required_fields(cls, data: Any, what: str) -> list[str]:
+    """The dataclass's field names, once `data` is a JSON object holding every one of them."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} fingerprint must be a JSON object, got {type(data).__name__}; refit the artifact")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ArtifactError(f"{what} fingerprint lacks {', '.join(missing)}; refit the artifact")
+    return names
