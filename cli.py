@@ -200,7 +200,6 @@ def decode(
         if seed is not None and seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
         prompts = _prompts(prompt, prompt_file)
-        kernels = _kernels(kernels)
         decoder = _load_decoder(model, artifact, device, dtype, kernels)
         if artifact is None and not no_speculation:
             _err(

@@ -668,7 +668,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         metadata["decoding_mode"] = plan.mode.to_json()
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     recorded = [s for s in collected.sequences if not s.lens_split]
-    throughput = collection_throughput(loaded.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
+    throughput = collection_throughput(loaded.reference_lm(), weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {
         "artifact": str(path),
         "work_dir": str(work),

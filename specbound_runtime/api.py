@@ -40,6 +40,7 @@ from .sampling import DecodingMode
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Generated:
     """What `generate_with_stats` returns: the ids `generate()` would return, and how the run went."""
@@ -60,7 +61,7 @@ class SpecBound:
         *,
         source: str = "",
         fingerprint=None,
-        tokenizer_fingerprint: str | None = None,
+        tokenizer_fingerprint=None,  # fingerprints.TokenizerFingerprint; computed on first use
         artifact_metadata=None,
         kernels: Kernels | str = "auto",
     ):
@@ -114,7 +115,8 @@ class SpecBound:
         return self._fingerprint
 
     @property
-    def tokenizer_fingerprint(self) -> str | None:
+    def tokenizer_fingerprint(self):
+        """What exactly the tokenizer does (fingerprints.TokenizerFingerprint); None without one."""
         if self._tokenizer_fingerprint is None and self.tokenizer is not None:
             from .fingerprints import fingerprint_tokenizer
 

@@ -140,6 +140,13 @@ def fast_layer_for(layer: nn.Module, model_type: str, attn_implementation: str):
     return FastDecoderLayer(layer, qk_norm, attn_implementation), None
 
 
+def _own_products(layer: nn.Module, x: torch.Tensor) -> None:
+    """A Llama-family layer's weight products through its own modules (what the measurement times)."""
+    a, m = layer.self_attn, layer.mlp
+    a.q_proj(x), a.k_proj(x), a.v_proj(x), a.o_proj(x)
+    m.down_proj(m.gate_proj(x) * m.up_proj(x))
+
+
 class FastDecoderLayer:
     """A Llama-family decoder layer's forward over prepacked, fused projections."""
 
@@ -285,17 +292,13 @@ class Kernels:
 
         def eager(x):
             for layer in body.layers:
-                a, m = layer.self_attn, layer.mlp
-                a.q_proj(x), a.k_proj(x), a.v_proj(x), a.o_proj(x)
-                m.down_proj(m.gate_proj(x) * m.up_proj(x))
+                _own_products(layer, x)
             self.model.lm_head(x)
 
         def fast(x):
             for f, layer in zip(self._layers, body.layers):
                 if f is None:
-                    a, m = layer.self_attn, layer.mlp
-                    a.q_proj(x), a.k_proj(x), a.v_proj(x), a.o_proj(x)
-                    m.down_proj(m.gate_proj(x) * m.up_proj(x))
+                    _own_products(layer, x)
                 else:
                     f.qkv(x), f.o(x)
                     g, u = f.gate_up(x).split(f.gate_up.splits, dim=-1)
@@ -316,10 +319,6 @@ class Kernels:
         faster = totals["onednn"] < totals["eager"]
         text = f"weight products of a 1- and a 4-row pass: onednn {totals['onednn'] * 1e3 / 3:.1f} ms, eager {totals['eager'] * 1e3 / 3:.1f} ms"
         return faster, ("measured faster here: " if faster else "eager measured faster here: ") + text
-
-    @classmethod
-    def eager(cls, model: nn.Module) -> "Kernels":
-        return cls(model, "eager")
 
     @property
     def path(self) -> str:

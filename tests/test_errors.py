@@ -517,6 +517,14 @@ def test_max_new_tokens_below_one_is_a_usage_error(flags, tiny):
     assert_one_error(invoke("decode", "-m", tiny[0], "-p", "w5", *flags), EXIT_USAGE, "--max-new-tokens must be >= 1")
 
 
+@pytest.mark.parametrize("command", ["decode", "costs"])
+def test_an_unknown_kernel_path_is_a_usage_error(command, tiny, tmp_path):
+    args = ("-p", "w5") if command == "decode" else ("--out", str(tmp_path / "c.json"))
+    result = invoke(command, "-m", tiny[0], *args, "--kernels", "fast")
+    assert_one_error(result, EXIT_USAGE, "--kernels must be one of auto, onednn, eager, got 'fast'")
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_prompt_and_prompt_file_together_or_neither_is_a_usage_error(tiny, tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("w5")

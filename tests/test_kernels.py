@@ -10,6 +10,7 @@ from torch import nn
 
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.errors import UsageError
 from specbound_runtime.kernels import Kernels
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import ARCHITECTURES, ScriptedDrafter, greedy_reference, tiny_model
@@ -113,5 +114,5 @@ def test_eager_and_unsupported_settings_build_no_copies():
     half = tiny_model("llama").to(torch.bfloat16)
     report = Kernels(half, "onednn").report
     assert report.path == "eager" and "bfloat16" in report.reason
-    with pytest.raises(Exception, match="unknown kernels 'fast'"):
+    with pytest.raises(UsageError, match="unknown kernels 'fast'"):
         Kernels(model, "fast")
