@@ -336,6 +336,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the report (or the --check result) as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help="Where the model runs while recording: cpu (default), cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, the checkpoint's own dtype on a GPU). The artifact serves the same checkpoint in any dtype."),
+    record_dtype: Optional[str] = typer.Option(None, "--record-dtype", help="float64: record on a float64 copy of the model, so that the artifact is byte-identical on any CPU kind (AVX2 or AVX-512) given a pinned cost model, at about twice the collection time; for CI checks on mixed runners (default: the model's own dtype)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Tune for sampling at this temperature (default: greedy): the model's own answers are sampled, drafts scored by their acceptance probability under speculative sampling; the artifact records the mode."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Tune for sampling with this top-k."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Tune for sampling with this top-p."),
@@ -359,7 +360,7 @@ def calibrate(
             "prompts": prompts, "documents": documents, "answer_tokens": answer_tokens,
             "shortlist_size": shortlist_size, "measure_prompts": measure_prompts, "measure_tokens": measure_tokens,
             "remeasure_costs": remeasure_costs, "costs_file": costs, "workers": workers, "device": device, "dtype": dtype,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+            "record_dtype": record_dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
         }
         if job is not None and from_artifact is not None:
             raise UsageError("give --job or --from-artifact, not both")

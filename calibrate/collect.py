@@ -46,7 +46,7 @@ from specbound_runtime.exit_head import ExitHeadWeights, FittedExitHead
 from specbound_runtime.policy import lookup_sizes
 
 from .fit import TEMPERATURE_GRID, ridge_lens
-from .precision import exact_moments, moments_as_float, round_bits
+from .precision import compute_dtype, exact_moments, moments_as_float, round_bits
 
 HEADS = ("plain", "lens")
 # what a work folder's pass-A and pass-B shards hold; part of its key, so a folder from another
@@ -202,6 +202,7 @@ def shortlist_coverage(counts: np.ndarray, shortlist: torch.Tensor) -> float:
 
 def _confidences(z: torch.Tensor) -> torch.Tensor:
     """max softmax(z / T) for every T of the grid: [k, S] -> [k, G]."""
+    z = z.to(compute_dtype(z.dtype))
     top = z.max(dim=-1, keepdim=True).values
     out = []
     for t in TEMPERATURE_GRID:
@@ -212,7 +213,7 @@ def _confidences(z: torch.Tensor) -> torch.Tensor:
 def _warped_probs(scores: torch.Tensor, warpers) -> torch.Tensor:
     """softmax after value-only warpers, rows at once ([k, n] -> [k, n], float64). Value-only
     warpers ignore input_ids (sampling.VALUE_ONLY_WARPERS), so none are passed."""
-    scores = scores.float()
+    scores = scores.to(compute_dtype(scores.dtype))
     if warpers:
         scores = warpers(torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device), scores.clone())
     return torch.softmax(scores.double(), dim=-1)
@@ -235,7 +236,7 @@ def record_sequence(lm: HFCausalLM, heads: dict[str, FittedExitHead], seq: Recor
             z = head.logits(normed, layer)
             draft = head.token_ids[z.argmax(-1)]
             right[:, h, c] = (draft == final).numpy()
-            conf[:, h, c] = round_bits(_confidences(z.float()).numpy())
+            conf[:, h, c] = round_bits(_confidences(z).float().numpy())
             if p is not None:  # q lives on the short-list; p's mass elsewhere is never drafted
                 q = _warped_probs(z, warpers)
                 overlap = torch.minimum(p[:, head.token_ids], q).sum(-1).clamp(0.0, 1.0)

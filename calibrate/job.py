@@ -3,7 +3,8 @@
     [model]    name, fingerprint (a pin: the weights' sha256 or a prefix of it), device, dtype
     [corpus]   files ("default" or a list of paths), sha256 (pins, file -> digest), prompts,
                documents, held_out_fraction
-    [collect]  answer_tokens, chunk_tokens, shortlist_size, candidate_layers
+    [collect]  answer_tokens, chunk_tokens, shortlist_size, candidate_layers, record_dtype
+               ("float64": the same bytes on any CPU kind; calibrate.precision rule 4)
     [tuning]   seed, trials, batch, multi_objective, storage, study_name, workers
     [costs]    file (a cost model pinned with `specbound costs`), remeasure
     [decoding] temperature, top_k, top_p, min_p: the sampling mode to tune for (none: greedy)
@@ -59,6 +60,7 @@ KEYS = (
     Key("collect", "chunk_tokens", "chunk_tokens", "int", True),
     Key("collect", "shortlist_size", "shortlist_size", "int", True),
     Key("collect", "candidate_layers", "candidate_layers", "layers", True, optional=True),
+    Key("collect", "record_dtype", "record_dtype", "str", True, optional=True),
     Key("tuning", "seed", "seed", "int", True),
     Key("tuning", "trials", "trials", "int", True),
     Key("tuning", "batch", "trial_batch", "int", True),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.errors import InputError, ModelError, UsageError
 from specbound_runtime.files import atomic_write_bytes, sha256_file
@@ -27,7 +28,7 @@ from . import collect as C
 from .corpus import Corpus, load_corpus
 from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
 from .job import job_digest, recorded_job
-from .precision import round_bits
+from .precision import RECORD_DTYPES, recording_model, round_bits
 from .simulate import CostModel
 from .study import check_storage_url, is_shared
 from .tune import SEARCH_SPACE, Schedules, evaluate, evaluate_oracle, paper_candidate, score, tune
@@ -62,6 +63,7 @@ class CalibrateOptions:
     candidate_layers: tuple[int, ...] | None = None
     device: str | None = None  # where the model runs while recording (default cpu)
     dtype: str | None = None  # its dtype (default float32 on cpu)
+    record_dtype: str | None = None  # "float64": record on a float64 copy (RECORD_DTYPES)
     model_fingerprint: str | None = None  # a pin: the weights' sha256, or a prefix of it
     corpus_sha256: dict | None = None  # pins: corpus file as written -> sha256
     trial_batch: int = 8  # trials proposed together (calibrate.study)
@@ -98,6 +100,8 @@ class CalibrateOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.held_out_fraction < 1.0:
             raise UsageError(f"--held-out-fraction must lie in (0, 1), got {self.held_out_fraction}")
+        if self.record_dtype is not None and self.record_dtype not in RECORD_DTYPES:
+            raise UsageError(f"--record-dtype must be one of {', '.join(RECORD_DTYPES)}, got {self.record_dtype!r}")
         if self.storage is not None:
             check_storage_url(self.storage)
         if self.workers > 1 and not is_shared(self.storage or "sqlite"):
@@ -145,14 +149,13 @@ LENS_SHARD = 16  # lens-split sequences per pass-A shard (exact sums: any size g
 RECORD_SHARD = 8  # sequences per pass-B shard
 
 
-def answers_shard(loaded, group, eos_ids, max_new_tokens: int, mode=None, seed: int = 0) -> bytes:
+def answers_shard(model, tok, group, eos_ids, max_new_tokens: int, mode=None, seed: int = 0) -> bytes:
     """The model's own answers to one batch of prompts, as JSON lines {id, answer}: greedy, or
     under a sampling mode sampled (seeded by `seed`, torch's global generator restored after),
     so that the records follow the trajectories decoding in that mode takes."""
     from specbound_runtime.sampling import DecodingMode
 
     mode = mode or DecodingMode()
-    model, tok = loaded.model, loaded.tokenizer
     pad = eos_ids[0] if eos_ids else 0
     encoded = [_chat_ids(tok, p.text) for p in group]
     width = max(len(e) for e in encoded)
@@ -470,6 +473,7 @@ class Collected:
     calibration: dict
     result: Any
     n_lens: int
+    lm: HFCausalLM  # what recorded (calibrate.precision.recording_model)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -495,9 +499,11 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     from .workers import log_event, make_shards
 
     opts, loaded, layers, work = plan.opts, plan.loaded, plan.layers, plan.work
-    # records come from the modules' own forwards: the artifact must not depend on which kernel
-    # path this machine picked (the cost model, measured on loaded.lm, is what follows the kernels)
-    lm, eos, L = loaded.reference_lm(), loaded.eos_token_ids, plan.num_layers
+    # records come from the modules' own forwards (no prepacked kernels): the artifact must not
+    # depend on which kernel path this machine picked (the cost model, measured on loaded.lm, is
+    # what follows the kernels); in float64 on a copy where the job asks (calibrate.precision)
+    model = recording_model(loaded.model, opts.record_dtype)
+    lm, eos, L = HFCausalLM(model), loaded.eos_token_ids, plan.num_layers
     share = {"worker": worker, "workers": workers}
     log_event(work, f"worker {worker} of {workers} started")
     if not quiet:
@@ -508,7 +514,7 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
     with _bar(len(plan.corpus.prompts), "own answers", "prompt", quiet) as bar:
         paths = make_shards(
             work / "answers", len(groups), ".jsonl",
-            lambda i: answers_shard(loaded, groups[i], eos, opts.answer_tokens, plan.mode, prompt_seed(opts.seed, i)),
+            lambda i: answers_shard(model, loaded.tokenizer, groups[i], eos, opts.answer_tokens, plan.mode, prompt_seed(opts.seed, i)),
             progress=lambda i: bar.update(len(groups[i])), **share,
         )
     sequences = build_sequences(loaded, plan.corpus, read_answers(paths), opts.chunk_tokens)
@@ -564,7 +570,7 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
             held_out=records.select(own & records.held_out), **share,
         )
     log_event(work, f"worker {worker} of {workers} finished: all {opts.trials} trials are in study {plan.study_name}")
-    return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens)
+    return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens, lm)
 
 
 def payload(plan: Plan) -> dict:
@@ -668,7 +674,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         metadata["decoding_mode"] = plan.mode.to_json()
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     recorded = [s for s in collected.sequences if not s.lens_split]
-    throughput = collection_throughput(loaded.reference_lm(), weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
+    throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {
         "artifact": str(path),
         "work_dir": str(work),

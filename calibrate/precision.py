@@ -17,19 +17,31 @@ Three rules, each applied where a value is made, before anything uses it:
 3. Tuning compares simulated results at 6 decimals (SimResult.to_dict), ties broken by the
    lower trial index.
 
-What this does not cover: the model's own forward pass. Its bits are what they are; they were
-identical with 1 and 2 torch threads on the machines measured. Where they differ (another CPU or
-torch build), rounding keeps the decisions stable but cannot promise identical lens bytes;
-`specbound calibrate --check` then says which fields moved and by how much.
+What the rules do not cover by themselves: the model's own forward pass. In the model's dtype its
+bits follow the CPU's kernels (AVX2 and AVX-512 machines sum in other orders), and a state that
+moves by its last float32 bit crosses a rounding boundary with probability about 2^-13 per value,
+so a job over thousands of positions fits other next-head bytes on another CPU kind. Rule 4:
+
+4. With `record_dtype = "float64"` (RECORD_DTYPES), everything a record or a moment is computed
+   from runs in float64 on a copy of the model: the model's own answers, both passes, the folded
+   heads and the confidences. Kernels then disagree near 2^-52, so a rounding boundary is crossed
+   with probability about 2^-39 per value and the artifact is the same on any CPU (with a pinned
+   cost model), at about twice the collection time. CI checks that run on runners of mixed CPU
+   kinds want it. Without it, `specbound calibrate --check` says which fields moved and by how
+   much.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
 
 STATE_BITS = 10
 STATE_LIMIT = 1024.0
 STAT_BITS = 16
+RECORD_DTYPES = ("float64",)  # a job's [collect] record_dtype; absent: the model's own dtype
 _BLOCK_ROWS = 512  # 512 products of at most 2^40 each: partial sums below 2^49, exact in float64
 
 
@@ -62,3 +74,19 @@ def exact_moments(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def moments_as_float(moments: np.ndarray) -> np.ndarray:
     return moments.astype(np.float64) / 2.0 ** (2 * STATE_BITS)
+
+
+def recording_model(model: torch.nn.Module, record_dtype: str | None) -> torch.nn.Module:
+    """The model calibration records with (rule 4): `model` itself, or a float64 copy of it that
+    this run owns (the caller's model is never converted)."""
+    if record_dtype is None:
+        return model
+    if record_dtype not in RECORD_DTYPES:
+        raise ValueError(f"record_dtype must be one of {RECORD_DTYPES}, got {record_dtype!r}")
+    return copy.deepcopy(model).to(torch.float64).eval()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a record's derived values (folded heads, softmaxes) are computed: float32 at least,
+    float64 for a float64 recording."""
+    return torch.promote_types(dtype, torch.float32)

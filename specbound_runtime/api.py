@@ -152,11 +152,6 @@ class SpecBound:
             fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint, kernels=self.kernels,
         )
 
-    def reference_lm(self, exit_weights=None) -> HFCausalLM:
-        """The layer adapter on the modules' own forwards (no prepacked kernels): what calibration
-        records with, so that an artifact does not depend on which kernel path this machine picks."""
-        return HFCausalLM(self.model, exit_weights=exit_weights)
-
     @property
     def device(self) -> torch.device:
         return self.lm.device

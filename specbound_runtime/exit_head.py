@@ -68,19 +68,20 @@ class FittedExitHead:
         rows = rows.detach()
         self._plain = rows.t().contiguous()  # [H, S]
         self._per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        exact = rows.float()
+        fold = torch.promote_types(rows.dtype, torch.float32)
+        exact = rows.to(fold)
         for layer, (w, b) in weights.lens.items():
-            w = w.to(device=rows.device, dtype=torch.float32)
-            b = b.to(device=rows.device, dtype=torch.float32)
-            # logits = (x W + b) rows^T = x (W rows^T) + (b rows^T); folded in float32, then
-            # stored in the model's dtype
+            w = w.to(device=rows.device, dtype=fold)
+            b = b.to(device=rows.device, dtype=fold)
+            # logits = (x W + b) rows^T = x (W rows^T) + (b rows^T); folded in float32 (float64
+            # for a float64 model), then stored in the model's dtype
             self._per_layer[layer] = (
                 (w @ exact.t()).to(rows.dtype).contiguous(),
                 (b @ exact.t()).to(rows.dtype).contiguous(),
             )
         self._next = None
         if weights.next_head is not None:
-            w, b = (t.to(device=rows.device, dtype=torch.float32) for t in weights.next_head)
+            w, b = (t.to(device=rows.device, dtype=fold) for t in weights.next_head)
             self._next = ((w @ exact.t()).to(rows.dtype).contiguous(), (b @ exact.t()).to(rows.dtype).contiguous())
 
     @property

@@ -272,6 +272,34 @@ def test_one_and_two_threads_give_identical_bytes(tmp_path):
     assert (folder / "out" / "threads.safetensors").read_bytes() == one
 
 
+# the kernels an older CPU kind runs: every library's dispatch capped at AVX2
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+
+
+def test_a_float64_recording_gives_the_same_bytes_under_another_cpu_kinds_kernels(tmp_path):
+    """[collect] record_dtype = "float64" (calibrate.precision rule 4): built here, and in a fresh
+    process whose libraries dispatch the AVX2 kernels an older CI runner has, the bytes are equal.
+    (On an AVX-512 machine the same job recorded in float32 moves next-head bytes: the failure
+    this guards; on an AVX2 machine both runs use the same kernels.)"""
+    folder = job_folder(tmp_path)
+    job = write_job(folder, "portable")
+    job.write_text(job.read_text().replace("trials = 20", "trials = 8").replace("[collect]\n", "[collect]\nrecord_dtype = 'float64'\n"))
+    here = _build_in_process(job)
+    shutil.rmtree(folder / "runs")
+    env = dict(os.environ, **AVX2_KERNELS)
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"], env=env, capture_output=True, text=True)
+    assert probe.stdout.strip() in ("AVX2", "DEFAULT"), probe  # the cap took hold
+    other = subprocess.run([sys.executable, "-m", "specbound.cli", "calibrate", "--job", str(job), "--force"], env=env, capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    assert (folder / "out" / "portable.safetensors").read_bytes() == here
+
+
+def test_an_unknown_record_dtype_is_a_usage_error(tmp_path):
+    folder = job_folder(tmp_path)
+    result = invoke("calibrate", "--job", write_job(folder, "bad"), "--record-dtype", "float16")
+    assert_one_error(result, 2, "--record-dtype must be one of float64")
+
+
 def test_moments_are_exact_in_any_order_and_lens_fits_do_not_depend_on_threads():
     from threadpoolctl import threadpool_limits
 
