@@ -517,6 +517,7 @@ def inspect(
                 "lookup_min": p.lookup_min,
                 "lookup_floor": p.lookup_floor,
                 "head_draft": p.head_draft,
+                "guard_costs": list(p.guard_costs),
                 "num_layers": p.num_layers,
             },
             "exit_head": None
@@ -541,7 +542,8 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)} head draft: {'on' if p.head_draft else 'off'}")
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)} head draft: {'on' if p.head_draft else 'off'}"
+                   + (f"; guard on lookup and head: {len(p.guard_costs)} drafts pay from {p.guard_costs[-1]:.2f} kept tokens" if p.guard_costs else "; no run-time guard"))
         if info["exit_head"]:
             nh = art.exit_weights.next_head
             typer.echo(

@@ -630,7 +630,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     own = records.own if records.own.any() else np.ones_like(records.own)
     held_traj = records.select(own & records.held_out)
     best = result.best
-    policy = best.policy(schedules)
+    policy = best.policy(schedules, cost)  # guarded under the costs it was tuned for
     held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
     held_paper = evaluate(held_traj, paper_candidate(records.layers, L), schedules, cost) if len(held_traj.seq) else None
     oracle = evaluate_oracle(held_traj, best, cost) if len(held_traj.seq) else None

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from specbound_runtime.guard import SOURCES, DraftGuard
+
 from .fit import confidence_at
 
 
@@ -120,6 +122,17 @@ class CostModel:
         if self.samples:
             out["samples"] = [[round(x, 6) for x in row] for row in self.samples]
         return out
+
+
+def guard_costs(cost: CostModel, w_max: int) -> tuple[float, ...]:
+    """The run-time guard's prices (ExitPolicy.guard_costs): what k drafts at depth 0 add to a
+    verification pass, k = 1..w_max, in plain decoding steps (cost.ar_token), as the artifact
+    stores them (float32), so the simulator and the engine guard with the same numbers."""
+    one = cost.num_layers * cost.layer_call(1) + cost.head_call(1)
+    return tuple(
+        float(np.float32(max(0.0, cost.num_layers * cost.layer_call(k + 1) + cost.head_call(k + 1) - one) / cost.ar_token))
+        for k in range(1, w_max + 1)
+    )
 
 
 def _width_cost(widths: tuple[float, ...], base: float, extra: float, n: int) -> float:
@@ -273,6 +286,7 @@ def simulate(
     lookup_max: int = 0,
     head: np.ndarray | None = None,
     lookup_floor: int = 0,
+    guard_costs: tuple[float, ...] = (),
 ) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
     is the last prompt token (its hidden state predicts the first generated token).
@@ -280,7 +294,10 @@ def simulate(
     head ([N] bool), when given: the policy drafts with the fitted next-token head, and head[j]
     says whether its draft for position j's next token is kept. It drafts once, first, in a round
     where prompt lookup proposes nothing: no layers, one short-list head product (priced as an
-    exit check), and one more position to verify."""
+    exit check), and one more position to verify.
+
+    guard_costs, when given: the run-time guard on lookup and the head (specbound_runtime.guard),
+    the same class the engine runs, fresh for each sequence, fed what each round kept."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
@@ -295,6 +312,7 @@ def simulate(
     all_checks = all_heads = 0
     for start, end in bounds:
         t = start
+        guard = DraftGuard(guard_costs) if guard_costs else None
         while t < end:
             # the first position is the prompt's last token: its round is the prefill, which the
             # engine runs without drafting (priced as one position)
@@ -303,17 +321,21 @@ def simulate(
             k = a = n_checks = n_head = 0
             blocks = [[0, 1]]  # the pending positions by depth: the token emitted last round
             j = t
-            if use_lookup and limit and proposed[j]:
+            open_ = guard.open_sources() if guard is not None and limit else SOURCES
+            first = None  # (source, drafts) of the round's first drafts, for the guard
+            if use_lookup and limit and proposed[j] and "lookup" in open_:
                 # prompt lookup, once per round from the committed tokens: drafts at depth 0, no
                 # layer or check cost (the replay's context is the engine's: exact)
                 k = min(proposed[j], limit)
                 a = min(k, proposed_right[j])
+                first = ("lookup", k)
                 j += k
                 _push(blocks, k)
-            elif head_right is not None and limit:
+            elif head_right is not None and limit and "head" in open_:
                 # the next-token head: one draft at depth 0, from the state verified last round
                 n_head = k = 1
                 a = 1 if head_right[j] else 0
+                first = ("head", 1)
                 _push(blocks)
                 j += 1
             while k < limit:
@@ -327,6 +349,8 @@ def simulate(
                 j += 1
                 _push(blocks)
             _advance(blocks, L, widths)  # one verification pass finishes every pending position
+            if guard is not None and first is not None:
+                guard.record(first[0], first[1], min(a, first[1]))
             heads[k + 1] += 1
             all_checks += n_checks
             all_heads += n_head

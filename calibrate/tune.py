@@ -27,12 +27,13 @@ import numpy as np
 from specbound_runtime.policy import PAPER_ALPHA, PAPER_THRESHOLD, PAPER_W_MAX, ExitPolicy, default_check_layers, paper_temperatures
 
 from .collect import HEADS, LOOKUP_MAX, LOOKUP_RULES, Records, lookup_column
-from .simulate import CostModel, Lookups, SimResult, decide_exits, oracle_exits, simulate
+from .simulate import CostModel, Lookups, SimResult, decide_exits, guard_costs, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
 # the search space's version, part of every study's key: a study holding another space's trials
-# (an older release's, in a reused work folder) is another job's (2: lookup_floor, 8-token lookups)
-SEARCH_SPACE = 2
+# (an older release's, in a reused work folder) is another job's (2: lookup_floor, 8-token lookups;
+# 3: every lookup or head policy replayed with the run-time guard)
+SEARCH_SPACE = 3
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,13 @@ class Candidate:
         """Whether the policy drafts at all (else it is plain decoding)."""
         return self.early_exit or self.lookup_ngram > 0 or self.head_draft
 
-    def policy(self, schedules: Schedules) -> ExitPolicy:
+    def guard_costs(self, cost: CostModel) -> tuple[float, ...]:
+        """The run-time guard's prices under `cost` for a policy that drafts with prompt lookup or
+        the head (specbound_runtime.guard); none otherwise."""
+        return guard_costs(cost, self.w_max) if self.lookup_ngram or self.head_draft else ()
+
+    def policy(self, schedules: Schedules, cost: CostModel | None = None) -> ExitPolicy:
+        """The policy this candidate means; with the cost model tuned under, guarded (guard_costs)."""
         temps = dict(zip(schedules.layers, schedules.temperatures(self.head, self.schedule)))
         return ExitPolicy(
             num_layers=schedules.num_layers,
@@ -90,6 +97,7 @@ class Candidate:
             head_draft=self.head_draft,
             lookup_min=self.lookup_min,
             lookup_floor=self.lookup_floor,
+            guard_costs=self.guard_costs(cost) if cost is not None else (),
         )
 
 
@@ -186,14 +194,14 @@ def _head(records: Records, candidate: Candidate) -> np.ndarray | None:
 
 def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
     h = HEADS.index(candidate.head)
-    policy = candidate.policy(schedules)
+    policy = candidate.policy(schedules, cost)
     columns = [records.layers.index(l) for l in policy.check_layers]
     exits = decide_exits(
         records.conf[:, h], records.draft_right(h), columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
     return simulate(
         exits, records.bounds(), cost, policy.d_max, policy.w_max, _lookups(records, candidate), candidate.lookup_max,
-        _head(records, candidate), candidate.lookup_floor,
+        _head(records, candidate), candidate.lookup_floor, policy.guard_costs,
     )
 
 
@@ -204,7 +212,7 @@ def evaluate_oracle(records: Records, candidate: Candidate, cost: CostModel) -> 
     exits = oracle_exits(records.draft_right(h), columns, list(candidate.checks))
     return simulate(
         exits, records.bounds(), cost, candidate.d_max, candidate.w_max, _lookups(records, candidate), candidate.lookup_max,
-        _head(records, candidate), candidate.lookup_floor,
+        _head(records, candidate), candidate.lookup_floor, candidate.guard_costs(cost),
     )
 
 

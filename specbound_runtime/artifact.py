@@ -46,8 +46,9 @@ class Artifact:
 
 
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
-    """The policy as tensors. policy.head_draft, policy.lookup_backoff and policy.lookup_floor are
-    written only when on: an artifact without them is byte for byte what it was before they existed."""
+    """The policy as tensors. policy.head_draft, policy.lookup_backoff, policy.lookup_floor and
+    policy.guard_costs are written only when on: an artifact without them is byte for byte what it
+    was before they existed."""
     tensors = {
         "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
         "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
@@ -61,6 +62,8 @@ def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
         tensors["policy.lookup_backoff"] = torch.tensor([policy.lookup_min], dtype=torch.int64)
     if policy.lookup_floor:  # drafts sized by the match's length: written only when on, as head_draft
         tensors["policy.lookup_floor"] = torch.tensor([policy.lookup_floor], dtype=torch.int64)
+    if policy.guard_costs:  # float32: what calibrate.simulate.guard_costs rounds them to
+        tensors["policy.guard_costs"] = torch.tensor(policy.guard_costs, dtype=torch.float32)
     return tensors
 
 
@@ -231,6 +234,9 @@ def read_artifact(path: str | Path) -> Artifact:
         lookup_floor = _require(tensors, "policy.lookup_floor", 1, "int", path)
         if lookup_floor.numel() != 1:
             raise ArtifactError(f"{path}: policy.lookup_floor must hold one value, the fewest drafts of a match, got {lookup_floor.tolist()}")
+    guard = tensors.get("policy.guard_costs")  # absent (older artifacts): no run-time guard
+    if guard is not None:
+        guard = _require(tensors, "policy.guard_costs", 1, "float", path)
     try:
         policy = ExitPolicy(
             num_layers=num_layers,
@@ -244,6 +250,7 @@ def read_artifact(path: str | Path) -> Artifact:
             head_draft=head_draft is not None and bool(int(head_draft[0])),
             lookup_min=0 if lookup_min is None else int(lookup_min[0]),
             lookup_floor=0 if lookup_floor is None else int(lookup_floor[0]),
+            guard_costs=() if guard is None else tuple(float(x) for x in guard),
         )
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None

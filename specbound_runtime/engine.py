@@ -26,6 +26,7 @@ import torch
 
 from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
+from .guard import SOURCES, DraftGuard
 from .host import read, to_device
 from .policy import ExitPolicy, decide_exit
 from .sampling import Sampler, draft_probabilities, exact_dtype, full_vocabulary, probabilities
@@ -182,28 +183,43 @@ class EarlyExitDrafter:
     draft of the fitted next-token head, at depth 0 too (a deterministic proposal: q is one-hot
     under sampling). Early exit goes on from there up to the width bound.
 
+    With policy.guard_costs, a guard (guard.py) pauses lookup or the head while what verification
+    keeps of their drafts does not pay for the wider pass, and lets them probe again later; one
+    guard per drafter, so one per generation.
+
     Lookup runs once per round, from committed tokens only, so the simulator replays it exactly:
     looking up again inside drafted tokens would mostly find the span being copied, and chain
     proposals to the width bound on prompts where the first one was already wrong."""
 
     policy: ExitPolicy
     eos_token_ids: frozenset[int] = frozenset()
+    # with policy.guard_costs: this generation's guard on lookup and the head (guard.py)
+    guard: DraftGuard | None = field(init=False, default=None)
+    _round: tuple[str, int] | None = field(init=False, default=None)  # (source, drafts) of the round's first drafts
+
+    def __post_init__(self) -> None:
+        if self.policy.guard_costs:
+            self.guard = DraftGuard(self.policy.guard_costs)
 
     def draft(self, seq: DecodeState, budget: int) -> None:
         policy = self.policy
         checks = policy.active_checks
         limit = min(budget, policy.w_max)
+        self._round = None
         if limit < 1:
             return
-        if policy.lookup_ngram:  # once, at the start of the round: from the committed tokens
+        open_ = self.guard.open_sources() if self.guard is not None else SOURCES
+        if policy.lookup_ngram and "lookup" in open_:  # once, at the start of the round: from the committed tokens
             for token in policy.lookup_drafts(seq.tokens, limit):
                 seq.push_draft(token, 0)
+                self._round = ("lookup", len(seq.drafts))
                 if token in self.eos_token_ids:
                     return
-        if policy.head_draft and not seq.drafts:
+        if policy.head_draft and not seq.drafts and "head" in open_:
             token = seq.head_draft()
             if token is not None:
                 seq.push_draft(token, 0, source="head")
+                self._round = ("head", 1)
                 if token in self.eos_token_ids:
                     return
         if not checks:  # no early exit: prompt lookup or the head alone
@@ -231,7 +247,12 @@ class EarlyExitDrafter:
                 return
 
     def observe(self, acceptance: Acceptance) -> None:
-        return None
+        """The guard learns what verification kept of the round's lookup or head drafts (they
+        come first in a round, so it kept min(accepted, drafted) of them)."""
+        if self.guard is not None and self._round is not None:
+            source, drafted = self._round
+            self.guard.record(source, drafted, min(acceptance.accepted_length, drafted))
+        self._round = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ class ExitPolicy:
     head_draft: our addition too. When prompt lookup proposes nothing at the start of a round, one
       draft from the fitted next-token head (exit_head.py), also at no layer cost; needs an exit
       head that holds one. Prompt lookup and early exit go on after it.
+    guard_costs: the run-time guard on those two sources (guard.py): guard_costs[k - 1] is what k
+      such drafts add to a verification pass, in plain decoding steps. A source whose recent
+      drafts verification keeps too few of to pay that pauses, and probes again later. Empty: no
+      guard (artifacts written before it).
     """
 
     num_layers: int
@@ -61,6 +65,7 @@ class ExitPolicy:
     head_draft: bool = False
     lookup_min: int = 0
     lookup_floor: int = 0
+    guard_costs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -94,6 +99,9 @@ class ExitPolicy:
                 f"lookup_floor must be 0 (drafts fixed at lookup_max) or within 1..lookup_max ({self.lookup_max}) "
                 f"with lookup on, got {self.lookup_floor}"
             )
+        object.__setattr__(self, "guard_costs", tuple(float(c) for c in self.guard_costs))
+        if not all(c >= 0 and c < float("inf") for c in self.guard_costs):
+            raise ValueError(f"guard_costs must be finite and >= 0, got {list(self.guard_costs)}")
         if not isinstance(self.head_draft, bool):
             raise ValueError(f"head_draft must be True or False, got {self.head_draft!r}")
 

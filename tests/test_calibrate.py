@@ -3,6 +3,7 @@ pipeline on a tiny model (byte-identical artifacts, resume after interruption)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -137,15 +138,20 @@ def test_simulator_with_perfect_shallow_drafts_accepts_full_width():
     assert r.speedup > 1.5
 
 
-@pytest.mark.parametrize("head", [False, True], ids=["", "next-token-head"])
+GUARD = (0.45, 0.7, 0.95)  # what 1, 2, 3 depth-0 drafts cost, in plain steps: dear enough to pause
+
+
 @pytest.mark.parametrize(
-    "lookup", [(0, 0), (1, 0), (2, 0), (3, 1)], ids=["no-lookup", "unigram-lookup", "bigram-lookup", "trigram-lookup-backing-off"]
+    "lookup, head, guard",
+    [(lk, h, False) for lk in [(0, 0), (1, 0), (2, 0), (3, 1)] for h in (False, True)] + [((0, 0), True, True), ((2, 0), True, True)],
+    ids=lambda v: {(0, 0): "no-lookup", (1, 0): "unigram-lookup", (2, 0): "bigram-lookup", (3, 1): "trigram-lookup-backing-off"}.get(v, "")
+    if isinstance(v, tuple) else ("" if v is False else "next-token-head" if v is True else ""),
 )
-def test_simulator_matches_the_engine_round_by_round(lookup, head):
+def test_simulator_matches_the_engine_round_by_round(lookup, head, guard):
     """Replaying recorded statistics gives the same accepted lengths as decoding for real; with
     the next-token head (fitted by calibration's own code on every other answer position, so
     that it is right about every other position and mostly wrong on the rest), the same head
-    drafts too."""
+    drafts too; under the run-time guard (the last cases), the same rounds are paused."""
     from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
     from specbound_runtime.exit_head import ExitHeadWeights
@@ -176,11 +182,11 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
     t = float(TEMPERATURE_GRID[8])
     policy = ExitPolicy(
         6, layers, (t,) * 3, (0.08,) * 3, d_max=4, w_max=3, lookup_ngram=lookup[0], lookup_max=3 if lookup[0] else 0,
-        head_draft=head, lookup_min=lookup[1],
+        head_draft=head, lookup_min=lookup[1], guard_costs=GUARD if guard else (),
     )
     settings = C.CollectSettings(candidate_layers=layers, shortlist_size=lm.vocab_size)
     heads = {name: C.FittedExitHead(weights, lm.normed, lm.lm_head_weight, lm.softcap) for name in C.HEADS}
-    simulated, real = [], []
+    simulated, real, paused = [], [], 0
     for p, (prompt, answer) in enumerate(zip(prompts, answers)):
         seq = C.RecordedSequence(f"s{p}", False, True, tuple(prompt + answer), len(prompt) - 1)
         rec = C.record_sequence(lm, heads, seq, layers)
@@ -193,13 +199,20 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
         g = C.lookup_column(*lookup) if lookup[0] else None
         lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g]) if lookup[0] else None
         sim = simulate(
-            exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max, rec["head_right"] if head else None
+            exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max, rec["head_right"] if head else None,
+            guard_costs=policy.guard_costs,
         )
         result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+        if guard:
+            free = generate(lm, prompt, 40, EarlyExitDrafter(dataclasses.replace(policy, guard_costs=())))
+            depth0 = lambda r: sum(r.drafted_sources.count(s) for s in ("lookup", "head"))  # noqa: E731
+            paused += depth0(free) - depth0(result)
         assert list(result.token_ids) == answer
         simulated.append(sim)
         real.append(result)
     assert sum(r.drafted for r in real) > 10
+    if guard:  # the guard paused a source somewhere: fewer depth-0 drafts than without it
+        assert paused > 0
     if head:  # the head drafted, and was both right and wrong
         assert 0 < sum(r.accepted_sources.count("head") for r in real) < sum(r.drafted_sources.count("head") for r in real)
     for sim, result in zip(simulated, real):
@@ -215,7 +228,8 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head):
     [(1, 0, 0, 3), (3, 1, 0, 3), (4, 2, 0, 3), (8, 1, 1, 6), (8, 2, 2, 5)],
     ids=["unigram", "trigram-backing-off-to-1", "4-gram-backing-off-to-2", "8-gram-drafts-by-match-from-1", "8-gram-drafts-by-match-from-2"],
 )
-def test_prompt_lookup_is_replayed_exactly(rule):
+@pytest.mark.parametrize("guard", [False, True], ids=["", "guarded"])
+def test_prompt_lookup_is_replayed_exactly(rule, guard):
     """Lookup drafts once per round from committed tokens, so the replay's rounds are the engine's:
     the same drafts, acceptances and passes, call for call; with drafts sized by the match's
     length (lookup_floor) too."""
@@ -227,8 +241,9 @@ def test_prompt_lookup_is_replayed_exactly(rule):
     ngram, lookup_min, floor, m = rule
     model = tiny_model("llama", seed=3)
     lm = HFCausalLM(model)
-    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=m, lookup_ngram=ngram, lookup_max=m, lookup_min=lookup_min, lookup_floor=floor)
-    drafted, widths = 0, set()
+    costs = tuple(k + 1.5 for k in range(m)) if guard else ()  # dearer than any round can pay: pauses follow
+    policy = ExitPolicy(6, (), (), (), d_max=6, w_max=m, lookup_ngram=ngram, lookup_max=m, lookup_min=lookup_min, lookup_floor=floor, guard_costs=costs)
+    drafted, widths, unguarded = 0, set(), 0
     for prompt in ([5, 9, 20, 5, 9, 21, 5, 9], [40, 41, 42, 43, 40, 41], [7, 8, 7, 8, 7], [3, 4, 5, 6, 7, 8, 9, 3, 4, 5, 6, 7, 8]):
         answer = list(generate(lm, prompt, 40, NoDrafter()).token_ids)
         seq = C.RecordedSequence("s", False, True, tuple(prompt + answer), len(prompt) - 1)
@@ -241,13 +256,17 @@ def test_prompt_lookup_is_replayed_exactly(rule):
         g = C.lookup_column(ngram, lookup_min)
         lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g], records.lookup_size[:, g])
         none = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.zeros(n, np.int64))
-        sim = simulate(none, [(0, n - 1)], COST, 6, m, lookups, m, lookup_floor=floor)
+        sim = simulate(none, [(0, n - 1)], COST, 6, m, lookups, m, lookup_floor=floor, guard_costs=costs)
         result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
         assert list(result.token_ids) == answer
         assert (sim.rounds, sim.drafted, sim.accepted) == (result.verify_passes, result.drafted, result.accepted)
         drafted += result.drafted
+        if guard:  # what the same lookup drafts unguarded
+            unguarded += generate(lm, prompt, 40, EarlyExitDrafter(dataclasses.replace(policy, guard_costs=()))).drafted
         widths |= {int(w) for w in lookups.drafts(m, floor) if w}
     assert drafted > 0
+    if guard:  # it paused lookup: short n-grams match every few rounds, so some pause lands on a match
+        assert drafted < unguarded if ngram < 4 else drafted <= unguarded
     if floor:  # the drafts' sizes followed the matches: narrower and wider ones both occurred
         assert min(widths) < m and max(widths) > floor
 

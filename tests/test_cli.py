@@ -164,7 +164,7 @@ def test_inspect_json_shows_policy_exit_head_and_fingerprints(tiny, tmp_path):
     info = json.loads(result.stdout)
     assert info["policy"] == {
         "check_layers": [1, 3], "temperatures": [1.5, 1.25], "thresholds": [0.8, 0.7], "d_max": 3, "w_max": 5, "num_layers": 4,
-        "lookup_ngram": 0, "lookup_max": 0, "lookup_min": 0, "lookup_floor": 0, "head_draft": False,
+        "lookup_ngram": 0, "lookup_max": 0, "lookup_min": 0, "lookup_floor": 0, "head_draft": False, "guard_costs": [],
     }
     assert info["exit_head"] == {"shortlist": 32, "lens_layers": [3], "next_token_head": False}
     assert info["metadata"]["model_fingerprint"] == loaded.fingerprint.to_dict()
