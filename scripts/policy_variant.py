@@ -3,7 +3,8 @@
     PYTHONPATH=.pp:. .venv/bin/python scripts/policy_variant.py ARTIFACT OUT field=value [field=value ...]
 
 Fields are ExitPolicy's (lookup_ngram, lookup_max, lookup_min, head_draft, w_max, ...); values are
-integers or true/false. The copy keeps the exit head, the cost model and the rest of the metadata,
+integers or true/false, and for guard_costs comma-separated numbers or nothing (`guard_costs=`:
+the run-time guard off). The copy keeps the exit head, the cost model and the rest of the metadata,
 and says in its metadata `ablation` what changed: it is not what calibration chose.
 """
 
@@ -26,9 +27,12 @@ def main(source: str, out: str, changes: list[str]) -> None:
         if name not in known:
             raise UsageError(f"{name!r} is not a policy field; use one of {', '.join(sorted(known))}")
         try:
-            fields[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+            if name == "guard_costs":
+                fields[name] = tuple(float(v) for v in value.split(",") if v)
+            else:
+                fields[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
         except ValueError:
-            raise UsageError(f"{change!r}: give an integer or true/false") from None
+            raise UsageError(f"{change!r}: give an integer, true/false or (guard_costs) numbers") from None
     try:
         policy = dataclasses.replace(art.policy, **fields)
     except ValueError as e:
