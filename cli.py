@@ -207,6 +207,7 @@ def decode(
                 f"than plain decoding on the models measured; calibrate first: specbound calibrate --model {model}"
             )
         use_chat = decoder.has_chat_template if chat is None else chat
+        watch = None if no_speculation else _cost_watch(decoder)
         failures = 0
         for index, p in enumerate(prompts):
             messages: list[dict] = []
@@ -215,7 +216,7 @@ def decode(
                 messages.append({"role": "user", "content": turn})
                 failures += _decode_one(
                     decoder, messages, use_chat, max_new_tokens, not no_speculation,
-                    check_exact, as_json, index, turn_index, sampling,
+                    check_exact, as_json, index, turn_index, sampling, watch,
                 )
         if failures:
             from specbound_runtime.errors import ExactnessError
@@ -237,7 +238,21 @@ def _prompt_sampling(mode, seed: Optional[int], index: int) -> dict:
     return {"mode": mode, "generator": torch.Generator().manual_seed(s), "seed": s}
 
 
-def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn, sampling):
+def _cost_watch(decoder):
+    """A PassCostWatch on the artifact's prices, when it has them (a guarded policy) and says how
+    far they may drift (metadata cost_tolerance)."""
+    from specbound_runtime.guard import PassCostWatch
+
+    policy, metadata = decoder.m.policy, decoder.m.artifact_metadata
+    if not policy.guard_costs or "cost_tolerance" not in metadata:
+        return None
+    try:
+        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]))
+    except ValueError:
+        return None
+
+
+def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn, sampling, watch=None):
     from specbound_runtime.decoder import TextStream, exit_layer_histogram
     from specbound_runtime.exactness import divergence, reference_greedy
 
@@ -274,6 +289,18 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
         "kernels": {"path": decoder.m.kernels.report.path, "setup_s": round(decoder.m.kernels.report.setup_s, 3),
                     "extra_mb": round(decoder.m.kernels.report.extra_bytes / 2**20, 1)},
     }
+    if watch is not None and not watch.warned:
+        watch.add(result.pass_widths, result.pass_seconds)
+        drift = watch.drift()
+        if drift is not None:  # once per run
+            watch.warned = True
+            record["cost_drift"] = drift
+            _err(
+                f"warning: this machine prices {drift['drafts']} drafts at {drift['measured']} plain steps, the artifact "
+                f"expects {drift['expected']}: its policy was tuned for other costs and may not be the best here. Retune "
+                "(minutes, no recording): specbound costs --out mine.json, then specbound calibrate --from-artifact "
+                "ARTIFACT --costs mine.json --work-dir <its calibration's work folder>"
+            )
     failed = 0
     if check_exact:
         started = time.perf_counter()
@@ -379,10 +406,31 @@ def calibrate(
             return
         outcome = run_calibration(opts)
         report = outcome.report
+        if from_artifact is not None:  # a retune (another cost model, more trials): what moved
+            report["changed_from_source"] = _policy_changes(from_artifact, outcome.artifact)
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
             return
         typer.echo(_calibration_summary(report))
+        if from_artifact is not None:
+            changes = report["changed_from_source"]
+            typer.echo(f"changed from {from_artifact}: " + ("; ".join(_change_words(c) for c in changes) or "nothing in the policy"))
+
+
+def _policy_changes(source: Path, rebuilt: Path) -> list[dict]:
+    """The policy fields and the predictions that differ between an artifact and its retune."""
+    from specbound.calibrate.check import compare_artifacts
+    from specbound_runtime.artifact import read_artifact
+
+    keep = ("policy.", "metadata.predicted_speedup")
+    diffs = compare_artifacts(read_artifact(source), read_artifact(rebuilt))
+    return [d.to_dict() for d in diffs if d.field.startswith(keep)]
+
+
+def _change_words(change: dict) -> str:
+    if change["field"] == "policy.guard_costs":  # ten prices: say that they moved, not each
+        return "the guard's prices (policy.guard_costs)"
+    return f"{change['field']} {change['committed']} -> {change['rebuilt']}"
 
 
 def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
@@ -542,7 +590,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {_gram_words(p.lookup_ngram, p.lookup_min)} {_lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)} head draft: {'on' if p.head_draft else 'off'}"
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {(_gram_words(p.lookup_ngram, p.lookup_min) + ' ' + _lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)) if p.lookup_ngram else 'off'} head draft: {'on' if p.head_draft else 'off'}"
                    + (f"; guard on lookup and head: {len(p.guard_costs)} drafts pay from {p.guard_costs[-1]:.2f} kept tokens" if p.guard_costs else "; no run-time guard"))
         if info["exit_head"]:
             nh = art.exit_weights.next_head
@@ -551,12 +599,43 @@ def inspect(
                 + (f"fitted next-token head {list(nh[0].shape)}" if nh is not None else "no next-token head")
             )
         typer.echo(f"tuned for: {_tuned_for(art.metadata)}")
+        for line in _cost_lines(info["metadata"]):
+            typer.echo(line)
         for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
             if key in art.metadata:
                 typer.echo(f"{key}: {art.metadata[key]}")
         if info.get("measured"):
             m = info["measured"]
             typer.echo(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x, paper defaults {m.get('speedup_paper')}x, exact {m.get('exact')}")
+
+
+def _cost_lines(metadata: dict) -> list[str]:
+    """What `inspect` says of the cost model an artifact was tuned under: a pass by its width, and
+    where the costs came from, with the retune that moves the artifact to this machine."""
+    cost, job = metadata.get("cost_model"), metadata.get("job")
+    if not isinstance(cost, dict):
+        return []
+    L, layers, heads = cost.get("num_layers"), cost.get("layer_widths") or [], cost.get("head_widths") or []
+    if not layers and all(isinstance(cost.get(k), (int, float)) for k in ("layer_base", "layer_extra", "head_base", "head_extra")):
+        # a cost model without per-width measurements: base + extra per further position
+        layers = [cost["layer_base"] + cost["layer_extra"] * n for n in range(13)]
+        heads = [cost["head_base"] + cost["head_extra"] * n for n in range(13)]
+    passes = [L * a + b for a, b in zip(layers, heads)] if isinstance(L, int) else []
+    lines = []
+    if passes:
+        shown = [n for n in (1, 2, 4, 8, 11, 13) if n <= len(passes)]
+        lines.append(
+            "cost model: a pass over " + ", ".join(f"{n}" for n in shown) + " positions costs "
+            + ", ".join(f"{passes[n - 1]:.1f}" for n in shown) + " ms ("
+            + ", ".join(f"{passes[n - 1] / passes[0]:.2f}x" for n in shown) + " of one)"
+        )
+    pinned = (job or {}).get("costs", {}).get("file") if isinstance(job, dict) else None
+    lines.append(
+        f"costs from: {'the pinned file ' + pinned if pinned else 'measured on the machine that calibrated'}; on another "
+        "machine, `specbound costs --out mine.json` then `specbound calibrate --from-artifact A --costs mine.json "
+        "--work-dir <its work folder>` retunes from the recorded statistics"
+    )
+    return lines
 
 
 def _tuned_for(metadata: dict) -> str:

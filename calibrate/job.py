@@ -289,5 +289,8 @@ def options_from_artifact(path: Path, flags: dict[str, Any], note):
     if not isinstance(job, dict) or not isinstance(cost, dict):
         raise ArtifactError(f"{path} records no job (it predates job files); rebuild it from its job or flags")
     options = job_options(job, f"{path} (recorded job)", "", Path.cwd())
-    options["cost_model"] = cost
+    if flags.get("remeasure_costs"):  # a retune under this machine's costs, measured now
+        options.pop("costs_file", None)
+    elif "costs_file" not in flags:  # else a retune under the cost file given
+        options["cost_model"] = cost
     return CalibrateOptions(**merge_flags(options, flags, f"{path}'s recorded job", note))

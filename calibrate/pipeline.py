@@ -29,7 +29,7 @@ from .corpus import Corpus, load_corpus
 from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
 from .job import job_digest, recorded_job
 from .precision import RECORD_DTYPES, recording_model, round_bits
-from .simulate import CostModel
+from .simulate import CostModel, guard_costs
 from .study import check_storage_url, is_shared
 from .tune import SEARCH_SPACE, Schedules, evaluate, evaluate_oracle, paper_candidate, score, tune
 
@@ -672,6 +672,8 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     }
     if plan.mode is not None and plan.mode.do_sample:  # an artifact without it was tuned for greedy
         metadata["decoding_mode"] = plan.mode.to_json()
+    if policy.guard_costs:  # what decode's PassCostWatch lets pass before it warns
+        metadata["cost_tolerance"] = f"{cost_tolerance(cost, policy.guard_costs):.4f}"
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     recorded = [s for s in collected.sequences if not s.lens_split]
     throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
@@ -742,6 +744,16 @@ def collection_throughput(lm, weights, sample, settings) -> dict:
             C.record_sequence(lm, heads, s, settings.candidate_layers)
         record = time.perf_counter() - started
     return {"plain_forward": round(tokens / forward, 1), "recording": round(tokens / record, 1), "tokens": tokens}
+
+
+COST_MARGIN = 0.1  # plain steps: a price this much beyond the measurement's own spread is drift
+
+
+def cost_tolerance(cost: CostModel, prices: tuple[float, ...]) -> float:
+    """How far the guard's prices may differ on a machine before decode warns: their spread over
+    the cost model's measured rounds, plus COST_MARGIN."""
+    spread = max((abs(a - b) for c in cost.variants() for a, b in zip(guard_costs(c, len(prices)), prices)), default=0.0)
+    return spread + COST_MARGIN
 
 
 def _jsonable(candidate) -> dict:

@@ -267,6 +267,11 @@ class GenerationResult:
     wall_time_s: float
     drafted_sources: tuple[str, ...] = ()  # what proposed each drafted token (push_draft's source)
     accepted_sources: tuple[str, ...] = ()  # the same for each accepted draft, in order (len == accepted)
+    # the verification passes over depth-0 drafts only (none, lookup, head) after the prefill: how
+    # many positions each ran and how long it took (guard.PassCostWatch compares them with the
+    # artifact's prices)
+    pass_widths: tuple[int, ...] = ()
+    pass_seconds: tuple[float, ...] = ()
 
     @property
     def new_tokens(self) -> int:
@@ -362,6 +367,8 @@ def generate(
     drafted_sources: list[str] = []
     accepted_sources: list[str] = []
     drafted = accepted = fallbacks = 0
+    pass_widths: list[int] = []
+    pass_seconds: list[float] = []
     with torch.inference_mode():
         seq = DecodeState(lm, prompt_ids, len(prompt_ids) + max_new_tokens, sampler, logits_processor)
         first = True
@@ -370,9 +377,14 @@ def generate(
                 budget = max_new_tokens - len(out) - 1
                 if budget > 0:
                     drafter.draft(seq, budget)
+            timed = not first and not any(seq.draft_exit_layers)  # a pass over depth-0 drafts only
             first = False
+            pass_started = time.perf_counter()
             logits = seq.verify_logits()
-            acceptance = verify(seq, logits, torch.isfinite(logits).all(-1))
+            acceptance = verify(seq, logits, torch.isfinite(logits).all(-1))  # reads the host: the pass is done
+            if timed and acceptance.trusted:
+                pass_widths.append(len(seq.drafts) + 1)
+                pass_seconds.append(time.perf_counter() - pass_started)
             if not acceptance.trusted:
                 # Never trust a token chosen from non-finite values: redo this step at full depth.
                 fallbacks += 1
@@ -411,4 +423,6 @@ def generate(
         wall_time_s=time.perf_counter() - started,
         drafted_sources=tuple(drafted_sources),
         accepted_sources=tuple(accepted_sources),
+        pass_widths=tuple(pass_widths),
+        pass_seconds=tuple(pass_seconds),
     )

@@ -20,6 +20,8 @@ this same class over recorded sequences and predicts the guarded decode loop exa
 
 from __future__ import annotations
 
+import statistics
+
 SOURCES = ("lookup", "head")
 MAX_PAUSE = 32  # rounds: a source that never pays costs one probe in about 33 rounds
 
@@ -60,3 +62,41 @@ class DraftGuard:
         else:
             self.backoff[source] = 0
         self.credit[source] = credit
+
+
+MIN_PASSES = 8  # of one width, and of single positions, before the prices are compared
+
+
+class PassCostWatch:
+    """Whether this machine prices drafts as the artifact expects, from the passes decoding times
+    anyway (GenerationResult.pass_widths/pass_seconds; nothing is measured at start-up).
+
+    The measured price of k drafts is t(k + 1) / t(1) - 1, medians of the passes over k + 1 and
+    over 1 position, against guard_costs[k - 1] (a price in plain steps; a plain step is one
+    single-position pass plus the loop's fixed cost, which is small). `tolerance` comes from the
+    artifact (metadata cost_tolerance: how far the prices spread over the cost measurement's own
+    rounds, plus a margin): only a difference beyond it counts."""
+
+    def __init__(self, costs: tuple[float, ...], tolerance: float) -> None:
+        self.costs = tuple(costs)
+        self.tolerance = float(tolerance)
+        self.times: dict[int, list[float]] = {}
+        self.warned = False  # the caller warns once per run
+
+    def add(self, widths, seconds) -> None:
+        for width, s in zip(widths, seconds):
+            self.times.setdefault(int(width), []).append(float(s))
+
+    def drift(self) -> dict | None:
+        """{drafts, measured, expected} for the most frequent draft width whose measured price is
+        off by more than the tolerance; None while too few passes are timed, or when they agree."""
+        ones = self.times.get(1, [])
+        wide = [(len(t), w) for w, t in self.times.items() if 2 <= w <= len(self.costs) + 1 and len(t) >= MIN_PASSES]
+        if len(ones) < MIN_PASSES or not wide:
+            return None
+        _, width = max(wide)
+        measured = statistics.median(self.times[width]) / statistics.median(ones) - 1.0
+        expected = self.costs[width - 2]
+        if abs(measured - expected) <= self.tolerance:
+            return None
+        return {"drafts": width - 1, "measured": round(measured, 3), "expected": round(expected, 3)}

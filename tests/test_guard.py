@@ -102,3 +102,46 @@ def test_broken_guard_prices_are_refused(tiny, tmp_path, value, fragment):
     path = save_tiny_artifact(loaded, tmp_path / "a.safetensors", policy=policy)
     rewrite(path, lambda t, m: t.__setitem__("policy.guard_costs", value))
     refused(path, loaded, fragment)
+
+
+def test_the_watch_says_nothing_until_enough_passes_nor_when_prices_agree():
+    from specbound_runtime.guard import MIN_PASSES, PassCostWatch
+
+    watch = PassCostWatch((0.2, 0.3, 0.4), tolerance=0.1)
+    watch.add([1] * MIN_PASSES + [3] * (MIN_PASSES - 1), [0.010] * MIN_PASSES + [0.013] * (MIN_PASSES - 1))
+    assert watch.drift() is None  # seven passes of 3 positions: too few to judge
+    watch.add([3], [0.013])
+    assert watch.drift() is None  # 2 drafts priced 0.3 steps, as the artifact says
+
+
+def test_the_watch_names_the_drafts_whose_price_moved():
+    from specbound_runtime.guard import MIN_PASSES, PassCostWatch
+
+    watch = PassCostWatch((0.2, 0.3, 0.4), tolerance=0.1)
+    # a machine where 3 drafts cost a whole extra step (1 -> 4 positions doubles the pass)
+    watch.add([1] * MIN_PASSES + [4] * (MIN_PASSES + 2) + [2] * MIN_PASSES, [0.01] * MIN_PASSES + [0.02] * (MIN_PASSES + 2) + [0.012] * MIN_PASSES)
+    assert watch.drift() == {"drafts": 3, "measured": 1.0, "expected": 0.4}
+
+
+def test_the_engine_times_its_depth0_passes_and_decode_warns_once_when_prices_drift(tiny, tmp_path):
+    """A tiny artifact whose prices no machine has (5 plain steps for any draft): decode's own
+    passes show it, it warns once (JSON: cost_drift on the record that found it), and the output
+    is still exact."""
+    import json
+
+    folder, loaded = tiny
+    policy = ExitPolicy(4, (), (), (), 4, 3, lookup_ngram=1, lookup_max=3, guard_costs=(5.0, 5.0, 5.0))
+    base = save_tiny_artifact(loaded, tmp_path / "base.safetensors", policy=policy)
+    path = save_tiny_artifact(loaded, tmp_path / "dear.safetensors", policy=policy, metadata={"cost_tolerance": "0.1"})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "w5 w6 w7 w5 w6 w7 w5 w6"}) + "\n" for _ in range(4)))
+    result = invoke("decode", "--model", folder, "--artifact", path, "--prompt-file", prompts, "--max-new-tokens", "40", "--json", "--check-exact")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["exact"] for r in records)
+    drifts = [r["cost_drift"] for r in records if "cost_drift" in r]
+    assert len(drifts) == 1 and drifts[0]["expected"] == 5.0 and drifts[0]["measured"] < 4.9
+    assert result.stderr.count("warning: this machine prices") == 1
+    # an artifact without a tolerance (or without a guard) is never judged
+    quiet = invoke("decode", "--model", folder, "--artifact", base, "--prompt-file", prompts, "--max-new-tokens", "40", "--json")
+    assert quiet.exit_code == 0 and "cost_drift" not in quiet.stdout and "warning: this machine prices" not in quiet.stderr

@@ -208,6 +208,41 @@ def test_the_artifact_records_the_resolved_job_and_rebuilds_from_it_alone(built,
         write_corpus(folder / "corpus.jsonl")
 
 
+def test_a_retune_under_another_cost_model_reuses_the_records_and_says_what_changed(built, tmp_path, monkeypatch):
+    """Moving an artifact to a machine whose wide passes are dear: `--from-artifact A --costs
+    theirs.json` with the calibration's work folder tunes again without recording anything, and
+    says which policy fields moved; inspect names where each artifact's costs came from."""
+    import specbound_runtime as sb
+    from specbound.calibrate import collect, pipeline
+    from specbound.calibrate.costs import pinned_costs
+    from specbound.calibrate.simulate import CostModel
+    from specbound_runtime.artifact import read_artifact
+
+    folder, _, _ = built
+    assert read_artifact(folder / "out" / "ref.safetensors").policy.drafts
+    fp = sb.load(str(folder / "model")).fingerprint
+    dear = CostModel(num_layers=fp.num_layers, layer_base=0.2, layer_extra=0.5, head_base=0.05, head_extra=0.3, check=0.02, round_overhead=0.3)
+    (tmp_path / "theirs.json").write_text(json.dumps(pinned_costs(dear, fp, 64)))
+
+    def no_recording(*args, **kwargs):
+        raise AssertionError("the retune recorded statistics again")
+
+    monkeypatch.setattr(collect, "records_shard", no_recording)
+    monkeypatch.setattr(pipeline, "_moments_shard", no_recording)
+    monkeypatch.setattr(pipeline, "answers_shard", no_recording)
+    monkeypatch.chdir(folder)
+    result = invoke(
+        "calibrate", "--from-artifact", "out/ref.safetensors", "--costs", tmp_path / "theirs.json", "--work-dir", "runs/ref",
+        "--out", tmp_path / "retuned.safetensors", "--measure-prompts", "0", "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    changed = {c["field"] for c in json.loads(result.stdout)["changed_from_source"]}
+    assert "metadata.predicted_speedup" in changed and any(f.startswith("policy.") for f in changed)
+    assert not read_artifact(tmp_path / "retuned.safetensors").policy.drafts  # every draft is too dear there
+    text = invoke("inspect", tmp_path / "retuned.safetensors").output
+    assert f"costs from: the pinned file {tmp_path / 'theirs.json'}" in text and "cost model: a pass over 1, 2" in text
+
+
 def test_flags_override_the_job_and_say_so(built, tmp_path):
     folder, job, reference = built
     out = tmp_path / "more.safetensors"
