@@ -267,9 +267,9 @@ class GenerationResult:
     wall_time_s: float
     drafted_sources: tuple[str, ...] = ()  # what proposed each drafted token (push_draft's source)
     accepted_sources: tuple[str, ...] = ()  # the same for each accepted draft, in order (len == accepted)
-    # the verification passes over depth-0 drafts only (none, lookup, head) after the prefill: how
-    # many positions each ran and how long it took (guard.PassCostWatch compares them with the
-    # artifact's prices)
+    # the verification passes after the prefill that ran every layer over every position (no
+    # early-exit work before them): how many positions each ran and how long it took
+    # (guard.PassCostWatch compares them with the artifact's prices)
     pass_widths: tuple[int, ...] = ()
     pass_seconds: tuple[float, ...] = ()
 
@@ -377,7 +377,7 @@ def generate(
                 budget = max_new_tokens - len(out) - 1
                 if budget > 0:
                     drafter.draft(seq, budget)
-            timed = not first and not any(seq.draft_exit_layers)  # a pass over depth-0 drafts only
+            timed = not first and not any(seq.pending_depth)  # the pass runs every layer over every position
             first = False
             pass_started = time.perf_counter()
             logits = seq.verify_logits()
