@@ -610,16 +610,13 @@ def inspect(
 
 
 def _cost_lines(metadata: dict) -> list[str]:
-    """What `inspect` says of the cost model an artifact was tuned under: a pass by its width, and
-    where the costs came from, with the retune that moves the artifact to this machine."""
+    """What `inspect` says of the cost model an artifact was tuned under: a pass by each measured
+    width (calibrate.simulate.CostModel prices the rest, but needs the calibrate extra), and where
+    the costs came from, with the retune that moves the artifact to this machine."""
     cost, job = metadata.get("cost_model"), metadata.get("job")
     if not isinstance(cost, dict):
         return []
     L, layers, heads = cost.get("num_layers"), cost.get("layer_widths") or [], cost.get("head_widths") or []
-    if not layers and all(isinstance(cost.get(k), (int, float)) for k in ("layer_base", "layer_extra", "head_base", "head_extra")):
-        # a cost model without per-width measurements: base + extra per further position
-        layers = [cost["layer_base"] + cost["layer_extra"] * n for n in range(13)]
-        heads = [cost["head_base"] + cost["head_extra"] * n for n in range(13)]
     passes = [L * a + b for a, b in zip(layers, heads)] if isinstance(L, int) else []
     lines = []
     if passes:

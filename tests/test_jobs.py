@@ -221,7 +221,10 @@ def test_a_retune_under_another_cost_model_reuses_the_records_and_says_what_chan
     folder, _, _ = built
     assert read_artifact(folder / "out" / "ref.safetensors").policy.drafts
     fp = sb.load(str(folder / "model")).fingerprint
-    dear = CostModel(num_layers=fp.num_layers, layer_base=0.2, layer_extra=0.5, head_base=0.05, head_extra=0.3, check=0.02, round_overhead=0.3)
+    dear = CostModel(
+        num_layers=fp.num_layers, layer_base=0.2, layer_extra=0.5, head_base=0.05, head_extra=0.3, check=0.02, round_overhead=0.3,
+        layer_widths=(0.2, 0.7, 1.2), head_widths=(0.05, 0.35, 0.65),
+    )
     (tmp_path / "theirs.json").write_text(json.dumps(pinned_costs(dear, fp, 64)))
 
     def no_recording(*args, **kwargs):
@@ -240,7 +243,7 @@ def test_a_retune_under_another_cost_model_reuses_the_records_and_says_what_chan
     assert "metadata.predicted_speedup" in changed and any(f.startswith("policy.") for f in changed)
     assert not read_artifact(tmp_path / "retuned.safetensors").policy.drafts  # every draft is too dear there
     text = invoke("inspect", tmp_path / "retuned.safetensors").output
-    assert f"costs from: the pinned file {tmp_path / 'theirs.json'}" in text and "cost model: a pass over 1, 2" in text
+    assert f"costs from: the pinned file {tmp_path / 'theirs.json'}" in text and "cost model: a pass over 1, 2 positions costs 0.9, 3.1 ms (1.00x, 3.71x of one)" in text
 
 
 def test_flags_override_the_job_and_say_so(built, tmp_path):
