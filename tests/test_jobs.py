@@ -52,12 +52,12 @@ work_dir = "{work}"
 """
 
 
-def write_corpus(path: Path, seed: int = 0) -> Path:
+def write_corpus(path: Path, seed: int = 0, texts: int = 30, prompts: int = 16) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for _ in range(30):
+        for _ in range(texts):
             f.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(50))}) + "\n")
-        for _ in range(16):
+        for _ in range(prompts):
             f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(6))}) + "\n")
     return path
 

@@ -17,7 +17,7 @@ import pytest
 
 from clitools import assert_one_error, invoke
 from postgres import new_database, postgres_server  # noqa: F401  (a fixture)
-from test_jobs import job_folder, write_job
+from test_jobs import job_folder, write_corpus, write_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRIALS = 24
@@ -25,14 +25,23 @@ TRIALS = 24
 
 def pg_job(folder: Path, name: str, url: str, workers: int = 1) -> Path:
     job = write_job(folder, name)
-    job.write_text(job.read_text().replace("trials = 20", f'trials = {TRIALS}\nstorage = "{url}"\nworkers = {workers}'))
+    text = job.read_text().replace("trials = 20", f'trials = {TRIALS}\nstorage = "{url}"\nworkers = {workers}')
+    job.write_text(text.replace("answer_tokens = 12", "answer_tokens = 48"))
     return job
+
+
+def workers_folder(root: Path) -> Path:
+    """The jobs' folder with a corpus big enough (about 30 shards, seconds of work) that the workers
+    that start a fraction of a second after the first still find shards to build."""
+    folder = job_folder(root)
+    write_corpus(folder / "corpus.jsonl", texts=120, prompts=64)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, postgres_server):
     """The job with one worker: (folder, artifact bytes)."""
-    folder = job_folder(tmp_path_factory.mktemp("workers"))
+    folder = workers_folder(tmp_path_factory.mktemp("workers"))
     job = pg_job(folder, "one", new_database(postgres_server, "one"))
     result = invoke("calibrate", "--job", job)
     assert result.exit_code == 0, result.stderr
