@@ -347,11 +347,12 @@ def calibrate(
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Optuna study name (default derived from the job)."),
     multi_objective: bool = typer.Option(False, "--multi-objective", help="Tune speed vs waste; writes the Pareto front as JSON and PNG."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Folder for answers, shards and the study (default runs/calibrate-...); rerun to resume."),
-    prompts: int = typer.Option(64, "--prompts", help="Prompts whose greedy answers are recorded (20% held out)."),
+    prompts: int = typer.Option(72, "--prompts", help="Prompts whose answers are recorded. The default corpus holds --held-out-per-kind of each held-out kind among them; a file corpus holds out about --held-out-fraction of its prompts (of each `kind`, where rows name one)."),
+    held_out_per_kind: int = typer.Option(3, "--held-out-per-kind", help="The default corpus's held-out prompts of each kind (chat, code, math, extraction, summarization, translation, rag): a policy ships only if it is predicted never slower than plain decoding on every kind."),
     documents: int = typer.Option(64, "--documents", help="Human-text documents recorded (20% held out)."),
     answer_tokens: int = typer.Option(128, "--answer-tokens", help="Tokens of each recorded answer."),
     shortlist_size: int = typer.Option(4096, "--shortlist-size", help="Vocabulary short-list of the exit head."),
-    measure_prompts: int = typer.Option(6, "--measure-prompts", help="Held-out prompts decoded for real at the end (0: skip)."),
+    measure_prompts: int = typer.Option(7, "--measure-prompts", help="Held-out prompts decoded for real at the end, one of each kind in turn (0: skip)."),
     measure_tokens: int = typer.Option(128, "--measure-tokens", help="New tokens per measured prompt."),
     remeasure_costs: bool = typer.Option(False, "--remeasure-costs", help="Measure the cost model again instead of using the cached one."),
     costs: Optional[str] = typer.Option(None, "--costs", help="A cost model pinned with `specbound costs` (default: measured on this machine, cached)."),
@@ -384,7 +385,7 @@ def calibrate(
         values = {
             "model": model, "corpus": corpus, "out": out, "seed": seed, "trials": trials, "storage": storage,
             "study_name": study_name, "multi_objective": multi_objective, "force": force, "work_dir": work_dir,
-            "prompts": prompts, "documents": documents, "answer_tokens": answer_tokens,
+            "prompts": prompts, "held_out_per_kind": held_out_per_kind, "documents": documents, "answer_tokens": answer_tokens,
             "shortlist_size": shortlist_size, "measure_prompts": measure_prompts, "measure_tokens": measure_tokens,
             "remeasure_costs": remeasure_costs, "costs_file": costs, "workers": workers, "device": device, "dtype": dtype,
             "record_dtype": record_dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
@@ -514,6 +515,14 @@ def _calibration_summary(report: dict) -> str:
             f"{sim['held_out_paper_defaults']['speedup']:.3f}x, oracle {sim['held_out_oracle']['speedup']:.3f}x; "
             f"mean accepted length {sim['held_out']['mean_accepted_length']:.2f}"
         )
+    if sim.get("held_out_kinds"):
+        kinds = sim["held_out_kinds"]
+        worst = min(kinds, key=lambda k: (kinds[k]["worst_round"], k))
+        lines.append(
+            "simulated by held-out kind (least over the cost rounds): "
+            + ", ".join(f"{k} {v['worst_round']:.3f}x" for k, v in kinds.items())
+            + f"; worst: {worst}"
+        )
     for head, rep in report["calibration"].items():
         fitted = [r["fitted"]["ece"] for r in rep["layers"] if r["fitted"]["ece"] is not None]
         paper = [r["paper"]["ece"] for r in rep["layers"] if r["paper"]["ece"] is not None]
@@ -526,6 +535,11 @@ def _calibration_summary(report: dict) -> str:
             f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
             f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
         )
+        if m.get("speedup_by_kind"):
+            lines.append(
+                "measured by kind: " + ", ".join(f"{k} {v:.3f}x" for k, v in m["speedup_by_kind"].items())
+                + f"; worst: {m['worst_kind']} (one run each: a kind's figure carries the machine's noise)"
+            )
     head = report.get("next_token_head") or {}
     if "held_out_agreement" in head:
         lines.append(

@@ -1,11 +1,15 @@
 """What calibration reads: human text and prompts whose greedy answers are the model's own text.
 
 `default` is the built-in corpus (data/tasks.py): essays and Wikipedia paragraphs, plus chat
-prompts built from calibration-side items. Any other value is a list of local files (text, JSONL,
-JSON or Parquet), read offline with `datasets`: a row's `text` is human text, a row's `prompt` is
-a prompt whose answer the model writes itself. A long text (a whole .txt file is one) is cut into
-items of at most TEXT_ITEM_CHARS characters (split_text), so that it spreads over the held-out,
-lens and calibration splits, which are drawn per item.
+prompts built from calibration-side items, plus held-out prompts of each kind in
+`tasks.HELD_OUT_KINDS` (chat, code, math, extraction, summarization, translation, rag), which
+tuning judges every policy on. Any other value is a list of local files (text, JSONL, JSON or
+Parquet), read offline with `datasets`: a row's `text` is human text, a row's `prompt` is a prompt
+whose answer the model writes itself, and a prompt row's optional `kind` names its kind of prompt
+(held-out prompts are then drawn within each kind, at least one per kind of two or more prompts).
+A long text (a whole .txt file is one) is cut into items of at most TEXT_ITEM_CHARS characters
+(split_text), so that it spreads over the held-out, lens and calibration splits, which are drawn
+per item.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ class CorpusItem:
     id: str
     held_out: bool
     text: str
+    kind: str = ""  # a prompt's kind: what held-out prompts are judged by (NO_KIND when unnamed)
+
+
+NO_KIND = "prompts"  # the one kind of a corpus whose prompts name none
 
 
 @dataclass(frozen=True)
@@ -39,23 +47,34 @@ class Corpus:
     prompts: tuple[CorpusItem, ...]
 
 
-def load_corpus(spec: str, n_prompts: int, n_documents: int, held_out_fraction: float, seed: int) -> Corpus:
+def load_corpus(
+    spec: str, n_prompts: int, n_documents: int, held_out_fraction: float, seed: int, held_out_per_kind: int = 3
+) -> Corpus:
+    """The corpus `spec` names. The default one holds `n_prompts` prompts, `held_out_per_kind` of
+    each held-out kind among them, and the rest for fitting and tuning."""
     if spec == "default":
-        return _default(n_prompts, n_documents, held_out_fraction, seed)
+        return _default(n_prompts, n_documents, held_out_fraction, seed, held_out_per_kind)
     return _files([p for p in spec.split(",") if p], held_out_fraction, n_prompts, n_documents)
 
 
-def _default(n_prompts, n_documents, fraction, seed) -> Corpus:
-    from specbound.data.tasks import calibration_chat_prompts, calibration_documents, is_held_out
+def _default(n_prompts, n_documents, fraction, seed, per_kind) -> Corpus:
+    from specbound.data.tasks import HELD_OUT_KINDS, calibration_chat_prompts, calibration_documents, held_out_kind_prompts
 
-    n_eval = max(2, round(n_prompts * 0.2))
+    n_eval = per_kind * len(HELD_OUT_KINDS)
+    if n_prompts <= n_eval:
+        raise InputError(
+            f"--prompts {n_prompts} leaves none for tuning after {per_kind} held-out prompts of each of "
+            f"{len(HELD_OUT_KINDS)} kinds; ask for more than {n_eval} prompts or fewer held-out ones"
+        )
     fit = calibration_chat_prompts(n_prompts - n_eval, seed=seed, held_out=False, fraction=fraction)
-    held = calibration_chat_prompts(n_eval, seed=seed, held_out=True, fraction=fraction)
-    prompts = [CorpusItem(p.id, False, p.text) for p in fit] + [CorpusItem(p.id, True, p.text) for p in held]
+    held = held_out_kind_prompts(per_kind, seed=seed, fraction=fraction)
+    prompts = [CorpusItem(p.id, False, p.text) for p in fit] + [CorpusItem(p.id, True, p.text, p.task) for p in held]
     docs = []
-    # interleave essays and Wikipedia paragraphs deterministically, fitting then held-out
+    # interleave essays and Wikipedia paragraphs deterministically, fitting then held-out (apart
+    # from the held-out prompts' items: a kind's prompt is judged on text calibration never saw)
     fit_docs = _interleave(calibration_documents(held_out=False, fraction=fraction))
-    held_docs = _interleave(calibration_documents(held_out=True, fraction=fraction))
+    judged = {p.id for p in held}
+    held_docs = [d for d in _interleave(calibration_documents(held_out=True, fraction=fraction)) if d.id not in judged]
     n_held = max(1, round(n_documents * 0.2))
     docs += [CorpusItem(d.id, False, d.text) for d in fit_docs[: n_documents - n_held]]
     docs += [CorpusItem(d.id, True, d.text) for d in held_docs[:n_held]]
@@ -113,12 +132,38 @@ def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) 
                 if isinstance(value, str) and value.strip():
                     base = f"{path.name}:{i}:{field}"
                     parts = split_text(value) if field == "text" and len(value) > TEXT_ITEM_CHARS else [value]
+                    kind = _kind(row.get("kind"), path, i) if field == "prompt" else ""
                     for j, part in enumerate(parts):
                         item_id = base if len(parts) == 1 else f"{base}:{j}"
-                        sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, part))
+                        sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, part, kind))
     if not docs and not prompts:
         raise InputError(f"the corpus {', '.join(paths)} holds no text; give files with non-empty `text` or `prompt`")
-    return Corpus(",".join(paths), tuple(docs[:n_documents] if n_documents else docs), tuple(prompts[:n_prompts] if n_prompts else prompts))
+    prompts = _hold_out_every_kind(prompts[:n_prompts] if n_prompts else prompts)
+    return Corpus(",".join(paths), tuple(docs[:n_documents] if n_documents else docs), tuple(prompts))
+
+
+def _kind(value, path: Path, row: int) -> str:
+    if value is None:
+        return NO_KIND
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"corpus file {path}, row {row}: `kind` must be a non-empty string (a name for the kind of prompt), got {value!r}")
+    return value.strip()
+
+
+def _hold_out_every_kind(prompts: list[CorpusItem]) -> list[CorpusItem]:
+    """Where prompts name their kinds, each kind of two or more prompts keeps at least one held
+    out (its item of lowest hash), so that tuning can judge every kind."""
+    by_kind: dict[str, list[CorpusItem]] = {}
+    for p in prompts:
+        by_kind.setdefault(p.kind, []).append(p)
+    if set(by_kind) <= {NO_KIND}:
+        return prompts
+    first = {
+        min(items, key=lambda p: _unit_hash(p.id)).id
+        for items in by_kind.values()
+        if len(items) >= 2 and not any(p.held_out for p in items)
+    }
+    return [CorpusItem(p.id, True, p.text, p.kind) if p.id in first else p for p in prompts]
 
 
 def split_text(text: str, max_chars: int = TEXT_ITEM_CHARS) -> list[str]:

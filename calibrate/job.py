@@ -2,7 +2,8 @@
 
     [model]    name, fingerprint (a pin: the weights' sha256 or a prefix of it), device, dtype
     [corpus]   files ("default" or a list of paths), sha256 (pins, file -> digest), prompts,
-               documents, held_out_fraction
+               documents, held_out_fraction, held_out_per_kind (the default corpus's held-out
+               prompts of each kind)
     [collect]  answer_tokens, chunk_tokens, shortlist_size, candidate_layers, record_dtype
                ("float64": the same bytes on any CPU kind; calibrate.precision rule 4)
     [tuning]   seed, trials, batch, multi_objective, storage, study_name, workers
@@ -56,6 +57,7 @@ KEYS = (
     Key("corpus", "prompts", "prompts", "int", True),
     Key("corpus", "documents", "documents", "int", True),
     Key("corpus", "held_out_fraction", "held_out_fraction", "float", True),
+    Key("corpus", "held_out_per_kind", "held_out_per_kind", "int", True),
     Key("collect", "answer_tokens", "answer_tokens", "int", True),
     Key("collect", "chunk_tokens", "chunk_tokens", "int", True),
     Key("collect", "shortlist_size", "shortlist_size", "int", True),

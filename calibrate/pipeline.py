@@ -25,7 +25,7 @@ from specbound_runtime.policy import default_check_layers, paper_temperatures
 from specbound_runtime.sampling import prompt_seed
 
 from . import collect as C
-from .corpus import Corpus, load_corpus
+from .corpus import NO_KIND, Corpus, load_corpus
 from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
 from .job import job_digest, recorded_job
 from .precision import RECORD_DTYPES, recording_model, round_bits
@@ -51,13 +51,14 @@ class CalibrateOptions:
     multi_objective: bool = False
     force: bool = False
     work_dir: Path | None = None
-    prompts: int = 64
+    prompts: int = 72  # the default corpus: 51 for fitting and tuning, held_out_per_kind of each kind
+    held_out_per_kind: int = 3  # held-out prompts of each kind that tuning judges policies on
     documents: int = 64
     answer_tokens: int = 128
     chunk_tokens: int = 256
     shortlist_size: int = 4096
     held_out_fraction: float = 0.1
-    measure_prompts: int = 6
+    measure_prompts: int = 7  # decoded for real after export, taken kind by kind
     measure_tokens: int = 128
     remeasure_costs: bool = False
     candidate_layers: tuple[int, ...] | None = None
@@ -92,7 +93,7 @@ class CalibrateOptions:
             raise UsageError(f"--seed must be >= 0, got {self.seed}")
         if self.trials < 1:
             raise UsageError(f"--trials must be >= 1, got {self.trials}")
-        for name in ("prompts", "answer_tokens", "chunk_tokens", "shortlist_size", "trial_batch", "workers"):
+        for name in ("prompts", "held_out_per_kind", "answer_tokens", "chunk_tokens", "shortlist_size", "trial_batch", "workers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("documents", "measure_prompts", "measure_tokens"):
@@ -396,7 +397,7 @@ def prepare(opts: CalibrateOptions) -> Plan:
     if any(not (1 <= l < L) for l in layers):
         raise UsageError(f"candidate layers must lie in 1..{L - 1}")
     spec, digests = _corpus_files(opts)
-    corpus = load_corpus(spec, opts.prompts, opts.documents, opts.held_out_fraction, opts.seed)
+    corpus = load_corpus(spec, opts.prompts, opts.documents, opts.held_out_fraction, opts.seed, opts.held_out_per_kind)
     device = next(loaded.model.parameters()).device
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     job = recorded_job(opts, fingerprint=fp.weights_sha256, corpus_sha256=digests, layers=layers, device=device.type, dtype=dtype)
@@ -567,10 +568,19 @@ def collect_and_tune(plan: Plan, worker: int = 0, workers: int = 1, quiet: bool 
         result = tune(
             records.select(own & ~records.held_out), schedules, plan.cost, opts.trials, opts.seed, plan.storage,
             plan.study_name, opts.multi_objective, bar.update, batch=opts.trial_batch, job_key=study_key,
-            held_out=records.select(own & records.held_out), **share,
+            held_out=held_out_kinds(records, recorded, plan.corpus), **share,
         )
     log_event(work, f"worker {worker} of {workers} finished: all {opts.trials} trials are in study {plan.study_name}")
     return Collected(weights, coverage, sequences, records, schedules, calibration, result, n_lens, lm)
+
+
+def held_out_kinds(records: C.Records, recorded: list[C.RecordedSequence], corpus: Corpus) -> dict[str, C.Records]:
+    """The held-out answers' records, by the kind of their prompt (records.seq indexes `recorded`)."""
+    kind_of = {p.id: p.kind or NO_KIND for p in corpus.prompts if p.held_out}
+    seq_kind = np.array([kind_of.get(s.id, "") if s.own and s.held_out else "" for s in recorded] + [""], dtype=object)
+    kinds = seq_kind[np.minimum(records.seq, len(recorded))]
+    names = sorted(set(kind_of.values()))
+    return {k: records.select(kinds == k) for k in names if (kinds == k).any()}
 
 
 def payload(plan: Plan) -> dict:
@@ -634,6 +644,11 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
     held_paper = evaluate(held_traj, paper_candidate(records.layers, L), schedules, cost) if len(held_traj.seq) else None
     oracle = evaluate_oracle(held_traj, best, cost) if len(held_traj.seq) else None
+    recorded = [s for s in collected.sequences if not s.lens_split]
+    kinds = {
+        kind: {"speedup": round(evaluate(r, best, schedules, cost).speedup, 4), "worst_round": round(result.kinds.get(kind, 1.0), 4)}
+        for kind, r in held_out_kinds(records, recorded, plan.corpus).items()
+    }
     if opts.multi_objective:
         (work / "pareto.json").write_text(json.dumps(result.pareto, indent=1, sort_keys=True))
         pareto_png(result.pareto, work / "pareto.png")
@@ -662,6 +677,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
                 "held_out": held_best.to_dict() if held_best else None,
                 "held_out_paper_defaults": held_paper.to_dict() if held_paper else None,
                 "held_out_oracle": oracle.to_dict() if oracle else None,
+                "held_out_kinds": kinds,
             },
             sort_keys=True,
         ),
@@ -675,7 +691,6 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     if policy.guard_costs:  # what decode's PassCostWatch lets pass before it warns
         metadata["cost_tolerance"] = f"{cost_tolerance(cost, policy.guard_costs):.4f}"
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
-    recorded = [s for s in collected.sequences if not s.lens_split]
     throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {
         "artifact": str(path),
@@ -701,7 +716,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
     if opts.measure_prompts and opts.measure_tokens:
-        held_prompts = [p for p in plan.corpus.prompts if p.held_out][: opts.measure_prompts]
+        held_prompts = kind_by_kind([p for p in plan.corpus.prompts if p.held_out])[: opts.measure_prompts]
         report["measured"] = measure(loaded, eos, policy, head, held_prompts, opts.measure_tokens, opts.mode(), opts.seed)
         m = report["measured"]
         report["measured_speedup"] = m["speedup_tuned"]
@@ -710,6 +725,15 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
     report["report_json"] = str(sidecar)
     return CalibrationOutcome(artifact=path, report=report)
+
+
+def kind_by_kind(prompts: list) -> list:
+    """Prompts reordered to take one of each kind in turn (kinds in first-seen order)."""
+    by_kind: dict[str, list] = {}
+    for p in prompts:
+        by_kind.setdefault(p.kind or NO_KIND, []).append(p)
+    queues = list(by_kind.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def next_head_report(records: C.Records, used: bool) -> dict:
@@ -794,6 +818,7 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
     tuned = Decoder(loaded.with_policy(policy, head))
     times = {"plain": 0.0, "paper": 0.0, "tuned": 0.0}
     tokens = {"plain": 0, "paper": 0, "tuned": 0}
+    per_kind: dict[str, dict[str, float]] = {}  # kind -> plain and tuned seconds and tokens
     accept = {"paper": [], "tuned": []}
     exact = True
     with _bar(len(prompts), "measuring held-out decode", "prompt") as bar:
@@ -810,11 +835,22 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
             for k, r in (("plain", ref), ("paper", a), ("tuned", b)):
                 times[k] += r.wall_time_s
                 tokens[k] += r.new_tokens
+            kind = per_kind.setdefault(getattr(p, "kind", "") or NO_KIND, dict.fromkeys(("plain_s", "plain_n", "tuned_s", "tuned_n"), 0.0))
+            kind["plain_s"] += ref.wall_time_s
+            kind["plain_n"] += ref.new_tokens
+            kind["tuned_s"] += b.wall_time_s
+            kind["tuned_n"] += b.new_tokens
             accept["paper"].extend(a.accept_lengths)
             accept["tuned"].extend(b.accept_lengths)
             bar.update(1)
     tps = {k: tokens[k] / times[k] if times[k] else 0.0 for k in times}
+    kinds = {
+        kind: round((v["tuned_n"] / v["tuned_s"]) / (v["plain_n"] / v["plain_s"]), 4)
+        for kind, v in per_kind.items() if v["tuned_s"] and v["plain_s"] and v["plain_n"]
+    }
     return {
+        "speedup_by_kind": kinds,
+        "worst_kind": min(kinds, key=lambda k: (kinds[k], k)) if kinds else None,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},

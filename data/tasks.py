@@ -542,3 +542,76 @@ def calibration_chat_prompts(
         for stratum in _calibration_strata()
     ]
     return _draw(strata, n, random.Random(f"calibration:{seed}"), "the calibration prompt set")
+
+
+# Held-out prompt kinds ---------------------------------------------------------------------
+
+HELD_OUT_KINDS = ("chat", "code", "math", "extraction", "summarization", "translation", "rag")
+EXTRACTION = "Using only the passage, answer the question with the words of the passage.\n\nPassage: {text}\n\nQuestion: {question}"
+
+
+@lru_cache(maxsize=None)
+def _kind_strata(fraction: float) -> dict[str, tuple[tuple[TaskPrompt, ...], ...]]:
+    """Each kind's prompts, from calibration-side items that `is_held_out` keeps out of fitting.
+
+    Every source item serves one kind at most: held-out essays alternate between chat (explain,
+    key points) and summarization; SQuAD paragraphs go, in turn, to extraction, summarization (long
+    ones) or translation (short ones, the three languages in turn); HotpotQA questions alternate
+    between chat (closed-book) and rag (with their passages); HumanEval is code, MMATH is math."""
+    held = lambda item_id: is_held_out(item_id, fraction)  # noqa: E731
+    essays = [d for d in _essay_documents() if held(d.id)]
+    chat_essays = tuple(
+        TaskPrompt("chat", d.id, ((EXPLAIN, KEY_POINTS)[i % 2].format(text=_truncate(d.text, CALIBRATION_EXCERPT_CHARS)),))
+        for i, d in enumerate(essays[0::2])
+    )
+    summary_essays = tuple(
+        TaskPrompt("summarization", d.id, (SUMMARIZE.format(text=_truncate(d.text, CALIBRATION_EXCERPT_CHARS)),))
+        for d in essays[1::2]
+    )
+    extraction, summary_squad, translation = [], [], []
+    for pid, context, qas in (p for p in _squad_paragraphs() if not is_benchmark_item(p[0]) and held(p[0])):
+        answerable = [q for q in qas if not q.get("is_impossible")]
+        long = len(context.split()) >= SUMMARY_MIN_WORDS
+        turn = len(extraction) + len(summary_squad if long else translation)
+        if answerable and turn % 2 == 0:
+            text = EXTRACTION.format(text=_truncate(context, CALIBRATION_EXCERPT_CHARS), question=answerable[0]["question"].strip())
+            extraction.append(TaskPrompt("extraction", pid, (text,)))
+        elif long:
+            summary_squad.append(TaskPrompt("summarization", pid, (SUMMARIZE.format(text=_truncate(context, CALIBRATION_EXCERPT_CHARS)),)))
+        else:
+            language = TRANSLATION_LANGUAGES[len(translation) % len(TRANSLATION_LANGUAGES)]
+            text = TRANSLATE.format(language=language, text=_truncate(context, TRANSLATION_MAX_CHARS))
+            translation.append(TaskPrompt("translation", pid, (text,)))
+    hotpot = [r for r in _hotpot() if not is_benchmark_item(_hotpot_id(r)) and held(_hotpot_id(r))]
+    return {
+        "chat": (chat_essays, tuple(TaskPrompt("chat", _hotpot_id(r), (r["question"].strip(),)) for r in hotpot[0::2])),
+        "code": (
+            tuple(
+                TaskPrompt("code", _humaneval_id(r), (_code_prompt(r),))
+                for r in sources.read_jsonl(sources.HUMAN_EVAL)
+                if not is_benchmark_item(_humaneval_id(r)) and held(_humaneval_id(r))
+            ),
+        ),
+        "math": (
+            tuple(
+                TaskPrompt("math", _mmath_id(r), (_math_prompt(r),))
+                for r in sources.read_json(sources.MMATH_EN)
+                if not is_benchmark_item(_mmath_id(r)) and held(_mmath_id(r))
+            ),
+        ),
+        "extraction": (tuple(extraction),),
+        "summarization": (summary_essays, tuple(summary_squad)),
+        "translation": (tuple(translation),),
+        "rag": (tuple(TaskPrompt("rag", _hotpot_id(r), (_rag_prompt(r),)) for r in hotpot[1::2]),),
+    }
+
+
+def held_out_kind_prompts(per_kind: int, seed: int = 0, fraction: float = HELD_OUT_FRACTION) -> list[TaskPrompt]:
+    """`per_kind` prompts of each of HELD_OUT_KINDS (their `task` is the kind), kind by kind.
+
+    What calibration judges a policy on before it may ship: never fitted on (every item is held
+    out by `is_held_out`, and calibration's chat prompts and documents take only the others), never
+    a benchmark item (calibration side only), and no item in two kinds. Drawn like
+    `task_prompts`: each kind's strata shuffled with `random.Random(f"held-out:{kind}:{seed}")`."""
+    strata = _kind_strata(fraction)
+    return [p for kind in HELD_OUT_KINDS for p in _draw(strata[kind], per_kind, random.Random(f"held-out:{kind}:{seed}"), f"held-out kind {kind!r}")]

@@ -426,7 +426,7 @@ def _calibrate(root, model, corpus, cost, name, monkeypatch, **kw):
     monkeypatch.setattr(pipeline, "cached_cost", lambda *a, **k: cost)
     opts = pipeline.CalibrateOptions(
         model=str(model), corpus=str(corpus), out=root / f"{name}.safetensors", work_dir=root / f"work-{name}",
-        trials=25, answer_tokens=12, measure_prompts=0, **kw,
+        **{"trials": 25, "answer_tokens": 12, "measure_prompts": 0, **kw},
     )
     return pipeline.run_calibration(opts)
 
@@ -584,6 +584,28 @@ def test_a_corpus_of_one_large_text_file_calibrates(tiny_setup, monkeypatch):
     positions = out.report["positions"]
     assert min(positions["lens"], positions["fit"], positions["held_out"]) > 0 and positions["own"] == 0
     assert out.artifact.exists()
+
+
+def test_a_corpus_that_names_its_kinds_is_judged_and_measured_kind_by_kind(tiny_setup, monkeypatch):
+    """Prompt rows with a `kind`: every kind keeps held-out prompts (even one whose prompts all
+    hash into the tuning split), tuning reports each kind's prediction, and the live check
+    decodes one prompt of each kind in turn."""
+    from specbound.calibrate.corpus import load_corpus
+
+    root, model, corpus, cost = tiny_setup
+    rng = random.Random(5)
+    kinds = root / "by-kind.jsonl"  # a name whose row ids hash no prompt into the held-out 10%
+    rows = [json.loads(line) for line in corpus.read_text().splitlines() if "text" in json.loads(line)]
+    rows += [{"prompt": " ".join(f"w{rng.randrange(4, 64)}" for _ in range(6)), "kind": k} for k in ("alpha", "beta", "gamma") for _ in range(6)]
+    kinds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_corpus(str(kinds), 0, 0, 0.1, 0)
+    assert sorted(p.kind for p in loaded.prompts if p.held_out) == ["alpha", "beta", "gamma"]
+    out = _calibrate(root, model, kinds, cost, "kinds", monkeypatch, measure_prompts=3, measure_tokens=6)
+    assert set(out.report["simulated"]["held_out_kinds"]) == {"alpha", "beta", "gamma"}
+    assert all(v["worst_round"] >= 1.0 for v in out.report["simulated"]["held_out_kinds"].values())
+    measured = out.report["measured"]
+    assert measured["prompts"] == 3 and set(measured["speedup_by_kind"]) == {"alpha", "beta", "gamma"}
+    assert measured["worst_kind"] == min(measured["speedup_by_kind"], key=measured["speedup_by_kind"].get)
 
 
 def test_interrupted_collection_resumes_to_the_same_artifact(tiny_setup, monkeypatch):

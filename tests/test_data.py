@@ -209,6 +209,15 @@ def _long_sentences(text: str) -> set[str]:
     return {" ".join(s.split()) for s in re.split(r"(?<=[.!?:])\s+|\n", text) if len(s.split()) >= 8}
 
 
+def _template_sentences() -> set[str]:
+    """The prompt templates' own sentences, which every prompt of a template shares."""
+    templates = set()
+    for template in (tasks.SUMMARIZE, tasks.TRANSLATE, tasks.CODE, tasks.MATH, tasks.RAG, tasks.PASSAGE_QA, tasks.EXTRACTION, tasks.EXPLAIN, tasks.KEY_POINTS):
+        filled = template.format(text="", passages="", question="", code="", problem="", language="X")
+        templates |= _long_sentences(filled) | {s.replace("X", lang) for s in _long_sentences(filled) for lang in tasks.TRANSLATION_LANGUAGES}
+    return templates
+
+
 def test_no_benchmark_prompt_shares_text_with_the_calibration_corpus():
     """Not only the ids: no sentence of a bench prompt (beyond the prompt templates' own words)
     appears in a calibration document or a calibration chat prompt. HotpotQA reuses a Wikipedia
@@ -217,14 +226,10 @@ def test_no_benchmark_prompt_shares_text_with_the_calibration_corpus():
     corpus = set()
     for d in tasks.calibration_documents():
         corpus |= _long_sentences(d.text)
-    for p in tasks.calibration_chat_prompts(every):
+    for p in tasks.calibration_chat_prompts(every) + _every_kind_prompt():
         for turn in p.turns:
             corpus |= _long_sentences(turn)
-    templates = set()
-    for template in (tasks.SUMMARIZE, tasks.TRANSLATE, tasks.CODE, tasks.MATH, tasks.RAG, tasks.PASSAGE_QA):
-        filled = template.format(text="", passages="", question="", code="", problem="", language="X")
-        templates |= _long_sentences(filled) | {s.replace("X", lang) for s in _long_sentences(filled) for lang in tasks.TRANSLATION_LANGUAGES}
-    corpus -= templates
+    corpus -= _template_sentences()
     shared = {}
     for task in tasks.TASKS:
         for p in tasks.task_prompts(task, tasks.task_size(task)):
@@ -313,6 +318,48 @@ def test_calibration_chat_prompts_respect_the_held_out_split(held_out):
     prompts = tasks.calibration_chat_prompts(40, held_out=held_out)
     assert len(prompts) == 40
     assert all(tasks.is_held_out(p.id) == held_out for p in prompts)
+
+
+# Held-out kinds -----------------------------------------------------------------------------
+
+
+def _every_kind_prompt() -> list[TaskPrompt]:
+    return [p for strata in tasks._kind_strata(tasks.HELD_OUT_FRACTION).values() for stratum in strata for p in stratum]
+
+
+def test_held_out_kinds_give_each_kind_its_prompts_deterministically():
+    prompts = tasks.held_out_kind_prompts(3)
+    assert [p.task for p in prompts] == [k for k in tasks.HELD_OUT_KINDS for _ in range(3)]
+    assert prompts == tasks.held_out_kind_prompts(3) and prompts != tasks.held_out_kind_prompts(3, seed=1)
+    assert tasks.held_out_kind_prompts(2) == [p for i, p in enumerate(prompts) if i % 3 < 2]  # a prefix per kind
+    assert {"chat", "code", "math", "extraction", "summarization", "translation", "rag"} == set(tasks.HELD_OUT_KINDS)
+
+
+def test_held_out_kinds_are_apart_from_fitting_the_bench_and_each_other():
+    """What tuning judges policies on: no item in two kinds, none a benchmark item or sharing a
+    sentence with one, none among the prompts or documents calibration fits on, nor sharing a
+    sentence with them."""
+    from specbound.calibrate.corpus import load_corpus
+
+    every = _every_kind_prompt()
+    ids = [p.id for p in every]
+    assert len(ids) == len(set(ids))  # no item serves two kinds
+    assert all(tasks.is_held_out(i) for i in ids)
+    assert not any(tasks.is_benchmark_item(i) for i in ids if not i.startswith("pg-"))  # essays are calibration's alone
+    benchmark = [p for t in tasks.TASKS for p in tasks.task_prompts(t, tasks.task_size(t))]
+    assert not set(ids) & {p.id for p in benchmark}
+    fitting = [p for stratum in tasks._calibration_strata() for p in stratum if not tasks.is_held_out(p.id)]
+    fit_documents = list(tasks.calibration_documents(held_out=False))
+    assert not set(ids) & ({p.id for p in fitting} | {d.id for d in fit_documents})
+
+    corpus = load_corpus("default", 72, 64, tasks.HELD_OUT_FRACTION, 0, 3)
+    judged = [p for p in corpus.prompts if p.held_out]
+    assert sorted(p.kind for p in judged) == sorted(k for k in tasks.HELD_OUT_KINDS for _ in range(3))
+    others = [p for p in corpus.prompts if not p.held_out] + list(corpus.documents)
+    assert not {p.id for p in judged} & {o.id for o in others}
+    sentences = set().union(*(_long_sentences(p.text) for p in judged)) - _template_sentences()
+    assert not sentences & set().union(*(_long_sentences(o.text) for o in others))
+    assert not sentences & set().union(*(_long_sentences(t) for p in benchmark for t in p.turns))
 
 
 # Dataclasses --------------------------------------------------------------------------------

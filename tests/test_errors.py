@@ -574,8 +574,9 @@ def calibrate_cli(model, corpus_spec, tmp_path, *extra):
         (("--trials", "0"), "--trials must be >= 1, got 0"),
         (("--seed", "-1"), "--seed must be >= 0, got -1"),
         (("--storage", "redis://x"), "unknown --storage URL 'redis://x'"),
+        (("--held-out-per-kind", "0"), "--held-out-per-kind must be >= 1, got 0"),
     ],
-    ids=["trials-0", "seed-negative", "storage-unknown-scheme"],
+    ids=["trials-0", "seed-negative", "storage-unknown-scheme", "held-out-per-kind-0"],
 )
 def test_calibrate_refuses_impossible_flags(flags, fragment, tiny, corpus, tmp_path, cache):
     assert_one_error(calibrate_cli(tiny[0], corpus, tmp_path, *flags), EXIT_USAGE, fragment)
@@ -598,6 +599,7 @@ CORPORA = {
     "broken-jsonl-line": (lambda d: _write(d / "c.jsonl", b'{"text": "w5 w6"}\n{"text": "w7"\n'), "line 2 is not valid JSON"),
     "jsonl-line-not-an-object": (lambda d: _write(d / "c.jsonl", b'{"text": "w5 w6"}\n"w7"\n'), "line 2 is not a JSON object"),
     "no-text-column": (lambda d: _write(d / "c.jsonl", b'{"body": "w5 w6"}\n'), "has no `text` or `prompt` column"),
+    "blank-kind": (lambda d: _write(d / "c.jsonl", b'{"prompt": "w5 w6", "kind": "a"}\n{"prompt": "w7", "kind": " "}\n'), "row 1: `kind` must be a non-empty string"),
 }
 
 
@@ -607,6 +609,13 @@ def test_calibrate_refuses_a_corpus_it_cannot_read(case, tiny, tmp_path, cache):
     data = tmp_path / "data"
     data.mkdir()
     assert_one_error(calibrate_cli(tiny[0], make(data), tmp_path), EXIT_INPUT, fragment)
+
+
+def test_calibrate_refuses_a_default_corpus_with_no_prompt_left_for_tuning(tiny, tmp_path, cache):
+    assert_one_error(
+        calibrate_cli(tiny[0], "default", tmp_path, "--prompts", "21", "--held-out-per-kind", "3"),
+        EXIT_INPUT, "--prompts 21 leaves none for tuning after 3 held-out prompts of each of 7 kinds",
+    )
 
 
 def test_calibrate_says_how_much_more_corpus_it_needs(tiny, tmp_path, cache):

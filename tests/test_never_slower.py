@@ -51,9 +51,11 @@ def _tune(records, cost, folder, trials=6, held_out=None):
 
 
 def test_useless_drafts_choose_plain_decoding(tmp_path):
-    """Every early-exit draft and every lookup draft is wrong: any drafting is slower than plain
-    decoding (the paper's policy is), so tuning chooses no drafting at all."""
-    result = _tune(_records(), COST, tmp_path)
+    """Every early-exit draft and every lookup draft is wrong, on the tuning data and on every
+    held-out kind: any drafting is slower than plain decoding (the paper's policy is), so tuning
+    chooses no drafting at all."""
+    kinds = {"chat": _records(seed=1), "code": _records(seed=2)}
+    result = _tune(_records(), COST, tmp_path, held_out=kinds)
     assert result.paper.speedup < 1.0
     assert not result.best.policy(SCHEDULES).drafts
     assert result.value.speedup == pytest.approx(1.0)
@@ -70,10 +72,31 @@ def test_lookup_alone_when_only_lookup_pays(tmp_path):
 def test_a_policy_slower_on_held_out_sequences_is_not_chosen(tmp_path):
     """Drafts pay on the tuning split but not on held-out sequences: the artifact must not be
     slower for prompts it was not tuned on, so tuning falls back to plain decoding."""
-    result = _tune(_records(right=0.95), COST, tmp_path, held_out=_records(right=0.0, seed=1))
+    result = _tune(_records(right=0.95), COST, tmp_path, held_out={"chat": _records(right=0.0, seed=1)})
     assert not result.best.policy(SCHEDULES).drafts
     free = _tune(_records(right=0.95), COST, tmp_path / "free")
     assert free.best.policy(SCHEDULES).drafts and free.value.speedup > 1.0
+
+
+@pytest.mark.parametrize("math_right", [0.6, 0.7], ids=["slower-on-math", "barely-faster-on-math"])
+def test_the_worst_held_out_kind_decides_which_policy_ships(math_right):
+    """Early exit scores best on the tuning data (drafts right 99% of the time) and on code
+    answers. On math answers its drafts are right less often: 60% makes it slower than plain
+    decoding there (it does not qualify), 70% leaves it a little faster (it qualifies, but its
+    worst kind is far below that of drafting one lookup token, which every math answer repeats).
+    Either way the lookup policy ships; without held-out kinds, early exit would."""
+    from specbound.calibrate.tune import Candidate, evaluate, fallback_candidates, never_slower, score
+
+    fit = _records(right=0.99, lookup_right=1)
+    kinds = {"code": _records(right=0.99, lookup_right=1, seed=1), "math": _records(right=math_right, lookup_right=3, seed=2)}
+    early_exit = Candidate("plain", "fitted", 0.5, LAYERS, LAYERS[-1], 4)
+    options = [(early_exit, 0)] + [(c, -1) for c in fallback_candidates(L)]
+    on_math = score(evaluate(kinds["math"], early_exit, SCHEDULES, COST))
+    assert (on_math < 1.0) == (math_right == 0.6)
+    chosen, trial, per_kind = never_slower(options, fit, kinds, SCHEDULES, COST)
+    assert not chosen.early_exit and chosen.lookup_ngram and trial == -1
+    assert set(per_kind) == {"code", "math"} and min(per_kind.values()) > max(on_math, 1.0)
+    assert never_slower(options, fit, None, SCHEDULES, COST)[0] == early_exit
 
 
 def test_tuning_prefers_a_policy_that_wins_under_every_measured_round(tmp_path):
@@ -154,7 +177,7 @@ def test_a_useless_next_token_head_is_not_chosen(tmp_path):
     """The head is never right, nor is anything else: no drafting at all; and a head that pays on
     the tuning split but not on held-out sequences is not chosen either."""
     assert not _tune(_records(head=0.0), COST, tmp_path / "a").best.policy(SCHEDULES).drafts
-    held = _tune(_records(head=0.95), COST, tmp_path / "b", held_out=_records(head=0.0, seed=1))
+    held = _tune(_records(head=0.95), COST, tmp_path / "b", held_out={"chat": _records(head=0.0, seed=1)})
     assert not held.best.policy(SCHEDULES).drafts
 
 
