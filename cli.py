@@ -8,12 +8,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, SpecBoundError, UsageError
+from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, SpecBoundError, SpecBoundWarning, UsageError
 
 app = typer.Typer(
     help="Lossless self-speculative decoding with calibrated early exits.\n\n" + EXIT_CODES_HELP,
@@ -43,6 +44,8 @@ def _one_error_path():
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, timeout, a cancelled job) ends the run like Ctrl-C: cleanly, work kept
@@ -65,8 +68,20 @@ def _one_error_path():
         _err(f"Error: internal error ({type(e).__name__}: {_redact(str(e))}); rerun with --debug and report the traceback")
         raise typer.Exit(EXIT_INTERNAL)
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's own warnings as one `warning: ...` line; others as Python shows them."""
+    if issubclass(category, SpecBoundWarning):
+        _err(f"warning: {message}")
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
 # Top-level modules each install extra brings; a ModuleNotFoundError naming one of them means the
@@ -247,8 +262,10 @@ def _cost_watch(decoder):
     if not policy.guard_costs or "cost_tolerance" not in metadata:
         return None
     try:
-        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]))
-    except ValueError:
+        change = json.loads(metadata.get("policy_change", "{}"))
+        bounds = (change.get("below"), change.get("above"))
+        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]), tuple(None if b is None else float(b) for b in bounds))
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
@@ -297,7 +314,7 @@ def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exac
             record["cost_drift"] = drift
             _err(
                 f"warning: this machine prices {drift['drafts']} drafts at {drift['measured']} plain steps, the artifact "
-                f"expects {drift['expected']}: its policy was tuned for other costs and may not be the best here. Retune "
+                f"expects {drift['expected']}: far enough that tuning would choose another policy for this machine. Retune "
                 "(minutes, no recording): specbound costs --out mine.json, then specbound calibrate --from-artifact "
                 "ARTIFACT --costs mine.json --work-dir <its calibration's work folder>"
             )
@@ -639,6 +656,13 @@ def _cost_lines(metadata: dict) -> list[str]:
             "cost model: a pass over " + ", ".join(f"{n}" for n in shown) + " positions costs "
             + ", ".join(f"{passes[n - 1]:.1f}" for n in shown) + " ms ("
             + ", ".join(f"{passes[n - 1] / passes[0]:.2f}x" for n in shown) + " of one)"
+        )
+    change = metadata.get("policy_change")
+    if isinstance(change, dict) and (change.get("below") is not None or change.get("above") is not None):
+        bounds = [f"{'below' if side == 'below' else 'above'} {change[side]}x" for side in ("below", "above") if change.get(side) is not None]
+        lines.append(
+            "tuning would choose another policy where draft prices run " + " or ".join(bounds)
+            + " those it was tuned under (decode warns when its own passes show that)"
         )
     pinned = (job or {}).get("costs", {}).get("file") if isinstance(job, dict) else None
     lines.append(

@@ -33,9 +33,7 @@ give 26 answers ~ 46 min. Answers that stop at EOS earlier only make it shorter.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -48,6 +46,7 @@ import torch
 
 from specbound.data.tasks import DEFAULT_TASKS, TASKS
 from specbound_runtime.errors import UsageError
+from specbound_runtime.files import library_versions, sha256_file
 from specbound_runtime.sampling import prompt_seed
 
 from .answers import Answer, bench_answers
@@ -222,23 +221,7 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _library_versions() -> dict[str, str]:
-    names = ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm")
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+BENCH_LIBRARIES = ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm")
 
 
 def _machine() -> dict:
@@ -308,7 +291,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     artifact = artifact_sha = None
     if opts.artifact is not None:
         artifact = loaded.with_artifact(opts.artifact)  # the calibrated model
-        artifact_sha = _sha256_file(Path(opts.artifact))
+        artifact_sha = sha256_file(opts.artifact)
     elif any(m in methods for m in NEEDS_ARTIFACT):
         skipped = [m for m in NEEDS_ARTIFACT if m in methods]
         _warn(f"warning: no --artifact given; skipping {', '.join(skipped)} (run `specbound calibrate` to make one)")
@@ -446,7 +429,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
             "sample_seed": opts.sample_seed if mode.do_sample else None,
         },
         "machine": _machine(),
-        "versions": _library_versions(),
+        "versions": library_versions(BENCH_LIBRARIES),
         "grid": grid_report,
         "summary": summary,
         "worst_task": worst,

@@ -15,13 +15,13 @@ per item.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from specbound.data.tasks import unit_hash
 from specbound_runtime.errors import InputError
 
 # About 300-400 tokens of English: each item still fills a recorded window (chunk_tokens, 256).
@@ -94,10 +94,6 @@ def _interleave(docs) -> list:
     return out
 
 
-def _unit_hash(key: str) -> float:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-
-
 def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) -> Corpus:
     if not paths:
         raise InputError("--corpus is empty; give `default` or one or more files separated by commas")
@@ -135,7 +131,7 @@ def _files(paths: list[str], fraction: float, n_prompts: int, n_documents: int) 
                     kind = _kind(row.get("kind"), path, i) if field == "prompt" else ""
                     for j, part in enumerate(parts):
                         item_id = base if len(parts) == 1 else f"{base}:{j}"
-                        sink.append(CorpusItem(item_id, _unit_hash(item_id) < fraction, part, kind))
+                        sink.append(CorpusItem(item_id, unit_hash(item_id) < fraction, part, kind))
     if not docs and not prompts:
         raise InputError(f"the corpus {', '.join(paths)} holds no text; give files with non-empty `text` or `prompt`")
     prompts = _hold_out_every_kind(prompts[:n_prompts] if n_prompts else prompts)
@@ -159,7 +155,7 @@ def _hold_out_every_kind(prompts: list[CorpusItem]) -> list[CorpusItem]:
     if set(by_kind) <= {NO_KIND}:
         return prompts
     first = {
-        min(items, key=lambda p: _unit_hash(p.id)).id
+        min(items, key=lambda p: unit_hash(p.id)).id
         for items in by_kind.values()
         if len(items) >= 2 and not any(p.held_out for p in items)
     }

@@ -19,8 +19,9 @@ import torch
 
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.artifact import Artifact, save_artifact
+from specbound_runtime.decoder import token_ids
 from specbound_runtime.errors import InputError, ModelError, UsageError
-from specbound_runtime.files import atomic_write_bytes, sha256_file
+from specbound_runtime.files import atomic_write_bytes, library_versions, sha256_file
 from specbound_runtime.policy import default_check_layers, paper_temperatures
 from specbound_runtime.sampling import prompt_seed
 
@@ -137,12 +138,8 @@ def _log(message: str) -> None:
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(text)["input_ids"]]
+    """A corpus prompt as the model's user turn: through the chat template where there is one."""
+    return token_ids(tokenizer, [{"role": "user", "content": text}], bool(getattr(tokenizer, "chat_template", None)))
 
 
 ANSWER_BATCH = 8  # prompts answered together: a shard of answers (padding makes batches part of the result)
@@ -205,16 +202,7 @@ def build_sequences(loaded, corpus: Corpus, answers, chunk_tokens: int) -> list[
     return sorted(sequences, key=lambda s: (s.held_out, not s.lens_split))
 
 
-def library_versions(names=("specbound", "torch", "transformers", "safetensors", "optuna", "numpy", "scipy", "datasets")) -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+ARTIFACT_LIBRARIES = ("specbound", "torch", "transformers", "safetensors", "optuna", "numpy", "scipy", "datasets")
 
 
 def fit_schedules(records: C.Records, num_layers: int) -> tuple[Schedules, dict]:
@@ -684,12 +672,14 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "calibration": json.dumps(collected.calibration, sort_keys=True),
         "shortlist_coverage": f"{collected.coverage:.4f}",
         "candidate_layers": json.dumps(list(records.layers)),
-        "library_versions": json.dumps(library_versions(), sort_keys=True),
+        "library_versions": json.dumps(library_versions(ARTIFACT_LIBRARIES), sort_keys=True),
     }
     if plan.mode is not None and plan.mode.do_sample:  # an artifact without it was tuned for greedy
         metadata["decoding_mode"] = plan.mode.to_json()
     if policy.guard_costs:  # what decode's PassCostWatch lets pass before it warns
         metadata["cost_tolerance"] = f"{cost_tolerance(cost, policy.guard_costs):.4f}"
+        below, above = result.change  # where tuning would choose another policy (tune.policy_change)
+        metadata["policy_change"] = json.dumps({"below": below, "above": above}, sort_keys=True)
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {

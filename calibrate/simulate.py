@@ -114,6 +114,19 @@ class CostModel:
         """One token of plain greedy decoding through the engine."""
         return self.num_layers * self.layer_call(1) + self.head_call(1) + self.round_overhead
 
+    def wide_passes_scaled(self, factor: float) -> "CostModel":
+        """This cost model on a machine where every call's cost beyond its first position is
+        `factor` times as much (the median and every round alike): each draft's price in plain
+        steps (guard_costs) scales by `factor`, and a plain step stays what it was."""
+
+        def row(c: "CostModel") -> tuple[float, ...]:
+            fields = {k: getattr(c, k) for k in COST_FIELDS} | {"layer_extra": c.layer_extra * factor, "head_extra": c.head_extra * factor}
+            widths = [tuple(w[0] + (x - w[0]) * factor for x in w) if w else () for w in (c.layer_widths, c.head_widths)]
+            return tuple(fields[k] for k in COST_FIELDS) + widths[0] + widths[1]
+
+        scaled = [row(c) for c in self.variants()]
+        return CostModel._from_row(self.num_layers, scaled[0], len(self.layer_widths), tuple(scaled[1:]))
+
     def to_dict(self) -> dict:
         out = {"num_layers": self.num_layers, **{k: round(getattr(self, k), 6) for k in COST_FIELDS}}
         for name in ("layer_widths", "head_widths"):

@@ -264,6 +264,7 @@ class TuneResult:
     trials: int
     pareto: list[dict]
     kinds: dict[str, float]  # the chosen policy's robust speedup on each held-out kind
+    change: tuple[float | None, float | None] = (None, None)  # policy_change: the price factors where the choice moves
 
 
 def tune(
@@ -320,11 +321,10 @@ def tune(
         front = []
         best_trial = max(complete, key=lambda t: (t.values[0], -t.index))
     ranked = [best_trial] + sorted((t for t in complete if t is not best_trial), key=lambda t: (-t.values[0], t.index))
-    best, best_index, kinds = never_slower(
-        [(_candidate_from_params(t.params, layers, L), t.index) for t in ranked]
-        + [(c, -1) for c in fallback_candidates(L, with_head)],
-        records, held_out, schedules, cost, {t.index: t.values[0] for t in complete},
-    )
+    options = [(_candidate_from_params(t.params, layers, L), t.index) for t in ranked] + [(c, -1) for c in fallback_candidates(L, with_head)]
+    scored = {t.index: t.values[0] for t in complete}
+    best, best_index, kinds = never_slower(options, records, held_out, schedules, cost, scored)
+    change = policy_change(options, best, records, held_out, schedules, cost, scored)
     pareto = [
         {"trial": t.index, "speedup": t.values[0], "waste": t.values[1], "params": t.params}
         for t in sorted(front, key=lambda t: (t.values[0], t.index))
@@ -337,6 +337,7 @@ def tune(
         trials=len(complete),
         pareto=pareto,
         kinds=kinds,
+        change=change,
     )
 
 
@@ -384,6 +385,61 @@ def never_slower(
         (j for j in judged if j[1] >= best_worst - WORST_KIND_BAND), key=lambda j: (fit[options[j[0]][0]], -j[0])
     )
     return options[i][0], options[i][1], per_kind
+
+
+# price factors tried, nearest first: a machine whose draft prices are this many times the tuned ones
+CHANGE_ABOVE = (1.1, 1.25, 1.5, 2.0, 3.0)
+CHANGE_BELOW = (0.9, 0.75, 0.5, 0.25)
+CHANGE_RIVALS = 8  # options re-judged at each factor: the best qualifying ones by each key
+
+
+def policy_change(
+    options: list[tuple[Candidate, int]],
+    chosen: Candidate,
+    records: Records,
+    held_out: dict[str, Records] | None,
+    schedules: Schedules,
+    cost: CostModel,
+    scored: dict[int, float] | None = None,
+) -> tuple[float | None, float | None]:
+    """How far draft prices may move before tuning would choose another policy: the nearest price
+    factors below and above 1 (CHANGE_BELOW, CHANGE_ABOVE; the cost model's wide passes scaled,
+    `CostModel.wide_passes_scaled`) at which `never_slower` picks something else, None where none
+    of them does. Judged among the chosen option, plain decoding and the rivals that rank best
+    under the tuned costs (CHANGE_RIVALS by the tuning score, as many by the worst kind), so that a
+    machine's measured prices can be compared with where the policy stops being the right one."""
+    rivals = _rivals(options, chosen, records, held_out, schedules, cost, scored)
+
+    def first(factors):
+        for f in factors:
+            if never_slower(rivals, records, held_out, schedules, cost.wide_passes_scaled(f))[0] != chosen:
+                return f
+        return None
+
+    if not chosen.drafts:
+        return (None, None)  # no draft, no wide pass: nothing a machine's prices could show
+    return (first(CHANGE_BELOW), first(CHANGE_ABOVE))
+
+
+def _rivals(options, chosen, records, held_out, schedules, cost, scored) -> list[tuple[Candidate, int]]:
+    kinds = {k: r for k, r in sorted((held_out or {}).items()) if len(r.seq)}
+    seen: dict[Candidate, tuple[float, float, int]] = {}
+    for i, (candidate, index) in enumerate(options):
+        if candidate in seen or not candidate.drafts:
+            continue
+        fit = scored[index] if scored is not None and index in scored else score(evaluate(records, candidate, schedules, cost))
+        if fit < 1.0:
+            continue
+        worst = min((score(evaluate(r, candidate, schedules, cost)) for r in kinds.values()), default=fit)
+        seen[candidate] = (fit, worst, i)
+    by_fit = sorted(seen, key=lambda c: (-seen[c][0], seen[c][2]))[:CHANGE_RIVALS]
+    by_worst = sorted(seen, key=lambda c: (-seen[c][1], seen[c][2]))[:CHANGE_RIVALS]
+    plain = next(o for o in options if not o[0].drafts)
+    keep = {chosen, plain[0], *by_fit, *by_worst}
+    first_index = {}
+    for candidate, index in options:
+        first_index.setdefault(candidate, index)
+    return [(c, first_index[c]) for c in dict.fromkeys(c for c, _ in options) if c in keep]
 
 
 def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: int) -> Candidate:

@@ -115,7 +115,7 @@ class Document:
 # Splits ------------------------------------------------------------------------------------
 
 
-def _unit_hash(key: str) -> float:
+def unit_hash(key: str) -> float:
     """A number in [0, 1) from the sha256 of `key`: the same on every machine and run."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
@@ -124,7 +124,7 @@ def is_held_out(doc_id: str, fraction: float = HELD_OUT_FRACTION) -> bool:
     """Whether calibration item `doc_id` is held out for evaluation (by sha256 of the id)."""
     if not 0.0 <= fraction <= 1.0:
         raise UsageError(f"held-out fraction must be between 0 and 1, got {fraction}")
-    return _unit_hash(doc_id) < fraction
+    return unit_hash(doc_id) < fraction
 
 
 def is_benchmark_item(item_id: str) -> bool:
@@ -132,7 +132,7 @@ def is_benchmark_item(item_id: str) -> bool:
 
     Salted, so that it is independent of `is_held_out`.
     """
-    return _unit_hash("benchmark-split:" + item_id) < BENCHMARK_SHARE
+    return unit_hash("benchmark-split:" + item_id) < BENCHMARK_SHARE
 
 
 # Sources as records ------------------------------------------------------------------------

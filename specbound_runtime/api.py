@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import logging
-import sys
+import warnings
 
 import torch
 
 from .adapter import HFCausalLM
 from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
-from .errors import ModelError, UsageError
+from .errors import ModelError, SpecBoundWarning, UsageError
 from .generation import custom_generate_for
 from .kernels import Kernels
 from .policy import ExitPolicy
@@ -91,17 +91,17 @@ class SpecBound:
         return DecodingMode() if raw is None else DecodingMode.from_json(raw)
 
     def _check_mode(self, mode: DecodingMode) -> None:
-        """Warn once, on stderr, when decoding in another mode than the artifact was tuned for:
-        still exact, but the policy may be slow there."""
+        """Warn once (a SpecBoundWarning) when decoding in another mode than the artifact was tuned
+        for: still exact, but the policy may be slow there."""
         tuned = self.tuned_mode
         if tuned is None or self._mode_warned or _same_mode(tuned, mode):
             return
         self._mode_warned = True
-        print(
-            f"warning: the artifact was tuned for {tuned.describe()}, decoding now in {mode.describe()}; "
+        warnings.warn(
+            f"the artifact was tuned for {tuned.describe()}, decoding now in {mode.describe()}; "
             "the output is still exact, but the policy may be slower here (calibrate for this mode)",
-            file=sys.stderr,
-            flush=True,
+            SpecBoundWarning,
+            stacklevel=2,
         )
 
     @property

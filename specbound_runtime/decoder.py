@@ -20,6 +20,18 @@ class Encoded:
     clamped: bool
 
 
+def token_ids(tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    """A conversation's token ids through the tokenizer's chat template, with the assistant's turn
+    opened (chat), or the last message's raw text with the tokenizer's special tokens."""
+    if chat:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
+    return [int(i) for i in ids]
+
+
 class Decoder:
     """Prompts in (chat template, the model's context), token ids and statistics out: the layer
     the CLI, the bench and calibration share over a loaded `SpecBound`."""
@@ -46,12 +58,7 @@ class Decoder:
         if chat:
             if not self.has_chat_template:
                 raise InputError("this tokenizer has no chat template; use --no-chat")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = self.tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
-        ids = [int(i) for i in ids]
+        ids = token_ids(self.tokenizer, messages, chat)
         if not ids:
             raise InputError("the prompt encodes to no tokens; give some text")
         clamped = False

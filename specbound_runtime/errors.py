@@ -56,3 +56,8 @@ class DependencyError(SpecBoundError):
 
 class MismatchError(SpecBoundError):
     exit_code = EXIT_MISMATCH
+
+
+class SpecBoundWarning(UserWarning):
+    """Something the user may want to act on, where the output is still exact (the CLI prints it as
+    one `warning: ...` line)."""

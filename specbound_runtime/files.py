@@ -1,5 +1,6 @@
-"""Writing files so that an interruption never leaves half of one: temporary file, then rename.
-And the sha256 of a file, read in chunks."""
+"""Files as the product writes and names them: written so that an interruption never leaves half
+of one (temporary file, then rename), the sha256 of a file read in chunks, and the versions of the
+libraries that made a file (an artifact, a bench's results)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each distribution in `names` that is installed."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out

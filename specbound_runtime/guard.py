@@ -73,13 +73,18 @@ class PassCostWatch:
 
     The measured price of k drafts is t(k + 1) / t(1) - 1, medians of the passes over k + 1 and
     over 1 position, against guard_costs[k - 1] (a price in plain steps; a plain step is one
-    single-position pass plus the loop's fixed cost, which is small). `tolerance` comes from the
-    artifact (metadata cost_tolerance: how far the prices spread over the cost measurement's own
-    rounds, plus a margin): only a difference beyond it counts."""
+    single-position pass plus the loop's fixed cost, which is small). Two limits from the artifact:
+    `tolerance` (metadata cost_tolerance: how far the prices spread over the cost measurement's
+    own rounds, plus a margin), within which a difference is noise; and `change` (metadata
+    policy_change: the factors below and above 1 by which every price would have to move for
+    tuning to choose another policy, None where no factor tried moved it). A difference counts
+    when it is beyond the tolerance and, where the artifact says, past a factor that would change
+    the policy."""
 
-    def __init__(self, costs: tuple[float, ...], tolerance: float) -> None:
+    def __init__(self, costs: tuple[float, ...], tolerance: float, change: tuple[float | None, float | None] = (None, None)) -> None:
         self.costs = tuple(costs)
         self.tolerance = float(tolerance)
+        self.change = change
         self.times: dict[int, list[float]] = {}
         self.warned = False  # the caller warns once per run
 
@@ -99,4 +104,9 @@ class PassCostWatch:
         expected = self.costs[width - 2]
         if abs(measured - expected) <= self.tolerance:
             return None
+        below, above = self.change
+        if expected > 0 and (below is not None or above is not None):
+            ratio = measured / expected
+            if (below is None or ratio > below) and (above is None or ratio < above):
+                return None  # off, but not so far that another policy would do better
         return {"drafts": width - 1, "measured": round(measured, 3), "expected": round(expected, 3)}

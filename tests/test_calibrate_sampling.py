@@ -5,15 +5,18 @@ cost-model speedup), and `calibrate --temperature` tunes for that mode and recor
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+
 from specbound.calibrate import collect as C
 from specbound.calibrate.simulate import CostModel, Lookups, decide_exits, simulate
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate, target_scores
+from specbound_runtime.errors import SpecBoundWarning
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.generation import prepared_by_generate
 from specbound_runtime.policy import ExitPolicy
@@ -176,12 +179,14 @@ def test_calibrate_for_sampling_tunes_for_it_and_records_the_mode(tiny_setup, mo
     shards = sorted((root / "work-sampling" / "shards").glob("*.arrow"))
     records = C.load_records(shards, tuple(json.loads(m.artifact_metadata["candidate_layers"])))
     assert records.accept is not None and records.draws is not None and 0 < records.accept.mean() < 1
-    capsys.readouterr()
     ids = torch.tensor([[1, 9, 10, 11, 12]])
-    m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0))
-    assert "warning" not in capsys.readouterr().err
-    m.generate(ids, max_new_tokens=8)
-    assert capsys.readouterr().err.count("warning: the artifact was tuned for sampling") == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0))
+        assert not caught
+        m.generate(ids, max_new_tokens=8)
+    assert [str(w.message).startswith("the artifact was tuned for sampling") for w in caught] == [True]
+    assert caught[0].category is SpecBoundWarning
     # the same job tuned greedily: another work folder (its own answers and records), no mode recorded
     greedy = _calibrate(root, model, corpus, cost, "greedy-twin", monkeypatch)
     assert "decoding_mode" not in sb.load(str(model), artifact=greedy.artifact).artifact_metadata

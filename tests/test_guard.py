@@ -123,6 +123,21 @@ def test_the_watch_names_the_drafts_whose_price_moved():
     assert watch.drift() == {"drafts": 3, "measured": 1.0, "expected": 0.4}
 
 
+def test_the_watch_lets_pass_a_difference_that_would_not_change_the_policy():
+    """Prices 2.5x the artifact's are beyond the measurement's noise; whether that is worth a
+    warning depends on where tuning would have chosen otherwise (metadata policy_change)."""
+    from specbound_runtime.guard import MIN_PASSES, PassCostWatch
+
+    def watch(change):
+        w = PassCostWatch((0.2, 0.4, 0.6), tolerance=0.1, change=change)
+        w.add([1] * MIN_PASSES + [3] * MIN_PASSES, [0.01] * MIN_PASSES + [0.02] * MIN_PASSES)  # 2 drafts: 1.0 step
+        return w.drift()
+
+    assert watch((0.5, 3.0)) is None  # 2.5x the price, and the policy holds up to 3x
+    assert watch((0.5, 2.0)) == {"drafts": 2, "measured": 1.0, "expected": 0.4}
+    assert watch((None, None)) == {"drafts": 2, "measured": 1.0, "expected": 0.4}  # nothing known: noise decides
+
+
 def test_the_engine_times_its_depth0_passes_and_decode_warns_once_when_prices_drift(tiny, tmp_path):
     """A tiny artifact whose prices no machine has (5 plain steps for any draft): decode's own
     passes show it, it warns once (JSON: cost_drift on the record that found it), and the output

@@ -218,3 +218,38 @@ def test_tuning_keeps_passes_below_a_measured_cost_cliff(tmp_path):
     under_cliff = _tune(records, cliff, tmp_path / "cliff")
     assert widest(under_linear) == 4  # positions verified in the widest pass: all three drafts
     assert widest(under_cliff) == 3 and under_cliff.value.speedup > 2.0
+
+
+def test_scaling_wide_passes_scales_every_draft_price_and_leaves_a_plain_step():
+    from specbound.calibrate.simulate import guard_costs
+
+    cost = CostModel.from_rounds(L, [
+        {**{k: getattr(COST, k) for k in COST_FIELDS}, "layer_widths": [1.0, 1.1, 1.3, 1.8], "head_widths": [0.6, 0.7, 0.9, 1.2]},
+        {**{k: getattr(COST, k) * 1.1 for k in COST_FIELDS}, "layer_widths": [1.1, 1.2, 1.4, 2.0], "head_widths": [0.7, 0.8, 1.0, 1.3]},
+    ])
+    for factor in (0.5, 2.0):
+        scaled = cost.wide_passes_scaled(factor)
+        for a, b in zip(scaled.variants(), cost.variants()):
+            assert a.ar_token == pytest.approx(b.ar_token)
+            assert guard_costs(a, 6) == pytest.approx(tuple(factor * x for x in guard_costs(b, 6)), rel=1e-6)
+
+
+def test_the_artifact_knows_which_draft_prices_would_change_its_policy():
+    """Lookup drafts one token in three right: under these costs drafting one lookup token pays.
+    Where wide passes cost more, the choice moves (to plain decoding or a narrower policy) at the
+    first factor policy_change names, and not at the factor before it."""
+    from specbound.calibrate.tune import CHANGE_ABOVE, CHANGE_BELOW, fallback_candidates, never_slower, policy_change
+
+    fit = _records(lookup_right=1)
+    kinds = {"code": _records(lookup_right=1, seed=1), "math": _records(lookup_right=2, seed=2)}
+    options = [(c, -1) for c in fallback_candidates(L)]
+    chosen = never_slower(options, fit, kinds, SCHEDULES, COST)[0]
+    assert chosen.drafts
+    below, above = policy_change(options, chosen, fit, kinds, SCHEDULES, COST)
+    assert above is not None
+    assert never_slower(options, fit, kinds, SCHEDULES, COST.wide_passes_scaled(above))[0] != chosen
+    earlier = [f for f in CHANGE_ABOVE if f < above]
+    assert all(never_slower(options, fit, kinds, SCHEDULES, COST.wide_passes_scaled(f))[0] == chosen for f in earlier)
+    if below is not None:
+        assert below in CHANGE_BELOW
+        assert never_slower(options, fit, kinds, SCHEDULES, COST.wide_passes_scaled(below))[0] != chosen

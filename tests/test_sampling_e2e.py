@@ -18,10 +18,12 @@ reject: it does, with p-values far below ALPHA (about 1e-30 at N = 1000 when thi
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
+
 from scipy.stats import chisquare
 
 import specbound_runtime as sb
@@ -31,6 +33,7 @@ from specbound_runtime import engine
 from specbound_runtime.acceptance import Acceptance
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.errors import SpecBoundWarning
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.generation import prepared_by_generate
 from specbound_runtime.models import resolve_model
@@ -201,20 +204,24 @@ def test_sampled_generation_drafts_accepts_and_stops_like_generate(tiny):
     assert total_drafted > total_accepted > 0
 
 
-def test_decoding_in_another_mode_than_tuned_warns_once(tiny, capsys):
+def _warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    assert all(w.category is SpecBoundWarning for w in caught)
+    return [str(w.message) for w in caught]
+
+
+def test_decoding_in_another_mode_than_tuned_warns_once(tiny):
     folder, greedy_tuned, sampling_tuned = tiny
     m = sb.load(str(folder), artifact=sampling_tuned)
-    m.generate(IDS, generator=torch.Generator().manual_seed(0), **SAMPLING)
-    assert "warning" not in capsys.readouterr().err  # the mode it was tuned for
-    m.generate(IDS, max_new_tokens=4)
-    m.generate(IDS, max_new_tokens=4, do_sample=True, temperature=1.3)
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "tuned for sampling (temperature=0.7, top_k=50, top_p=0.9" in err and "greedy" in err
+    assert not _warnings(lambda: m.generate(IDS, generator=torch.Generator().manual_seed(0), **SAMPLING))  # its own mode
+    (message,) = _warnings(lambda: (m.generate(IDS, max_new_tokens=4), m.generate(IDS, max_new_tokens=4, do_sample=True, temperature=1.3)))
+    assert "tuned for sampling (temperature=0.7, top_k=50, top_p=0.9" in message and "greedy" in message
     old = sb.load(str(folder), artifact=greedy_tuned)  # an artifact that names no mode was tuned greedily
     assert old.tuned_mode == DecodingMode()
-    old.generate(IDS, generator=torch.Generator().manual_seed(0), **SAMPLING)
-    old.generate(IDS, generator=torch.Generator().manual_seed(1), **SAMPLING)
-    assert capsys.readouterr().err.count("tuned for greedy") == 1
+    (message,) = _warnings(lambda: [old.generate(IDS, generator=torch.Generator().manual_seed(s), **SAMPLING) for s in (0, 1)])
+    assert "tuned for greedy" in message
     assert json.loads(DecodingMode.sampling(temperature=0.5).to_json())["temperature"] == 0.5
 
 
@@ -269,3 +276,14 @@ def test_decode_cli_samples_reproducibly_per_prompt_from_the_seed(tiny, tmp_path
     assert first[0]["decoding"].startswith("sampling (temperature=0.9") and sum(r["accept_lengths"] != [1] * r["new_tokens"] for r in first + other) > 0
     assert_one_error(invoke(*args, "--check-exact"), 2, "--check-exact compares greedy outputs")
     assert_one_error(invoke("decode", "-m", folder, "-p", "w5", "--seed", "1"), 2, "--seed seeds sampling")
+
+
+def test_decode_prints_a_mode_warning_as_one_line(tiny):
+    """The CLI shows the library's warning as one `warning: ...` line on stderr, once."""
+    from clitools import invoke
+
+    folder, _, sampling_tuned = tiny
+    result = invoke("decode", "-m", folder, "-a", sampling_tuned, "-p", "w9 w10 w11", "-n", 6, "--no-chat")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "tuned for" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: the artifact was tuned for sampling"), result.stderr

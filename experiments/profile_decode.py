@@ -1,5 +1,5 @@
 """Where decoding time goes: cProfile over SpecBound decoding bench prompts with an artifact.
-    PYTHONPATH=.pp:. .venv/bin/python scripts/profile_decode.py artifacts/smollm2-135m.safetensors [N_PROMPTS=4] [TOKENS=128] [TASK=mt-bench]
+    .venv/bin/python experiments/profile_decode.py artifacts/smollm2-135m.safetensors [N_PROMPTS=4] [TOKENS=128] [TASK=mt-bench]
 Prints the share of wall time in drafting (shallow layers, exit checks, lookup), verification
 (the remaining layers and the full LM head), and the rest; and the matmul share overall. Then,
 from a second run without the profiler, the verification passes by width (positions verified):

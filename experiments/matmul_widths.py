@@ -1,7 +1,7 @@
 """The model's weight products alone, by the number of rows: why a pass's cost is not linear in
 the positions it verifies.
 
-    PYTHONPATH=.pp:. .venv/bin/python scripts/matmul_widths.py [MODEL=smollm2-135m]
+    .venv/bin/python experiments/matmul_widths.py [MODEL=smollm2-135m]
 
 Times F.linear of n rows through every 2-D weight of the decoder layers and the LM head, in model
 order (so the weights stream from memory as in a pass), for n = 1..16: the median of 7 runs.

@@ -1,6 +1,6 @@
 """A copy of an artifact with some policy fields changed, for ablations in the bench.
 
-    PYTHONPATH=.pp:. .venv/bin/python scripts/policy_variant.py ARTIFACT OUT field=value [field=value ...]
+    .venv/bin/python experiments/policy_variant.py ARTIFACT OUT field=value [field=value ...]
 
 Fields are ExitPolicy's (lookup_ngram, lookup_max, lookup_min, head_draft, w_max, ...); values are
 integers or true/false, and for guard_costs comma-separated numbers or nothing (`guard_costs=`:

@@ -1,8 +1,8 @@
 """Prompt-lookup rules replayed over recorded greedy answers under a measured cost model.
 
-    PYTHONPATH=.pp:. .venv/bin/python scripts/lookup_rules.py [ANSWERS] [COSTS]
+    .venv/bin/python experiments/lookup_rules.py [ANSWERS] [COSTS]
 
-ANSWERS: the answers file scripts/directions.py caches (default
+ANSWERS: the answers file experiments/directions.py caches (default
 runs/directions/answers-s0-b3-x24-n128.json: 18 bench answers never seen by calibration, split
 "test", and 24 own answers to calibration prompts, split "train"). COSTS: a cost model with
 per-width costs (default: the newest r4 entry in ~/.cache/specbound/costs/). Every round drafts

@@ -1,8 +1,8 @@
 """Issue 12 study: predict, from recorded data, what each direction for raising the speed ceiling
 would give on the packaged model (SmolLM2-135M-Instruct, fp32, CPU), before any of it is built.
 
-    PYTHONPATH=.pp:. .venv/bin/python scripts/directions.py            # everything, cached
-    PYTHONPATH=.pp:. .venv/bin/python scripts/directions.py --help
+    .venv/bin/python experiments/directions.py            # everything, cached
+    .venv/bin/python experiments/directions.py --help
 
 Stages (each cached under --out, default runs/directions/; delete a file to redo its stage):
 
@@ -89,7 +89,7 @@ def generate_answers(path: Path, args, loaded) -> dict:
     import torch
 
     from specbound.calibrate.corpus import load_corpus
-    from specbound.calibrate.pipeline import _chat_ids
+    from specbound_runtime.decoder import token_ids
     from specbound.data.tasks import TASKS, task_prompts
 
     tok = loaded.tokenizer
@@ -101,7 +101,7 @@ def generate_answers(path: Path, args, loaded) -> dict:
     out = []
     started = time.perf_counter()
     for i, (split, task, pid, text) in enumerate(jobs):
-        prompt = _chat_ids(tok, text)
+        prompt = token_ids(tok, [{"role": "user", "content": text}], True)
         with torch.no_grad():
             ids = loaded.model.generate(
                 torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -116,7 +116,7 @@ def generate_answers(path: Path, args, loaded) -> dict:
 
 def build_sequences(args, loaded, answers: list[dict]) -> list[Seq]:
     from specbound.calibrate.corpus import load_corpus
-    from specbound.calibrate.pipeline import _chat_ids
+    from specbound_runtime.decoder import token_ids
 
     tok = loaded.tokenizer
     recorded = {}
@@ -127,7 +127,7 @@ def build_sequences(args, loaded, answers: list[dict]) -> list[Seq]:
     corpus = load_corpus("default", 64, 64, 0.1, args.seed)
     seqs = []
     for p in corpus.prompts:
-        prompt = _chat_ids(tok, p.text)
+        prompt = token_ids(tok, [{"role": "user", "content": p.text}], True)
         if recorded.get(p.id):
             seqs.append(Seq(p.id, "val" if p.held_out else "train", "own", "calibration", prompt + recorded[p.id], len(prompt)))
     for a in answers:
