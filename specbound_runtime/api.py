@@ -33,7 +33,7 @@ import torch
 from .adapter import HFCausalLM
 from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
 from .errors import ModelError, SpecBoundWarning, UsageError
-from .generation import custom_generate_for
+from .generation import SpecBoundOutput, custom_generate_for
 from .kernels import Kernels
 from .policy import ExitPolicy
 from .sampling import DecodingMode
@@ -162,13 +162,14 @@ class SpecBound:
 
     # -- generate ---------------------------------------------------------------------------------
 
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, *, return_dict_in_generate: bool = False, **kwargs):
         """`model.generate(input_ids, **kwargs)`, decoded speculatively: same arguments (those that
         apply: max_new_tokens, eos_token_id, streamer, generation_config, attention_mask,
-        do_sample, temperature, top_k, top_p, min_p, ...), same return value for
-        return_dict_in_generate=False. generator= (a torch.Generator) seeds sampling; without it,
-        torch's global generator is used."""
-        return self.generate_with_stats(input_ids, **kwargs).sequences
+        do_sample, temperature, top_k, top_p, min_p, ...), same return value: the sequences, or
+        with return_dict_in_generate=True an output with `sequences` and `specbound_stats`.
+        generator= (a torch.Generator) seeds sampling; without it, torch's global generator."""
+        run = self.generate_with_stats(input_ids, **kwargs)
+        return SpecBoundOutput(sequences=run.sequences, specbound_stats=run.stats) if return_dict_in_generate else run.sequences
 
     def generate_with_stats(
         self, input_ids: torch.Tensor, *, streamer=None, on_tokens=None, speculation: bool = True, **kwargs
@@ -177,31 +178,30 @@ class SpecBound:
         each accepted run of new tokens (a lighter streamer). speculation=False decodes plainly
         through the same engine (the fair baseline)."""
         input_ids = _as_batch_of_one(input_ids)
-        sink: list[GenerationResult] = []
         custom = self._custom_generate(speculation, on_tokens)
         stream = None if streamer is None else _EndsOnce(streamer)
         try:
-            sequences = self.model.generate(
+            out = self.model.generate(
                 input_ids.to(self.device),
                 custom_generate=custom,
-                specbound_stats=sink,
                 specbound_streamer=stream,
-                **kwargs,
+                **{**kwargs, "return_dict_in_generate": True},
             )
         except ValueError as exc:  # generate() refusing its arguments (max_new_tokens=0, ...)
             raise UsageError(f"generate() refused the arguments: {str(exc).strip().splitlines()[0]}") from exc
         finally:
             if stream is not None:
                 stream.end()  # also when generate() failed before decoding: a reader never hangs
-        if not sink:
+        if not isinstance(out, SpecBoundOutput) or out.specbound_stats is None:
             raise UsageError("generate() returned without decoding (nothing to generate: check max_new_tokens/max_length)")
-        return Generated(sequences=sequences.to(input_ids.device), stats=sink[-1])
+        return Generated(sequences=out.sequences.to(input_ids.device), stats=out.specbound_stats)
 
     @property
     def custom_generate(self):
         """For `hf_model.generate(ids, custom_generate=m.custom_generate, ...)` (transformers 5.24's
         callable form). transformers does not hand a callable its `streamer`: pass
-        `specbound_streamer=` instead. `specbound_stats=[]` collects each run's statistics."""
+        `specbound_streamer=` instead. return_dict_in_generate=True returns the run's statistics
+        beside the sequences (`specbound_stats`)."""
         return self._custom_generate(True)
 
     def _custom_generate(self, speculation: bool, on_tokens=None):

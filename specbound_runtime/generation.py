@@ -17,9 +17,12 @@ silently. Under sampling the same list also shapes the drafter's own distributio
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from transformers.utils import ModelOutput
 
 from .errors import UsageError
 from .sampling import DecodingMode, Sampler
@@ -83,7 +86,19 @@ def check_generation_config(generation_config) -> None:
         if value != 1:
             raise UsageError(f"{name}={value} is not supported; SpecBound decodes one sequence (greedy or sampled)")
     if getattr(generation_config, "return_dict_in_generate", False):
-        raise UsageError("return_dict_in_generate=True is not supported; SpecBound returns token ids")
+        asked = [n for n in ("output_scores", "output_logits", "output_attentions", "output_hidden_states") if getattr(generation_config, n, False)]
+        if asked:
+            raise UsageError(f"{', '.join(n + '=True' for n in asked)} is not supported; return_dict_in_generate=True returns the sequences and specbound_stats")
+
+
+@dataclass
+class SpecBoundOutput(ModelOutput):
+    """What `generate(..., return_dict_in_generate=True)` returns through SpecBound: the sequences,
+    and the run's statistics (an engine.GenerationResult) where transformers' own outputs carry
+    scores."""
+
+    sequences: torch.LongTensor | None = None
+    specbound_stats: Any = None
 
 
 def check_model_kwargs(input_ids: torch.Tensor, model_kwargs: dict) -> None:
@@ -134,10 +149,11 @@ def custom_generate_for(
     `lm` (the model's layer adapter), with the drafter make_drafter(eos_token_ids) returns.
     on_mode(DecodingMode), when given, hears the mode generate() resolved before decoding starts.
 
-    Extra keyword arguments it takes from generate(): generator (a torch.Generator for
-    do_sample=True; without it, torch's global generator), specbound_stats (a list; each run's
-    GenerationResult is appended) and specbound_streamer (transformers does not hand a callable
-    custom_generate its `streamer`)."""
+    With return_dict_in_generate=True it returns a SpecBoundOutput (sequences and the run's
+    statistics), else the sequences. Extra keyword arguments it takes from generate(): generator
+    (a torch.Generator for do_sample=True; without it, torch's global generator) and
+    specbound_streamer (transformers does not hand a callable custom_generate its `streamer`);
+    specbound_stats (a list each run's GenerationResult is appended to) is deprecated."""
     from .engine import generate
 
     def custom_generate(
@@ -170,8 +186,8 @@ def custom_generate_for(
         # MaxLengthCriteria or EosTokenCriteria replaces the default one there), applied natively.
         max_length, eos, other_criteria = _native_limits(stopping_criteria, generation_config)
         max_new = max_length - len(prompt)
-        if max_new < 1:
-            return input_ids
+        if max_new < 1:  # nothing to generate: no run, no statistics
+            return SpecBoundOutput(sequences=input_ids) if getattr(generation_config, "return_dict_in_generate", False) else input_ids
         if specbound_streamer is not None:
             specbound_streamer.put(input_ids.cpu())  # as generate() does: the prompt first
 
@@ -190,9 +206,18 @@ def custom_generate_for(
             if specbound_streamer is not None:
                 specbound_streamer.end()  # also on an error: a reader never hangs
         if specbound_stats is not None:
+            warnings.warn(
+                "specbound_stats= is deprecated and goes in a later release: pass return_dict_in_generate=True "
+                "and read the output's specbound_stats",
+                FutureWarning,
+                stacklevel=3,
+            )
             specbound_stats.append(result)
         new = torch.tensor([list(result.token_ids)], dtype=input_ids.dtype, device=input_ids.device)
-        return torch.cat([input_ids, new], dim=1)
+        sequences = torch.cat([input_ids, new], dim=1)
+        if getattr(generation_config, "return_dict_in_generate", False):
+            return SpecBoundOutput(sequences=sequences, specbound_stats=result)
+        return sequences
 
     return custom_generate
 

@@ -104,16 +104,41 @@ def test_custom_generate_returns_exactly_what_generate_returns(tiny):
             model.generation_config = saved.__class__.from_dict({**saved.to_dict(), **extra})
             for n in (1, 7, 30):
                 ref = _reference(model, PROMPT, max_new_tokens=n)
-                stats: list = []
                 with torch.inference_mode():
                     out = model.generate(
                         torch.tensor(PROMPT), custom_generate=m.custom_generate, max_new_tokens=n,
-                        do_sample=False, specbound_stats=stats,
+                        do_sample=False, return_dict_in_generate=True,
                     )
-                assert torch.equal(out, ref), (extra, n)
-                assert len(stats) == 1 and list(stats[0].token_ids) == ref[0, len(PROMPT[0]) :].tolist()
+                assert torch.equal(out.sequences, ref), (extra, n)
+                assert list(out.specbound_stats.token_ids) == ref[0, len(PROMPT[0]) :].tolist()
     finally:
         model.generation_config = saved
+
+
+def test_a_run_returns_its_statistics_and_the_old_list_still_works_with_a_warning(tiny):
+    """return_dict_in_generate=True returns the sequences and the run's statistics, through
+    transformers and through SpecBound's own generate(); specbound_stats=[] keeps working for a
+    release, with a FutureWarning; the outputs transformers cannot give here are refused."""
+    import warnings
+
+    folder, loaded, artifact = tiny
+    m = sb.load(str(folder), artifact=artifact)
+    ids = torch.tensor(PROMPT)
+    ref = _reference(loaded.model, PROMPT, max_new_tokens=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new way warns of nothing
+        out = loaded.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        own = m.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    for run in (out, own):
+        assert torch.equal(run.sequences, ref) and run["sequences"] is run.sequences
+        assert list(run.specbound_stats.token_ids) == ref[0, len(PROMPT[0]) :].tolist() and sum(run.specbound_stats.accept_lengths) == 12
+    assert torch.equal(m.generate(ids, max_new_tokens=12, do_sample=False), ref)  # a tensor, as generate() returns
+    stats: list = []
+    with pytest.warns(FutureWarning, match="specbound_stats= is deprecated"):
+        old = loaded.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, specbound_stats=stats)
+    assert torch.equal(old, ref) and list(stats[0].token_ids) == list(out.specbound_stats.token_ids)
+    with pytest.raises(UsageError, match="output_scores=True is not supported"):
+        m.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
 
 
 def test_custom_generate_of_another_model_is_refused(tiny, tmp_path):

@@ -39,16 +39,16 @@ def _drafters(lm, ref):
 
 def _through_generate(model, lm, drafter, new=NEW, eos=(EOS,), **kwargs):
     """SpecBound inside the model's own generate(): its generation config decides processors."""
-    stats: list = []
     ids = torch.tensor([PROMPT])
-    out = model.generate(
+    run = model.generate(
         ids,
         custom_generate=custom_generate_for(model, lm, lambda _eos: drafter),
-        specbound_stats=stats,
+        return_dict_in_generate=True,
         **{**generate_arguments(new, eos), **kwargs},
     )
+    out = run.sequences
     assert out[0, : len(PROMPT)].tolist() == PROMPT
-    return out[0, len(PROMPT) :].tolist(), stats
+    return out[0, len(PROMPT) :].tolist(), [run.specbound_stats]
 
 
 def _speculative(model, lm, drafter, new=NEW, eos=(EOS,)):

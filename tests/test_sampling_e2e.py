@@ -181,12 +181,11 @@ def test_the_same_seed_gives_the_same_output_through_every_entry_point(tiny):
     b = m.generate(IDS, **SAMPLING)
     c = m.generate(IDS, **SAMPLING)  # the global generator moved on
     assert torch.equal(a, b) and not torch.equal(a, c)
-    stats: list = []
     with torch.inference_mode():
         via_hf = m.model.generate(
-            IDS, custom_generate=m.custom_generate, generator=torch.Generator().manual_seed(0), specbound_stats=stats, **SAMPLING
+            IDS, custom_generate=m.custom_generate, generator=torch.Generator().manual_seed(0), return_dict_in_generate=True, **SAMPLING
         )
-    assert torch.equal(via_hf, by_generator[0]) and stats[0].drafted > 0
+    assert torch.equal(via_hf.sequences, by_generator[0]) and via_hf.specbound_stats.drafted > 0
 
 
 def test_sampled_generation_drafts_accepts_and_stops_like_generate(tiny):
