@@ -127,7 +127,7 @@ def test_a_run_returns_its_statistics_and_the_old_list_still_works_with_a_warnin
     ref = _reference(loaded.model, PROMPT, max_new_tokens=12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new way warns of nothing
-        out = loaded.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        out = m.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
         own = m.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     for run in (out, own):
         assert torch.equal(run.sequences, ref) and run["sequences"] is run.sequences
@@ -135,7 +135,7 @@ def test_a_run_returns_its_statistics_and_the_old_list_still_works_with_a_warnin
     assert torch.equal(m.generate(ids, max_new_tokens=12, do_sample=False), ref)  # a tensor, as generate() returns
     stats: list = []
     with pytest.warns(FutureWarning, match="specbound_stats= is deprecated"):
-        old = loaded.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, specbound_stats=stats)
+        old = m.model.generate(ids, custom_generate=m.custom_generate, max_new_tokens=12, do_sample=False, specbound_stats=stats)
     assert torch.equal(old, ref) and list(stats[0].token_ids) == list(out.specbound_stats.token_ids)
     with pytest.raises(UsageError, match="output_scores=True is not supported"):
         m.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)

@@ -41,4 +41,4 @@ def test_readme_python_examples_run_as_written(tmp_path, capsys):
     finally:
         os.chdir(cwd)
     printed = capsys.readouterr().out
-    assert namespace["out"].shape[0] == 1 and namespace["stats"] and printed.strip()
+    assert namespace["out"].shape[0] == 1 and namespace["result"].specbound_stats.accept_lengths and printed.strip()
