@@ -396,7 +396,8 @@ def calibrate(
     workers."""
     with _one_error_path():
         with _requires_extra("calibrate", "calibrate"):
-            from specbound.calibrate.pipeline import CalibrateOptions, run_calibration
+            from specbound.calibrate.options import CalibrateOptions
+            from specbound.calibrate.run import run_calibration
         from specbound.calibrate.job import options_from_artifact, options_from_job
 
         values = {
@@ -455,7 +456,7 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
     import shutil
 
     from specbound.calibrate.check import check_options, compare_files
-    from specbound.calibrate.pipeline import run_calibration
+    from specbound.calibrate.run import run_calibration
     from specbound_runtime.errors import ArtifactError, MismatchError
 
     committed = from_artifact or opts.resolve(opts.out)

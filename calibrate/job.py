@@ -34,6 +34,8 @@ from typing import Any
 
 from specbound_runtime.errors import InputError
 
+from .options import CalibrateOptions
+
 JOB_FORMAT = 1
 
 
@@ -271,8 +273,6 @@ def merge_flags(options: dict[str, Any], flags: dict[str, Any], source: str, not
 
 
 def options_from_job(path: Path, flags: dict[str, Any], note):
-    from .pipeline import CalibrateOptions
-
     options = parse_job(path)
     if "model" not in options and "model" not in flags:
         raise InputError(f"{path}: the job names no model; add [model] name = \"...\"")
@@ -283,8 +283,6 @@ def options_from_artifact(path: Path, flags: dict[str, Any], note):
     """The job an artifact recorded, with its cost model, paths relative to the current folder."""
     from specbound_runtime.artifact import read_artifact
     from specbound_runtime.errors import ArtifactError
-
-    from .pipeline import CalibrateOptions
 
     artifact = read_artifact(path)
     job, cost = artifact.meta_json("job"), artifact.meta_json("cost_model")

@@ -421,14 +421,14 @@ def tiny_setup(tmp_path_factory):
 
 
 def _calibrate(root, model, corpus, cost, name, monkeypatch, **kw):
-    from specbound.calibrate import pipeline
+    from specbound.calibrate import options, pipeline, run
 
     monkeypatch.setattr(pipeline, "cached_cost", lambda *a, **k: cost)
-    opts = pipeline.CalibrateOptions(
+    opts = options.CalibrateOptions(
         model=str(model), corpus=str(corpus), out=root / f"{name}.safetensors", work_dir=root / f"work-{name}",
         **{"trials": 25, "answer_tokens": 12, "measure_prompts": 0, **kw},
     )
-    return pipeline.run_calibration(opts)
+    return run.run_calibration(opts)
 
 
 def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch):

@@ -891,12 +891,12 @@ def test_sigterm_during_calibration_is_an_interruption_too(tiny, corpus, tmp_pat
 
 
 def test_interrupted_calibration_prints_its_error_on_a_line_of_its_own(tiny, corpus, tmp_path, cache, monkeypatch):
-    from specbound.calibrate import pipeline
+    from specbound.calibrate import record
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_chat_ids", interrupted)  # first called inside the own answers' bar
+    monkeypatch.setattr(record, "_chat_ids", interrupted)  # first called inside the own answers' bar
     assert_one_error(calibrate_cli(tiny[0], corpus, tmp_path), EXIT_INTERRUPTED, "Error: interrupted")
 
 

@@ -104,7 +104,7 @@ def built(tmp_path_factory, one_thread):
 
 def test_every_calibrate_option_is_a_job_key():
     from specbound.calibrate.job import BY_FIELD, NOT_IN_JOB
-    from specbound.calibrate.pipeline import CalibrateOptions
+    from specbound.calibrate.options import CalibrateOptions
 
     assert {f.name for f in dataclasses.fields(CalibrateOptions)} == set(BY_FIELD) | set(NOT_IN_JOB)
 
@@ -213,7 +213,7 @@ def test_a_retune_under_another_cost_model_reuses_the_records_and_says_what_chan
     theirs.json` with the calibration's work folder tunes again without recording anything, and
     says which policy fields moved; inspect names where each artifact's costs came from."""
     import specbound_runtime as sb
-    from specbound.calibrate import collect, pipeline
+    from specbound.calibrate import collect, record
     from specbound.calibrate.costs import pinned_costs
     from specbound.calibrate.simulate import CostModel
     from specbound_runtime.artifact import read_artifact
@@ -231,8 +231,8 @@ def test_a_retune_under_another_cost_model_reuses_the_records_and_says_what_chan
         raise AssertionError("the retune recorded statistics again")
 
     monkeypatch.setattr(collect, "records_shard", no_recording)
-    monkeypatch.setattr(pipeline, "_moments_shard", no_recording)
-    monkeypatch.setattr(pipeline, "answers_shard", no_recording)
+    monkeypatch.setattr(record, "_moments_shard", no_recording)
+    monkeypatch.setattr(record, "answers_shard", no_recording)
     monkeypatch.chdir(folder)
     result = invoke(
         "calibrate", "--from-artifact", "out/ref.safetensors", "--costs", tmp_path / "theirs.json", "--work-dir", "runs/ref",
@@ -288,7 +288,7 @@ def test_a_pinned_cost_model_is_used_instead_of_measuring(built, tmp_path, monke
 
 def _build_in_process(job: Path):
     from specbound.calibrate.job import options_from_job
-    from specbound.calibrate.pipeline import run_calibration
+    from specbound.calibrate.run import run_calibration
 
     return run_calibration(options_from_job(job, {"force": True}, lambda _: None)).artifact.read_bytes()
 
@@ -363,7 +363,7 @@ def test_noise_below_the_stated_precision_leaves_the_bytes_alone(built, tmp_path
     another: the fitted temperatures and alpha, and the lens solve (BLAS and LAPACK kernels). The
     recorded confidences are float32: noise below their last bit cannot be injected, and noise at
     it moves some of their rounded values (calibrate.precision says so)."""
-    from specbound.calibrate import collect, pipeline
+    from specbound.calibrate import collect, report
 
     folder, _, reference = built
     rng = np.random.default_rng(1)
@@ -371,9 +371,9 @@ def test_noise_below_the_stated_precision_leaves_the_bytes_alone(built, tmp_path
     def jitter(x, scale=1e-9):  # 2^-16 is 1.5e-5
         return x * (1 + scale * rng.uniform(-1, 1, np.shape(x)))
 
-    temperature, alpha, lens = pipeline.fit_temperature, pipeline.fit_paper_alpha, collect.ridge_lens
-    monkeypatch.setattr(pipeline, "fit_temperature", lambda *a: float(jitter(temperature(*a))))
-    monkeypatch.setattr(pipeline, "fit_paper_alpha", lambda *a: float(jitter(alpha(*a))))
+    temperature, alpha, lens = report.fit_temperature, report.fit_paper_alpha, collect.ridge_lens
+    monkeypatch.setattr(report, "fit_temperature", lambda *a: float(jitter(temperature(*a))))
+    monkeypatch.setattr(report, "fit_paper_alpha", lambda *a: float(jitter(alpha(*a))))
     monkeypatch.setattr(collect, "ridge_lens", lambda *a: tuple(jitter(v, 1e-10) for v in lens(*a)))
     job = write_job(folder, "noisy", artifact=str(tmp_path / "noisy.safetensors"), work=str(tmp_path / "w"))
     assert _build_in_process(job) == reference

@@ -124,7 +124,7 @@ def test_a_killed_worker_loses_no_trial_and_a_restarted_one_resumes(reference, p
 
 
 def _build_shards(folder: str, worker: int, out) -> None:
-    from specbound.calibrate.workers import make_shards
+    from specbound.calibrate.shards import make_shards
 
     def build(i: int) -> bytes:
         time.sleep(0.15)

@@ -1,0 +1,157 @@
+"""Stage 4, the export: the artifact (policy, exit head, metadata; nothing timed goes in, so the
+same job gives the same bytes), then the report beside it, with the live check's figures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from specbound_runtime.artifact import Artifact, save_artifact
+from specbound_runtime.files import atomic_write_bytes, library_versions
+
+from . import collect as C
+from .live import collection_throughput, kind_by_kind, measure
+from .record import held_out_kinds
+from .report import next_head_report, pareto_png, reliability_png
+from .simulate import CostModel, guard_costs
+from .tune import evaluate, evaluate_oracle, paper_candidate, score
+
+if TYPE_CHECKING:
+    from .pipeline import Collected, Plan
+
+ARTIFACT_LIBRARIES = ("specbound", "torch", "transformers", "safetensors", "optuna", "numpy", "scipy", "datasets")
+
+
+@dataclass
+class CalibrationOutcome:
+    artifact: Path
+    report: dict = field(default_factory=dict)
+
+def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
+    """Write the artifact (deterministic: nothing timed goes in), then measure beside it."""
+    from specbound_runtime.exit_head import ExitHeadWeights
+    import specbound_runtime
+
+    opts, loaded, work, L = plan.opts, plan.loaded, plan.work, plan.num_layers
+    records, schedules, result, cost = collected.records, collected.schedules, collected.result, plan.cost
+    fp = loaded.fingerprint
+    eos = loaded.eos_token_ids
+    reliability_png(records, schedules, work / "reliability.png")
+    own = records.own if records.own.any() else np.ones_like(records.own)
+    held_traj = records.select(own & records.held_out)
+    best = result.best
+    policy = best.policy(schedules, cost)  # guarded under the costs it was tuned for
+    held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
+    held_paper = evaluate(held_traj, paper_candidate(records.layers, L), schedules, cost) if len(held_traj.seq) else None
+    oracle = evaluate_oracle(held_traj, best, cost) if len(held_traj.seq) else None
+    recorded = [s for s in collected.sequences if not s.lens_split]
+    kinds = {
+        kind: {"speedup": round(evaluate(r, best, schedules, cost).speedup, 4), "worst_round": round(result.kinds.get(kind, 1.0), 4)}
+        for kind, r in held_out_kinds(records, recorded, plan.corpus).items()
+    }
+    if opts.multi_objective:
+        (work / "pareto.json").write_text(json.dumps(result.pareto, indent=1, sort_keys=True))
+        pareto_png(result.pareto, work / "pareto.png")
+    weights = collected.weights
+    keep = {l: weights.lens[l] for l in policy.check_layers} if best.head == "lens" else {}
+    head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep, next_head=weights.next_head if policy.head_draft else None)
+    predicted = held_best.speedup if held_best else result.value.speedup
+    robust = score(held_best if held_best else result.value)  # the least over the cost rounds
+    metadata = {
+        "package_version": specbound_runtime.__version__,
+        "model_fingerprint": json.dumps(fp.to_dict(), sort_keys=True),
+        "tokenizer_fingerprint": json.dumps(loaded.tokenizer_fingerprint.to_dict(), sort_keys=True),
+        "corpus_fingerprint": C.fingerprint_sequences(collected.sequences),
+        "corpus": opts.corpus,
+        "job": json.dumps(plan.job, sort_keys=True),
+        "seed": str(opts.seed),
+        "best_trial": json.dumps({"number": result.best_trial, "params": _jsonable(best)}, sort_keys=True),
+        "trials": str(result.trials),
+        "cost_model": json.dumps(cost.to_dict(), sort_keys=True),
+        "predicted_speedup": f"{predicted:.4f}",
+        "predicted_speedup_worst_round": f"{robust:.4f}",
+        "simulation": json.dumps(
+            {
+                "fit": result.value.to_dict(),
+                "fit_paper_defaults": result.paper.to_dict(),
+                "held_out": held_best.to_dict() if held_best else None,
+                "held_out_paper_defaults": held_paper.to_dict() if held_paper else None,
+                "held_out_oracle": oracle.to_dict() if oracle else None,
+                "held_out_kinds": kinds,
+            },
+            sort_keys=True,
+        ),
+        "calibration": json.dumps(collected.calibration, sort_keys=True),
+        "shortlist_coverage": f"{collected.coverage:.4f}",
+        "candidate_layers": json.dumps(list(records.layers)),
+        "library_versions": json.dumps(library_versions(ARTIFACT_LIBRARIES), sort_keys=True),
+    }
+    if plan.mode is not None and plan.mode.do_sample:  # an artifact without it was tuned for greedy
+        metadata["decoding_mode"] = plan.mode.to_json()
+    if policy.guard_costs:  # what decode's PassCostWatch lets pass before it warns
+        metadata["cost_tolerance"] = f"{cost_tolerance(cost, policy.guard_costs):.4f}"
+        below, above = result.change  # where tuning would choose another policy (tune.policy_change)
+        metadata["policy_change"] = json.dumps({"below": below, "above": above}, sort_keys=True)
+    path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
+    throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
+    report = {
+        "artifact": str(path),
+        "work_dir": str(work),
+        "study_name": plan.study_name,
+        "workers": opts.workers,
+        "job": plan.job,
+        "model": fp.short(),
+        "positions": {"lens": collected.n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
+        "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(collected.coverage, 4)},
+        "collection_tokens_per_s": throughput,
+        "policy": _jsonable(best),
+        "cost_model_ms": cost.to_dict(),
+        "simulated": json.loads(metadata["simulation"]),
+        "predicted_speedup": round(predicted, 4),
+        "predicted_speedup_worst_round": round(robust, 4),
+        "cost_rounds": len(cost.samples),
+        "cost_spread": round(cost.spread, 4) if cost.samples else None,
+        "calibration": collected.calibration,
+        "reliability_png": str(work / "reliability.png"),
+        "decoding_mode": (plan.mode or opts.mode()).describe(),
+        "next_token_head": next_head_report(records, policy.head_draft),
+    }
+    # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
+    if opts.measure_prompts and opts.measure_tokens:
+        held_prompts = kind_by_kind([p for p in plan.corpus.prompts if p.held_out])[: opts.measure_prompts]
+        report["measured"] = measure(loaded, eos, policy, head, held_prompts, opts.measure_tokens, opts.mode(), opts.seed)
+        m = report["measured"]
+        report["measured_speedup"] = m["speedup_tuned"]
+        report["prediction_gap"] = round(m["speedup_tuned"] / predicted - 1.0, 4) if predicted else None
+    sidecar = path.with_suffix(".report.json")
+    atomic_write_bytes(sidecar, json.dumps(report, indent=1, sort_keys=True).encode())
+    report["report_json"] = str(sidecar)
+    return CalibrationOutcome(artifact=path, report=report)
+
+COST_MARGIN = 0.1  # plain steps: a price this much beyond the measurement's own spread is drift
+
+
+def cost_tolerance(cost: CostModel, prices: tuple[float, ...]) -> float:
+    """How far the guard's prices may differ on a machine before decode warns: their spread over
+    the cost model's measured rounds, plus COST_MARGIN."""
+    spread = max((abs(a - b) for c in cost.variants() for a, b in zip(guard_costs(c, len(prices)), prices)), default=0.0)
+    return spread + COST_MARGIN
+
+def _jsonable(candidate) -> dict:
+    return {
+        "head": candidate.head,
+        "schedule": candidate.schedule,
+        "threshold": round(candidate.threshold, 6),
+        "check_layers": list(candidate.checks),
+        "d_max": candidate.d_max,
+        "w_max": candidate.w_max,
+        "lookup_ngram": candidate.lookup_ngram,
+        "lookup_max": candidate.lookup_max,
+        "lookup_min": candidate.lookup_min,
+        "head_draft": candidate.head_draft,
+        **({"lookup_floor": candidate.lookup_floor} if candidate.lookup_floor else {}),
+    }
