@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, SpecBoundError, SpecBoundWarning, UsageError
+from specbound_runtime.policy import lookup_words
 
 app = typer.Typer(
     help="Lossless self-speculative decoding with calibrated early exits.\n\n" + EXIT_CODES_HELP,
@@ -396,6 +397,7 @@ def calibrate(
     workers."""
     with _one_error_path():
         with _requires_extra("calibrate", "calibrate"):
+            from specbound.calibrate.export import calibration_summary
             from specbound.calibrate.options import CalibrateOptions
             from specbound.calibrate.run import run_calibration
         from specbound.calibrate.job import options_from_artifact, options_from_job
@@ -430,7 +432,7 @@ def calibrate(
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
             return
-        typer.echo(_calibration_summary(report))
+        typer.echo(calibration_summary(report))
         if from_artifact is not None:
             changes = report["changed_from_source"]
             typer.echo(f"changed from {from_artifact}: " + ("; ".join(_change_words(c) for c in changes) or "nothing in the policy"))
@@ -478,99 +480,6 @@ def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
             f"the rebuilt artifact differs from {committed} ({len(result.differences)} field(s); the report above says "
             "what moved and by how much)"
         )
-
-
-def _gram_words(ngram: int, lookup_min: int = 0) -> str:
-    return f"{ngram}-gram backing off to {lookup_min}" if lookup_min and lookup_min != ngram else f"{ngram}-gram"
-
-
-def _lookup_drafts(lookup_max: int, lookup_floor: int, ngram: int) -> str:
-    """How many tokens a lookup match drafts: fixed, or sized by the match's length (a match is at
-    most `ngram` tokens long, so that bounds what it drafts beyond the floor)."""
-    if not lookup_floor:
-        return f"x{lookup_max}"
-    most = min(lookup_max, max(lookup_floor, ngram))
-    return f"x{lookup_floor}-{most} by match length" if lookup_floor < most else f"x{most}"
-
-
-def _policy_words(pol: dict) -> str:
-    lookup = (
-        f"prompt lookup {_gram_words(pol['lookup_ngram'], pol.get('lookup_min', 0))} {_lookup_drafts(pol['lookup_max'], pol.get('lookup_floor', 0), pol['lookup_ngram'])}"
-        if pol["lookup_ngram"]
-        else "no prompt lookup"
-    )
-    if pol.get("head_draft"):
-        lookup += ", the next-token head where lookup proposes nothing"
-    if not pol["check_layers"]:
-        plain = not (pol["lookup_ngram"] or pol.get("head_draft"))
-        return f"no early exit, {lookup}" + (" (plain decoding: no draft source pays here)" if plain else "")
-    return (
-        f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
-        f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
-    )
-
-
-def _calibration_summary(report: dict) -> str:
-    pol = report["policy"]
-    sim = report["simulated"]
-    lines = [
-        f"artifact: {report['artifact']}",
-        f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
-        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {_policy_words(pol)}",
-        f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
-    ]
-    if report.get("cost_rounds"):
-        lines.append(
-            f"predicted speedup: {report['predicted_speedup']:.3f}x at the median costs, "
-            f"{report['predicted_speedup_worst_round']:.3f}x in the least favourable of {report['cost_rounds']} measured cost rounds "
-            f"(plain decoding's cost spreads {report['cost_spread']:.1%} over them)"
-        )
-    elif "predicted_speedup_worst_round" in report:
-        lines.append(f"predicted speedup: {report['predicted_speedup']:.3f}x (a cost model of one measurement: no spread to judge it by)")
-    if sim.get("held_out"):
-        lines.append(
-            f"simulated speedup (held-out): tuned {sim['held_out']['speedup']:.3f}x, paper defaults "
-            f"{sim['held_out_paper_defaults']['speedup']:.3f}x, oracle {sim['held_out_oracle']['speedup']:.3f}x; "
-            f"mean accepted length {sim['held_out']['mean_accepted_length']:.2f}"
-        )
-    if sim.get("held_out_kinds"):
-        kinds = sim["held_out_kinds"]
-        worst = min(kinds, key=lambda k: (kinds[k]["worst_round"], k))
-        lines.append(
-            "simulated by held-out kind (least over the cost rounds): "
-            + ", ".join(f"{k} {v['worst_round']:.3f}x" for k, v in kinds.items())
-            + f"; worst: {worst}"
-        )
-    for head, rep in report["calibration"].items():
-        fitted = [r["fitted"]["ece"] for r in rep["layers"] if r["fitted"]["ece"] is not None]
-        paper = [r["paper"]["ece"] for r in rep["layers"] if r["paper"]["ece"] is not None]
-        if fitted and paper:
-            lines.append(f"held-out ECE ({head} head, mean over layers): fitted {sum(fitted)/len(fitted):.4f} vs paper schedule {sum(paper)/len(paper):.4f}")
-    if "measured" in report:
-        m = report["measured"]
-        lines.append(
-            f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, paper defaults "
-            f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
-            f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
-        )
-        if m.get("speedup_by_kind"):
-            lines.append(
-                "measured by kind: " + ", ".join(f"{k} {v:.3f}x" for k, v in m["speedup_by_kind"].items())
-                + f"; worst: {m['worst_kind']} (one run each: a kind's figure carries the machine's noise)"
-            )
-    head = report.get("next_token_head") or {}
-    if "held_out_agreement" in head:
-        lines.append(
-            f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%} of "
-            f"{head['held_out_positions']} held-out positions"
-            + (f" (mean acceptance {head['held_out_acceptance']:.1%})" if "held_out_acceptance" in head else "")
-            + ("; the policy drafts with it" if head.get("used") else "; not used: it does not pay here")
-        )
-    tput = report.get("collection_tokens_per_s") or {}
-    if tput:
-        lines.append(f"collection: {tput['recording']} tok/s recording vs {tput['plain_forward']} tok/s plain forward")
-    lines.append(f"report: {report['report_json']}; reliability diagram: {report['reliability_png']}")
-    return "\n".join(lines)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -622,7 +531,7 @@ def inspect(
         fp = info["metadata"].get("model_fingerprint")
         if isinstance(fp, dict):
             typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {(_gram_words(p.lookup_ngram, p.lookup_min) + ' ' + _lookup_drafts(p.lookup_max, p.lookup_floor, p.lookup_ngram)) if p.lookup_ngram else 'off'} head draft: {'on' if p.head_draft else 'off'}"
+        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {lookup_words(p.lookup_ngram, p.lookup_min, p.lookup_max, p.lookup_floor) if p.lookup_ngram else 'off'} head draft: {'on' if p.head_draft else 'off'}"
                    + (f"; guard on lookup and head: {len(p.guard_costs)} drafts pay from {p.guard_costs[-1]:.2f} kept tokens" if p.guard_costs else "; no run-time guard"))
         if info["exit_head"]:
             nh = art.exit_weights.next_head
@@ -709,7 +618,7 @@ def costs(
     rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported)."""
     with _one_error_path():
         with _requires_extra("calibrate", "costs"):
-            from specbound.calibrate.costs import kernel_path, measure_costs, measure_roofline, pinned_costs
+            from specbound.calibrate.costs import kernel_path, measure_costs, measure_roofline, pinned_costs, roofline_table
         import specbound_runtime as sb
         from specbound_runtime.files import atomic_write_bytes
 
@@ -738,25 +647,7 @@ def costs(
         )
         if passes:
             typer.echo(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
-        typer.echo(_roofline_table(cost, roofline, document))
-
-
-def _roofline_table(cost, roofline, document) -> str:
-    """Each width's measured pass beside what the hardware charges for it (the memory floor)."""
-    where = document["measured_on"]
-    lines = [
-        f"memory floor on {where['cpu']} ({where['cpus']} cpus, {where['torch_threads']} torch threads): "
-        f"{roofline.weight_bytes / 1e6:.0f} MB of weights at {roofline.read_gbps:.1f} GB/s "
-        f"(streaming sum {roofline.stream_gbps:.1f}, one-row LM head {roofline.head_gbps:.1f}); "
-        f"matrix products {roofline.gflops:.0f} GFLOP/s",
-        "| positions | pass (ms) | floor (ms) | pass / floor | kernels |",
-        "| ---: | ---: | ---: | ---: | --- |",
-    ]
-    for n in range(1, len(cost.layer_widths) + 1):
-        ms = cost.num_layers * cost.layer_call(n) + cost.head_call(n)
-        floor = roofline.floor_ms(n)
-        lines.append(f"| {n} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {document['kernels']} |")
-    return "\n".join(lines)
+        typer.echo(roofline_table(cost, roofline, document))
 
 
 @app.command(epilog=EXIT_CODES_HELP)

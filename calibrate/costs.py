@@ -300,3 +300,21 @@ def read_pinned_costs(path: Path, fingerprint, shortlist_size: int) -> CostModel
         return CostModel(**data["cost_model"])
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"cost file {path} holds no valid cost model ({e})") from None
+
+
+def roofline_table(cost, roofline, document) -> str:
+    """Each width's measured pass beside what the hardware charges for it (the memory floor)."""
+    where = document["measured_on"]
+    lines = [
+        f"memory floor on {where['cpu']} ({where['cpus']} cpus, {where['torch_threads']} torch threads): "
+        f"{roofline.weight_bytes / 1e6:.0f} MB of weights at {roofline.read_gbps:.1f} GB/s "
+        f"(streaming sum {roofline.stream_gbps:.1f}, one-row LM head {roofline.head_gbps:.1f}); "
+        f"matrix products {roofline.gflops:.0f} GFLOP/s",
+        "| positions | pass (ms) | floor (ms) | pass / floor | kernels |",
+        "| ---: | ---: | ---: | ---: | --- |",
+    ]
+    for n in range(1, len(cost.layer_widths) + 1):
+        ms = cost.num_layers * cost.layer_call(n) + cost.head_call(n)
+        floor = roofline.floor_ms(n)
+        lines.append(f"| {n} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {document['kernels']} |")
+    return "\n".join(lines)

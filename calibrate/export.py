@@ -12,6 +12,7 @@ import numpy as np
 
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.files import atomic_write_bytes, library_versions
+from specbound_runtime.policy import lookup_words
 
 from . import collect as C
 from .live import collection_throughput, kind_by_kind, measure
@@ -155,3 +156,84 @@ def _jsonable(candidate) -> dict:
         "head_draft": candidate.head_draft,
         **({"lookup_floor": candidate.lookup_floor} if candidate.lookup_floor else {}),
     }
+
+
+def calibration_summary(report: dict) -> str:
+    """The calibration report (export's `report`) as the lines `specbound calibrate` prints."""
+    pol = report["policy"]
+    sim = report["simulated"]
+    lines = [
+        f"artifact: {report['artifact']}",
+        f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
+        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {_policy_words(pol)}",
+        f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
+    ]
+    if report.get("cost_rounds"):
+        lines.append(
+            f"predicted speedup: {report['predicted_speedup']:.3f}x at the median costs, "
+            f"{report['predicted_speedup_worst_round']:.3f}x in the least favourable of {report['cost_rounds']} measured cost rounds "
+            f"(plain decoding's cost spreads {report['cost_spread']:.1%} over them)"
+        )
+    elif "predicted_speedup_worst_round" in report:
+        lines.append(f"predicted speedup: {report['predicted_speedup']:.3f}x (a cost model of one measurement: no spread to judge it by)")
+    if sim.get("held_out"):
+        lines.append(
+            f"simulated speedup (held-out): tuned {sim['held_out']['speedup']:.3f}x, paper defaults "
+            f"{sim['held_out_paper_defaults']['speedup']:.3f}x, oracle {sim['held_out_oracle']['speedup']:.3f}x; "
+            f"mean accepted length {sim['held_out']['mean_accepted_length']:.2f}"
+        )
+    if sim.get("held_out_kinds"):
+        kinds = sim["held_out_kinds"]
+        worst = min(kinds, key=lambda k: (kinds[k]["worst_round"], k))
+        lines.append(
+            "simulated by held-out kind (least over the cost rounds): "
+            + ", ".join(f"{k} {v['worst_round']:.3f}x" for k, v in kinds.items())
+            + f"; worst: {worst}"
+        )
+    for head, rep in report["calibration"].items():
+        fitted = [r["fitted"]["ece"] for r in rep["layers"] if r["fitted"]["ece"] is not None]
+        paper = [r["paper"]["ece"] for r in rep["layers"] if r["paper"]["ece"] is not None]
+        if fitted and paper:
+            lines.append(f"held-out ECE ({head} head, mean over layers): fitted {sum(fitted)/len(fitted):.4f} vs paper schedule {sum(paper)/len(paper):.4f}")
+    if "measured" in report:
+        m = report["measured"]
+        lines.append(
+            f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, paper defaults "
+            f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
+            f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
+        )
+        if m.get("speedup_by_kind"):
+            lines.append(
+                "measured by kind: " + ", ".join(f"{k} {v:.3f}x" for k, v in m["speedup_by_kind"].items())
+                + f"; worst: {m['worst_kind']} (one run each: a kind's figure carries the machine's noise)"
+            )
+    head = report.get("next_token_head") or {}
+    if "held_out_agreement" in head:
+        lines.append(
+            f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%} of "
+            f"{head['held_out_positions']} held-out positions"
+            + (f" (mean acceptance {head['held_out_acceptance']:.1%})" if "held_out_acceptance" in head else "")
+            + ("; the policy drafts with it" if head.get("used") else "; not used: it does not pay here")
+        )
+    tput = report.get("collection_tokens_per_s") or {}
+    if tput:
+        lines.append(f"collection: {tput['recording']} tok/s recording vs {tput['plain_forward']} tok/s plain forward")
+    lines.append(f"report: {report['report_json']}; reliability diagram: {report['reliability_png']}")
+    return "\n".join(lines)
+
+
+def _policy_words(pol: dict) -> str:
+    lookup = (
+        f"prompt lookup {lookup_words(pol['lookup_ngram'], pol.get('lookup_min', 0), pol['lookup_max'], pol.get('lookup_floor', 0))}"
+        if pol["lookup_ngram"]
+        else "no prompt lookup"
+    )
+    if pol.get("head_draft"):
+        lookup += ", the next-token head where lookup proposes nothing"
+    if not pol["check_layers"]:
+        plain = not (pol["lookup_ngram"] or pol.get("head_draft"))
+        return f"no early exit, {lookup}" + (" (plain decoding: no draft source pays here)" if plain else "")
+    return (
+        f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
+        f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
+    )

@@ -245,3 +245,13 @@ def lookup_match(tokens: list[int], ngram: int, min_ngram: int = 0) -> tuple[int
 def lookup_sizes(ngram: int, min_ngram: int = 0) -> range:
     """The tail lengths prompt lookup tries, longest first: ngram, then down to min_ngram (0: ngram only)."""
     return range(ngram, (min_ngram or ngram) - 1, -1)
+
+
+def lookup_words(ngram: int, lookup_min: int, lookup_max: int, lookup_floor: int) -> str:
+    """Prompt lookup's rule in words: "8-gram backing off to 2 x3-7 by match length". A match is
+    at most `ngram` tokens long, so that bounds what a match-sized rule drafts beyond its floor."""
+    gram = f"{ngram}-gram backing off to {lookup_min}" if lookup_min and lookup_min != ngram else f"{ngram}-gram"
+    if not lookup_floor:
+        return f"{gram} x{lookup_max}"
+    most = min(lookup_max, max(lookup_floor, ngram))
+    return f"{gram} x{lookup_floor}-{most} by match length" if lookup_floor < most else f"{gram} x{most}"

@@ -456,12 +456,12 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
 def _reports_the_next_token_head(art, report) -> None:
     """The report and the summary say how often the fitted head is right on held-out positions
     and whether the policy uses it; the artifact holds the head exactly when it does."""
-    from specbound import cli
+    from specbound.calibrate.export import calibration_summary
 
     head = report["next_token_head"]
     assert head["used"] == art.policy.head_draft == (art.exit_weights.next_head is not None)
     assert 0.0 <= head["held_out_agreement"] <= 1.0 and head["held_out_positions"] == report["positions"]["held_out"]
-    summary = cli._calibration_summary(report)
+    summary = calibration_summary(report)
     assert f"next-token head: its draft is the full model's token at {head['held_out_agreement']:.1%}" in summary
     assert ("the policy drafts with it" in summary) == head["used"]
 
