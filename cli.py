@@ -15,7 +15,6 @@ from typing import Optional
 import typer
 
 from specbound_runtime.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, SpecBoundError, SpecBoundWarning, UsageError
-from specbound_runtime.policy import lookup_words
 
 app = typer.Typer(
     help="Lossless self-speculative decoding with calibrated early exits.\n\n" + EXIT_CODES_HELP,
@@ -489,115 +488,14 @@ def inspect(
 ):
     """Show what an artifact holds: policy, exit head, fingerprints, predictions."""
     with _one_error_path():
-        from specbound_runtime.artifact import read_artifact
+        from specbound_runtime.describe import describe, describe_lines
 
-        art = read_artifact(artifact)
-        p = art.policy
-        info = {
-            "path": str(artifact),
-            "policy": {
-                "check_layers": list(p.check_layers),
-                "temperatures": list(p.temperatures),
-                "thresholds": list(p.thresholds),
-                "d_max": p.d_max,
-                "w_max": p.w_max,
-                "lookup_ngram": p.lookup_ngram,
-                "lookup_max": p.lookup_max,
-                "lookup_min": p.lookup_min,
-                "lookup_floor": p.lookup_floor,
-                "head_draft": p.head_draft,
-                "guard_costs": list(p.guard_costs),
-                "num_layers": p.num_layers,
-            },
-            "exit_head": None
-            if art.exit_weights is None
-            else {
-                "shortlist": None if art.exit_weights.shortlist is None else int(art.exit_weights.shortlist.numel()),
-                "lens_layers": sorted(art.exit_weights.lens),
-                "next_token_head": art.exit_weights.next_head is not None,
-            },
-            "metadata": {k: _maybe_json(v) for k, v in sorted(art.metadata.items())},
-        }
-        sidecar = artifact.with_suffix(".report.json")
-        if sidecar.exists():
-            try:
-                info["measured"] = json.loads(sidecar.read_text()).get("measured")
-            except ValueError:
-                pass
+        info = describe(artifact)
         if as_json:
             typer.echo(json.dumps(info, sort_keys=True))
             return
-        typer.echo(f"artifact {artifact} (schema v{art.metadata.get('schema_version')}, specbound {art.metadata.get('package_version')})")
-        fp = info["metadata"].get("model_fingerprint")
-        if isinstance(fp, dict):
-            typer.echo(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-        typer.echo(f"policy: checks {list(p.check_layers)} temperatures {[round(t, 3) for t in p.temperatures]} thresholds {[round(t, 3) for t in p.thresholds]} d_max {p.d_max} w_max {p.w_max} prompt lookup {lookup_words(p.lookup_ngram, p.lookup_min, p.lookup_max, p.lookup_floor) if p.lookup_ngram else 'off'} head draft: {'on' if p.head_draft else 'off'}"
-                   + (f"; guard on lookup and head: {len(p.guard_costs)} drafts pay from {p.guard_costs[-1]:.2f} kept tokens" if p.guard_costs else "; no run-time guard"))
-        if info["exit_head"]:
-            nh = art.exit_weights.next_head
-            typer.echo(
-                f"exit head: short-list {info['exit_head']['shortlist']} tokens, lens at layers {info['exit_head']['lens_layers']}, "
-                + (f"fitted next-token head {list(nh[0].shape)}" if nh is not None else "no next-token head")
-            )
-        typer.echo(f"tuned for: {_tuned_for(art.metadata)}")
-        for line in _cost_lines(info["metadata"]):
+        for line in describe_lines(info):
             typer.echo(line)
-        for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
-            if key in art.metadata:
-                typer.echo(f"{key}: {art.metadata[key]}")
-        if info.get("measured"):
-            m = info["measured"]
-            typer.echo(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x, paper defaults {m.get('speedup_paper')}x, exact {m.get('exact')}")
-
-
-def _cost_lines(metadata: dict) -> list[str]:
-    """What `inspect` says of the cost model an artifact was tuned under: a pass by each measured
-    width (calibrate.simulate.CostModel prices the rest, but needs the calibrate extra), and where
-    the costs came from, with the retune that moves the artifact to this machine."""
-    cost, job = metadata.get("cost_model"), metadata.get("job")
-    if not isinstance(cost, dict):
-        return []
-    L, layers, heads = cost.get("num_layers"), cost.get("layer_widths") or [], cost.get("head_widths") or []
-    passes = [L * a + b for a, b in zip(layers, heads)] if isinstance(L, int) else []
-    lines = []
-    if passes:
-        shown = [n for n in (1, 2, 4, 8, 11, 13) if n <= len(passes)]
-        lines.append(
-            "cost model: a pass over " + ", ".join(f"{n}" for n in shown) + " positions costs "
-            + ", ".join(f"{passes[n - 1]:.1f}" for n in shown) + " ms ("
-            + ", ".join(f"{passes[n - 1] / passes[0]:.2f}x" for n in shown) + " of one)"
-        )
-    change = metadata.get("policy_change")
-    if isinstance(change, dict) and (change.get("below") is not None or change.get("above") is not None):
-        bounds = [f"{'below' if side == 'below' else 'above'} {change[side]}x" for side in ("below", "above") if change.get(side) is not None]
-        lines.append(
-            "tuning would choose another policy where draft prices run " + " or ".join(bounds)
-            + " those it was tuned under (decode warns when its own passes show that)"
-        )
-    pinned = (job or {}).get("costs", {}).get("file") if isinstance(job, dict) else None
-    lines.append(
-        f"costs from: {'the pinned file ' + pinned if pinned else 'measured on the machine that calibrated'}; on another "
-        "machine, `specbound costs --out mine.json` then `specbound calibrate --from-artifact A --costs mine.json "
-        "--work-dir <its work folder>` retunes from the recorded statistics"
-    )
-    return lines
-
-
-def _tuned_for(metadata: dict) -> str:
-    from specbound_runtime.sampling import DecodingMode
-
-    raw = metadata.get("decoding_mode")
-    try:
-        return (DecodingMode() if raw is None else DecodingMode.from_json(raw)).describe()
-    except (ValueError, TypeError):
-        return f"unreadable decoding_mode {raw!r}"
-
-
-def _maybe_json(value: str):
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -7,6 +7,7 @@ into a draft through the final norm and the LM head.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,10 @@ class ExitPolicy:
     lookup_min: int = 0
     lookup_floor: int = 0
     guard_costs: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        """Every field by its name (tuples as lists): what `inspect --json` shows."""
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(self) for v in (getattr(self, f.name),)}
 
     def __post_init__(self) -> None:
         L = self.num_layers
