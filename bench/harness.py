@@ -56,7 +56,7 @@ from .methods import (
     reference_method,
 )
 from .report import render_table, write_outputs
-from .summary import answer_divergence, ratio, summarise, worst_tasks
+from .summary import answer_divergence, relative_speed, summarise, worst_tasks
 
 DEFAULT_PROMPTS_PER_TASK = 1
 DEFAULT_REPEATS = 3
@@ -390,7 +390,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
                 row[m].update(exact=None, exact_answers=None, **pooled_check(pits[name], idx))
         if "ar" in reported:
             for m in row:
-                row[m]["speedup_vs_ar"] = ratio(row["ar"]["median_wall_time_s"], row[m]["median_wall_time_s"])
+                row[m]["speedup_vs_ar"] = relative_speed(row[m], row["ar"])
         if oracle_replay is not None:
             sim = oracle.oracle_simulate(oracle_replay, [oracle_recs[i] for i in idx])
             row["oracle"] = oracle.oracle_row(sim, row)

@@ -32,6 +32,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a and b else None
 
 
+def relative_speed(figures: dict, base: dict) -> float | None:
+    """How fast one method decodes against another (two `summarise` results): tokens per second
+    over tokens per second. Under greedy decoding both emit the same tokens, so it is the ratio of
+    wall times; under sampling each emits its own answer, and only the rate compares them."""
+    return ratio(figures.get("tokens_per_s"), base.get("tokens_per_s"))
+
+
 def answer_divergence(model, prompt_ids, answer: Answer, runs: list[Measurement], reference: Measurement) -> dict | None:
     """None when every repeat of a method produced the reference's token ids; otherwise where the
     first differing repeat departs from it, and the full model's logit margin there."""

@@ -528,3 +528,10 @@ def test_speedup_compares_time_per_token_when_answers_differ_in_length():
     ref = [[run(40, 2.0, r) for r in range(3)]]
     assert summarise([[run(80, 4.0, r) for r in range(3)]], ref, [None], [0])["speedup"] == pytest.approx(1.0)
     assert summarise([[run(40, 1.0, r) for r in range(3)]], ref, [None], [0])["speedup"] == pytest.approx(2.0)
+    # the same against `ar` (speedup_vs_ar): a sampled answer twice as long in twice the time is as
+    # fast as ar's, not half as fast (the bench compared wall times there until 2026-12-03)
+    from specbound.bench.summary import relative_speed
+
+    ar = summarise(ref, ref, [None], [0])
+    assert relative_speed(summarise([[run(80, 4.0, r) for r in range(3)]], ref, [None], [0]), ar) == pytest.approx(1.0)
+    assert relative_speed(summarise([[run(6, 0.42, r) for r in range(3)]], ref, [None], [0]), ar) == pytest.approx((6 / 0.42) / 20, abs=1e-4)

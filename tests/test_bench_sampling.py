@@ -37,6 +37,11 @@ def test_a_sampling_bench_runs_every_method_against_generate_sampling(sampled, t
         assert row["distribution_tokens"] == row["new_tokens"] > 0 and 0.0 <= row["distribution_pvalue"] <= 1.0, m
         assert row["exact"] is None and row["speedup"] > 0
     assert overall["specbound"]["drafted"] > 0 and overall["hf-sample"]["mean_accepted_length"] == 1.0
+    # against `ar` too, speed is tokens per second: the sampled answers differ in length
+    for row in results["summary"].values():
+        for m, figures in row.items():
+            expected = figures["tokens_per_s"] / row["ar"]["tokens_per_s"]
+            assert figures["speedup_vs_ar"] == pytest.approx(expected, abs=1e-3), m
     assert "Speedup over hf-sample" in sampled.table and "distribution check p-value" in sampled.table
     # answer i is seeded from (seed, i): hf-sample is exactly generate(do_sample=True) after torch.manual_seed
     root, model, artifact = tiny
