@@ -22,6 +22,7 @@ within WORST_KIND_BAND of the best worst kind, and of those takes the best on th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -323,8 +324,9 @@ def tune(
     ranked = [best_trial] + sorted((t for t in complete if t is not best_trial), key=lambda t: (-t.values[0], t.index))
     options = [(_candidate_from_params(t.params, layers, L), t.index) for t in ranked] + [(c, -1) for c in fallback_candidates(L, with_head)]
     scored = {t.index: t.values[0] for t in complete}
-    best, best_index, kinds = never_slower(options, records, held_out, schedules, cost, scored)
-    change = policy_change(options, best, records, held_out, schedules, cost, scored)
+    judged = judge(options, records, held_out, schedules, cost, scored)  # once, for both
+    best, best_index, kinds = never_slower(options, records, held_out, schedules, cost, judged=judged)
+    change = policy_change(options, best, records, held_out, schedules, cost, judged=judged)
     pareto = [
         {"trial": t.index, "speedup": t.values[0], "waste": t.values[1], "params": t.params}
         for t in sorted(front, key=lambda t: (t.values[0], t.index))
@@ -341,6 +343,48 @@ def tune(
     )
 
 
+@dataclass(frozen=True)
+class Judged:
+    """One option as tuning judged it: its tuning score and, when that is at least 1.0 (or it is
+    plain decoding), its score on each held-out kind."""
+
+    option: int  # its first place in the options
+    fit: float
+    per_kind: dict[str, float] | None  # None: not judged on the kinds (slower on the tuning data)
+
+    @property
+    def worst(self) -> float:
+        return min(self.per_kind.values(), default=self.fit) if self.per_kind is not None else -math.inf
+
+    @property
+    def qualifies(self) -> bool:
+        return self.per_kind is not None and self.fit >= 1.0 and min(self.per_kind.values(), default=1.0) >= 1.0
+
+
+def judge(
+    options: list[tuple[Candidate, int]],
+    records: Records,
+    held_out: dict[str, Records] | None,
+    schedules: Schedules,
+    cost: CostModel,
+    scored: dict[int, float] | None = None,
+) -> dict[Candidate, Judged]:
+    """Every distinct option scored on the tuning data and, where that is at least 1.0, on each
+    held-out kind. `scored`: trial number -> its tuning score, where the study already holds it."""
+    kinds = {k: r for k, r in sorted((held_out or {}).items()) if len(r.seq)}
+    judged: dict[Candidate, Judged] = {}
+    for i, (candidate, index) in enumerate(options):
+        if candidate in judged:
+            continue  # a repeat of an earlier option
+        if not candidate.drafts:  # plain decoding: exactly 1.0 everywhere
+            judged[candidate] = Judged(i, 1.0, {k: 1.0 for k in kinds})
+            continue
+        fit = scored[index] if scored is not None and index in scored else score(evaluate(records, candidate, schedules, cost))
+        per_kind = {k: score(evaluate(r, candidate, schedules, cost)) for k, r in kinds.items()} if fit >= 1.0 else None
+        judged[candidate] = Judged(i, fit, per_kind)
+    return judged
+
+
 def never_slower(
     options: list[tuple[Candidate, int]],
     records: Records,
@@ -348,6 +392,7 @@ def never_slower(
     schedules: Schedules,
     cost: CostModel,
     scored: dict[int, float] | None = None,
+    judged: dict[Candidate, Judged] | None = None,
 ) -> tuple[Candidate, int, dict[str, float]]:
     """The option (candidate, trial number) to ship, and its score on each held-out kind.
 
@@ -355,42 +400,22 @@ def never_slower(
     held-out records. Of those, the ones whose worst kind is within WORST_KIND_BAND of the best
     worst kind compete on the tuning data; ties go to the earlier option. Without held-out records,
     the worst kind is the tuning score itself. No drafting (always among the fallbacks) scores
-    exactly 1.0 everywhere, so one option qualifies. `scored`: trial number -> its tuning score,
-    where the study already holds it."""
-    kinds = {k: r for k, r in sorted((held_out or {}).items()) if len(r.seq)}
-    fit: dict[Candidate, float] = {}
-    judged: list[tuple[int, float, dict[str, float]]] = []  # (option, its worst kind, per kind)
-    for i, (candidate, index) in enumerate(options):
-        if candidate in fit:
-            continue  # a repeat of an earlier option
-        if not candidate.drafts:
-            fit[candidate] = 1.0
-        elif scored is not None and index in scored:
-            fit[candidate] = scored[index]
-        else:
-            fit[candidate] = score(evaluate(records, candidate, schedules, cost))
-        if not candidate.drafts:
-            per_kind = {k: 1.0 for k in kinds}  # plain decoding: never slower
-        elif fit[candidate] < 1.0:
-            continue
-        else:
-            per_kind = {k: score(evaluate(r, candidate, schedules, cost)) for k, r in kinds.items()}
-            if min(per_kind.values(), default=1.0) < 1.0:
-                continue
-        judged.append((i, min(per_kind.values(), default=fit[candidate]), per_kind))
-    if not judged:  # pragma: no cover
+    exactly 1.0 everywhere, so one option qualifies. `judged`: `judge`'s result for these options
+    and costs, where the caller has it."""
+    judged = judged if judged is not None else judge(options, records, held_out, schedules, cost, scored)
+    qualified = [j for j in judged.values() if j.qualifies]
+    if not qualified:  # pragma: no cover
         raise AssertionError("no drafting is always an option")
-    best_worst = max(worst for _, worst, _ in judged)
-    i, _, per_kind = max(
-        (j for j in judged if j[1] >= best_worst - WORST_KIND_BAND), key=lambda j: (fit[options[j[0]][0]], -j[0])
-    )
-    return options[i][0], options[i][1], per_kind
+    best_worst = max(j.worst for j in qualified)
+    chosen = max((j for j in qualified if j.worst >= best_worst - WORST_KIND_BAND), key=lambda j: (j.fit, -j.option))
+    candidate, index = options[chosen.option]
+    return candidate, index, chosen.per_kind
 
 
 # price factors tried, nearest first: a machine whose draft prices are this many times the tuned ones
 CHANGE_ABOVE = (1.1, 1.25, 1.5, 2.0, 3.0)
 CHANGE_BELOW = (0.9, 0.75, 0.5, 0.25)
-CHANGE_RIVALS = 8  # options re-judged at each factor: the best qualifying ones by each key
+CHANGE_RIVALS = 8  # options re-judged at each factor: the best ones by each key
 
 
 def policy_change(
@@ -401,14 +426,24 @@ def policy_change(
     schedules: Schedules,
     cost: CostModel,
     scored: dict[int, float] | None = None,
+    judged: dict[Candidate, Judged] | None = None,
 ) -> tuple[float | None, float | None]:
     """How far draft prices may move before tuning would choose another policy: the nearest price
     factors below and above 1 (CHANGE_BELOW, CHANGE_ABOVE; the cost model's wide passes scaled,
     `CostModel.wide_passes_scaled`) at which `never_slower` picks something else, None where none
-    of them does. Judged among the chosen option, plain decoding and the rivals that rank best
-    under the tuned costs (CHANGE_RIVALS by the tuning score, as many by the worst kind), so that a
-    machine's measured prices can be compared with where the policy stops being the right one."""
-    rivals = _rivals(options, chosen, records, held_out, schedules, cost, scored)
+    of them does (the policy held at every factor tried that way). Judged among the chosen option,
+    plain decoding and the rivals that rank best under the tuned costs (CHANGE_RIVALS by the tuning
+    score, as many by the worst kind), so that a machine's measured prices can be compared with
+    where the policy stops being the right one. `judged`: as for `never_slower`."""
+    if not chosen.drafts:
+        return (None, None)  # no draft, no wide pass: nothing a machine's prices could show
+    judged = judged if judged is not None else judge(options, records, held_out, schedules, cost, scored)
+    drafting = [c for c, j in judged.items() if c.drafts and j.per_kind is not None]
+    by_fit = sorted(drafting, key=lambda c: (-judged[c].fit, judged[c].option))[:CHANGE_RIVALS]
+    by_worst = sorted(drafting, key=lambda c: (-judged[c].worst, judged[c].option))[:CHANGE_RIVALS]
+    plain = next(c for c in judged if not c.drafts)
+    keep = {chosen, plain, *by_fit, *by_worst}
+    rivals = [options[j.option] for c, j in judged.items() if c in keep]
 
     def first(factors):
         for f in factors:
@@ -416,30 +451,7 @@ def policy_change(
                 return f
         return None
 
-    if not chosen.drafts:
-        return (None, None)  # no draft, no wide pass: nothing a machine's prices could show
     return (first(CHANGE_BELOW), first(CHANGE_ABOVE))
-
-
-def _rivals(options, chosen, records, held_out, schedules, cost, scored) -> list[tuple[Candidate, int]]:
-    kinds = {k: r for k, r in sorted((held_out or {}).items()) if len(r.seq)}
-    seen: dict[Candidate, tuple[float, float, int]] = {}
-    for i, (candidate, index) in enumerate(options):
-        if candidate in seen or not candidate.drafts:
-            continue
-        fit = scored[index] if scored is not None and index in scored else score(evaluate(records, candidate, schedules, cost))
-        if fit < 1.0:
-            continue
-        worst = min((score(evaluate(r, candidate, schedules, cost)) for r in kinds.values()), default=fit)
-        seen[candidate] = (fit, worst, i)
-    by_fit = sorted(seen, key=lambda c: (-seen[c][0], seen[c][2]))[:CHANGE_RIVALS]
-    by_worst = sorted(seen, key=lambda c: (-seen[c][1], seen[c][2]))[:CHANGE_RIVALS]
-    plain = next(o for o in options if not o[0].drafts)
-    keep = {chosen, plain[0], *by_fit, *by_worst}
-    first_index = {}
-    for candidate, index in options:
-        first_index.setdefault(candidate, index)
-    return [(c, first_index[c]) for c in dict.fromkeys(c for c, _ in options) if c in keep]
 
 
 def _candidate_from_params(params: dict, layers: tuple[int, ...], num_layers: int) -> Candidate:
