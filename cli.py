@@ -262,9 +262,11 @@ def _cost_watch(decoder):
     if not policy.guard_costs or "cost_tolerance" not in metadata:
         return None
     try:
-        change = json.loads(metadata.get("policy_change", "{}"))
-        bounds = (change.get("below"), change.get("above"))
-        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]), tuple(None if b is None else float(b) for b in bounds))
+        change = None  # an artifact from before policy_change: the tolerance alone decides
+        if "policy_change" in metadata:
+            bounds = json.loads(metadata["policy_change"])
+            change = tuple(None if bounds.get(side) is None else float(bounds[side]) for side in ("below", "above"))
+        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]), change)
     except (ValueError, TypeError, AttributeError):
         return None
 

@@ -77,11 +77,12 @@ class PassCostWatch:
     `tolerance` (metadata cost_tolerance: how far the prices spread over the cost measurement's
     own rounds, plus a margin), within which a difference is noise; and `change` (metadata
     policy_change: the factors below and above 1 by which every price would have to move for
-    tuning to choose another policy, None where no factor tried moved it). A difference counts
-    when it is beyond the tolerance and, where the artifact says, past a factor that would change
-    the policy."""
+    tuning to choose another policy, a side None where the policy held at every factor tried that
+    way). A difference counts when it is beyond the tolerance and, where the artifact says where
+    the policy changes (`change` given), past that factor. An artifact made before policy_change
+    existed gives no `change`: the tolerance alone decides."""
 
-    def __init__(self, costs: tuple[float, ...], tolerance: float, change: tuple[float | None, float | None] = (None, None)) -> None:
+    def __init__(self, costs: tuple[float, ...], tolerance: float, change: tuple[float | None, float | None] | None = None) -> None:
         self.costs = tuple(costs)
         self.tolerance = float(tolerance)
         self.change = change
@@ -104,8 +105,8 @@ class PassCostWatch:
         expected = self.costs[width - 2]
         if abs(measured - expected) <= self.tolerance:
             return None
-        below, above = self.change
-        if expected > 0 and (below is not None or above is not None):
+        if self.change is not None and expected > 0:
+            below, above = self.change
             ratio = measured / expected
             if (below is None or ratio > below) and (above is None or ratio < above):
                 return None  # off, but not so far that another policy would do better

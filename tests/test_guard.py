@@ -135,7 +135,8 @@ def test_the_watch_lets_pass_a_difference_that_would_not_change_the_policy():
 
     assert watch((0.5, 3.0)) is None  # 2.5x the price, and the policy holds up to 3x
     assert watch((0.5, 2.0)) == {"drafts": 2, "measured": 1.0, "expected": 0.4}
-    assert watch((None, None)) == {"drafts": 2, "measured": 1.0, "expected": 0.4}  # nothing known: noise decides
+    assert watch((0.5, None)) is None  # the policy held at every dearer price tried
+    assert watch(None) == {"drafts": 2, "measured": 1.0, "expected": 0.4}  # an older artifact: noise decides
 
 
 def test_the_engine_times_its_depth0_passes_and_decode_warns_once_when_prices_drift(tiny, tmp_path):
