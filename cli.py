@@ -205,6 +205,9 @@ def decode(
 
     Text streams to stdout as it is accepted; statistics go to stderr."""
     with _one_error_path():
+        from specbound_runtime.guard import PassCostWatch
+        from specbound_runtime.sampling import PromptSampling
+
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         mode = _sampling_mode(temperature, top_k, top_p, min_p)
@@ -222,11 +225,11 @@ def decode(
                 f"than plain decoding on the models measured; calibrate first: specbound calibrate --model {model}"
             )
         use_chat = decoder.has_chat_template if chat is None else chat
-        watch = None if no_speculation else _cost_watch(decoder)
+        watch = None if no_speculation else PassCostWatch.for_artifact(decoder.m.policy, decoder.m.artifact_metadata)
         failures = 0
         for index, p in enumerate(prompts):
             messages: list[dict] = []
-            sampling = _prompt_sampling(mode, seed, index)
+            sampling = PromptSampling.of(mode, seed, index)
             for turn_index, turn in enumerate(p.turns or (p.text,)):
                 messages.append({"role": "user", "content": turn})
                 failures += _decode_one(
@@ -239,118 +242,39 @@ def decode(
             raise ExactnessError(f"{failures} output(s) differed from generate(); see the lines above")
 
 
-def _prompt_sampling(mode, seed: Optional[int], index: int) -> dict:
-    """Prompt `index`'s decoding mode, generator and seed: seeded from (seed, index) when a seed is
-    given, else torch's global generator (unseeded, so a fresh sample each run). Turns of one
-    prompt share its generator."""
-    import torch
-
-    from specbound_runtime.sampling import prompt_seed
-
-    if not mode.do_sample or seed is None:
-        return {"mode": mode, "generator": None, "seed": None}
-    s = prompt_seed(seed, index)
-    return {"mode": mode, "generator": torch.Generator().manual_seed(s), "seed": s}
-
-
-def _cost_watch(decoder):
-    """A PassCostWatch on the artifact's prices, when it has them (a guarded policy) and says how
-    far they may drift (metadata cost_tolerance)."""
-    from specbound_runtime.guard import PassCostWatch
-
-    policy, metadata = decoder.m.policy, decoder.m.artifact_metadata
-    if not policy.guard_costs or "cost_tolerance" not in metadata:
-        return None
-    try:
-        change = None  # an artifact from before policy_change: the tolerance alone decides
-        if "policy_change" in metadata:
-            bounds = json.loads(metadata["policy_change"])
-            change = tuple(None if bounds.get(side) is None else float(bounds[side]) for side in ("below", "above"))
-        return PassCostWatch(policy.guard_costs, float(metadata["cost_tolerance"]), change)
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
 def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn, sampling, watch=None):
-    from specbound_runtime.decoder import TextStream, exit_layer_histogram
-    from specbound_runtime.exactness import divergence, reference_greedy
+    from specbound_runtime.decoder import TextStream, turn_line
+    from specbound_runtime.exactness import against_generate
+    from specbound_runtime.guard import drift_warning
 
     encoded = decoder.encode(messages, chat, max_new_tokens)
     if encoded.clamped:
         _err(f"warning: --max-new-tokens clamped to {encoded.max_new_tokens} to fit the model's context")
     stream = None if as_json else TextStream(decoder.tokenizer)
     started = time.perf_counter()
-    result = decoder.generate(
-        encoded, speculation=speculation, on_tokens=stream, mode=sampling["mode"], generator=sampling["generator"]
-    )
-    call_s = time.perf_counter() - started  # the whole call, as generate()'s is timed below
+    result = decoder.generate(encoded, speculation=speculation, on_tokens=stream, mode=sampling.mode, generator=sampling.generator)
+    call_s = time.perf_counter() - started  # the whole call, as generate()'s is timed
     text = stream.finish() if stream else decoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     messages.append({"role": "assistant", "content": text})
-    record = {
-        "prompt_index": index,
-        "turn": turn,
-        "text": text,
-        "token_ids": list(result.token_ids),
-        "new_tokens": result.new_tokens,
-        "wall_time_s": round(result.wall_time_s, 4),
-        "tokens_per_s": round(result.tokens_per_second, 2),
-        "accept_lengths": list(result.accept_lengths),
-        "mean_accepted_length": round(result.mean_accepted_length, 4),
-        "acceptance_rate": round(result.acceptance_rate, 4),
-        "exit_layers": list(result.exit_layers),
-        "verify_passes": result.verify_passes,
-        "fallbacks": result.fallbacks,
-        "clamped": encoded.clamped,
-        "rss_mb": _rss_mb(),  # resident memory after this prompt: flat across prompts
-        "decoding": sampling["mode"].describe(),
-        "seed": sampling["seed"],  # the prompt's own seed, from (--seed, prompt index)
-        # one-time cost at load, apart from the decoding time above
-        "kernels": {"path": decoder.m.kernels.report.path, "setup_s": round(decoder.m.kernels.report.setup_s, 3),
-                    "extra_mb": round(decoder.m.kernels.report.extra_bytes / 2**20, 1)},
-    }
+    record = decoder.turn_record(encoded, result, text, sampling, index, turn)
     if watch is not None and not watch.warned:
         watch.add(result.pass_widths, result.pass_seconds)
         drift = watch.drift()
         if drift is not None:  # once per run
             watch.warned = True
             record["cost_drift"] = drift
-            _err(
-                f"warning: this machine prices {drift['drafts']} drafts at {drift['measured']} plain steps, the artifact "
-                f"expects {drift['expected']}: far enough that tuning would choose another policy for this machine. Retune "
-                "(minutes, no recording): specbound costs --out mine.json, then specbound calibrate --from-artifact "
-                "ARTIFACT --costs mine.json --work-dir <its calibration's work folder>"
-            )
+            _err(drift_warning(drift))
     failed = 0
     if check_exact:
-        started = time.perf_counter()
-        ref = reference_greedy(decoder.model, list(encoded.ids), encoded.max_new_tokens, decoder.eos_token_ids)
-        generate_s = time.perf_counter() - started
-        record["generate_wall_time_s"] = round(generate_s, 4)
-        record["speedup_vs_generate"] = round(generate_s / call_s, 3)
-        div = divergence(decoder.model, list(encoded.ids), list(result.token_ids), ref)
-        record["exact"] = div is None
-        if div is not None:
-            record["divergence"] = div.describe()
-            _err(f"prompt {index} turn {turn}: NOT exact: {div.describe()}")
+        ids, ours = list(encoded.ids), list(result.token_ids)
+        record.update(against_generate(decoder.model, ids, ours, encoded.max_new_tokens, decoder.eos_token_ids, call_s))
+        if not record["exact"]:
+            _err(f"prompt {index} turn {turn}: NOT exact: {record['divergence']}")
             failed = 1
     if as_json:
         typer.echo(json.dumps(record))
     else:
-        hist = " ".join(f"{k}:{v}" for k, v in exit_layer_histogram(result.exit_layers).items()) or "none"
-        _err(
-            f"[prompt {index} turn {turn}] {result.new_tokens} tokens in {result.wall_time_s:.2f}s "
-            f"= {result.tokens_per_second:.1f} tok/s | mean accepted length {result.mean_accepted_length:.2f} "
-            f"| acceptance {result.acceptance_rate:.0%} of {result.drafted} drafts | {result.verify_passes} "
-            f"verify passes | exit layers {hist}"
-            + (f" | {result.fallbacks} full-depth fallbacks" if result.fallbacks else "")
-            + (f" | {record['decoding']}" + (f", seed {record['seed']}" if record["seed"] is not None else "") if sampling["mode"].do_sample else "")
-            + (
-                ""
-                if not check_exact
-                else f" | generate() {record['generate_wall_time_s']:.2f}s, speedup {record['speedup_vs_generate']}x"
-                f" | exact: {'yes' if not failed else 'NO'}"
-            )
-        )
+        _err(turn_line(result, record, sampling.mode.do_sample))
     return failed
 
 
@@ -398,10 +322,10 @@ def calibrate(
     workers."""
     with _one_error_path():
         with _requires_extra("calibrate", "calibrate"):
+            from specbound.calibrate.check import changes_words, policy_changes
             from specbound.calibrate.export import calibration_summary
-            from specbound.calibrate.options import CalibrateOptions
             from specbound.calibrate.run import run_calibration
-        from specbound.calibrate.job import options_from_artifact, options_from_job
+        from specbound.calibrate.job import calibrate_options
 
         values = {
             "model": model, "corpus": corpus, "out": out, "seed": seed, "trials": trials, "storage": storage,
@@ -411,74 +335,32 @@ def calibrate(
             "remeasure_costs": remeasure_costs, "costs_file": costs, "workers": workers, "device": device, "dtype": dtype,
             "record_dtype": record_dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
         }
-        if job is not None and from_artifact is not None:
-            raise UsageError("give --job or --from-artifact, not both")
-        if job is None and from_artifact is None:
-            if check:
-                raise UsageError("--check needs --job (or --from-artifact): the job says which artifact to rebuild and compare")
-            opts = CalibrateOptions(**values)
-        else:
-            given = {
-                name: values[name] for name in values
-                if ctx.get_parameter_source("costs" if name == "costs_file" else name).name == "COMMANDLINE"
-            }
-            opts = options_from_job(job, given, _err) if job is not None else options_from_artifact(from_artifact, given, _err)
+        given = {name for name in values if ctx.get_parameter_source("costs" if name == "costs_file" else name).name == "COMMANDLINE"}
+        opts = calibrate_options(values, given, job, from_artifact, check, _err)
         if check:
             _check(opts, from_artifact, as_json)
             return
         outcome = run_calibration(opts)
         report = outcome.report
         if from_artifact is not None:  # a retune (another cost model, more trials): what moved
-            report["changed_from_source"] = _policy_changes(from_artifact, outcome.artifact)
+            report["changed_from_source"] = policy_changes(from_artifact, outcome.artifact)
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
             return
         typer.echo(calibration_summary(report))
         if from_artifact is not None:
-            changes = report["changed_from_source"]
-            typer.echo(f"changed from {from_artifact}: " + ("; ".join(_change_words(c) for c in changes) or "nothing in the policy"))
-
-
-def _policy_changes(source: Path, rebuilt: Path) -> list[dict]:
-    """The policy fields and the predictions that differ between an artifact and its retune."""
-    from specbound.calibrate.check import compare_artifacts
-    from specbound_runtime.artifact import read_artifact
-
-    keep = ("policy.", "metadata.predicted_speedup")
-    diffs = compare_artifacts(read_artifact(source), read_artifact(rebuilt))
-    return [d.to_dict() for d in diffs if d.field.startswith(keep)]
-
-
-def _change_words(change: dict) -> str:
-    if change["field"] == "policy.guard_costs":  # ten prices: say that they moved, not each
-        return "the guard's prices (policy.guard_costs)"
-    return f"{change['field']} {change['committed']} -> {change['rebuilt']}"
+            typer.echo(f"changed from {from_artifact}: {changes_words(report['changed_from_source'])}")
 
 
 def _check(opts, from_artifact: Optional[Path], as_json: bool) -> None:
-    import shutil
+    from specbound.calibrate.check import rebuild_and_compare
+    from specbound_runtime.errors import MismatchError
 
-    from specbound.calibrate.check import check_options, compare_files
-    from specbound.calibrate.run import run_calibration
-    from specbound_runtime.errors import ArtifactError, MismatchError
-
-    committed = from_artifact or opts.resolve(opts.out)
-    if committed is None:
-        raise UsageError("the job names no [output] artifact to compare with")
-    if not committed.is_file():
-        raise ArtifactError(f"no artifact at {committed} to check; build it first: specbound calibrate --job JOB")
-    if opts.cost_model is None and opts.costs_file is None:
-        _err("note: the job pins no cost model ([costs] file), so the rebuild uses this machine's; it can match only where the artifact was built")
-    tmp, rebuild = check_options(opts, committed)
-    try:
-        _err(f"rebuilding {committed.name} in {tmp} ...")
-        result = compare_files(committed, run_calibration(rebuild).artifact)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = rebuild_and_compare(opts, from_artifact, _err)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.report())
     if not result.identical:
         raise MismatchError(
-            f"the rebuilt artifact differs from {committed} ({len(result.differences)} field(s); the report above says "
+            f"the rebuilt artifact differs from {result.committed} ({len(result.differences)} field(s); the report above says "
             "what moved and by how much)"
         )
 
@@ -518,7 +400,7 @@ def costs(
     rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported)."""
     with _one_error_path():
         with _requires_extra("calibrate", "costs"):
-            from specbound.calibrate.costs import kernel_path, measure_costs, measure_roofline, pinned_costs, roofline_table
+            from specbound.calibrate.costs import costs_report, kernel_path, measure_costs, measure_roofline, pinned_costs
         import specbound_runtime as sb
         from specbound_runtime.files import atomic_write_bytes
 
@@ -536,18 +418,7 @@ def costs(
         if as_json:
             typer.echo(json.dumps(document, sort_keys=True))
             return
-        c = document["cost_model"]
-        typer.echo(
-            f"wrote {out}: layer {c['layer_base']:.4f} ms (+{c['layer_extra']:.4f} per extra position), LM head "
-            f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms "
-            f"(medians of {len(cost.samples)} rounds; plain decoding's per-token cost spreads {cost.spread:.1%} over them)"
-        )
-        passes = ", ".join(
-            f"{n}: {cost.num_layers * cost.layer_call(n) + cost.head_call(n):.1f}" for n in range(1, len(cost.layer_widths) + 1)
-        )
-        if passes:
-            typer.echo(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
-        typer.echo(roofline_table(cost, roofline, document))
+        typer.echo(f"wrote {out}: {costs_report(cost, roofline, document)}")
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -602,17 +473,6 @@ def bench(
             outcome = run_bench(opts)
         typer.echo(json.dumps(outcome.results, sort_keys=True) if as_json else outcome.table, nl=as_json)
         _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
-
-
-def _rss_mb() -> float | None:
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    import os
-
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def main() -> None:

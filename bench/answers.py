@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specbound.data.tasks import TaskPrompt, task_prompts, task_size
+from specbound.data.tasks import task_prompts, task_size
+from specbound.data.templates import TaskPrompt
 
 
 @dataclass(frozen=True)

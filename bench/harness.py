@@ -411,7 +411,7 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         "model": {"spec": opts.model, "source": loaded.source, "short": fp.short(), "fingerprint": fp.to_dict()},
         # SpecBound's one-time set-up at load (prepacking, the path measurement), apart from every timed answer
         "kernels": dataclasses.asdict(loaded.kernels.report),
-        "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": _policy_dict(artifact.policy)},
+        "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": artifact.policy.to_dict()},
         "settings": {
             "tasks": list(opts.tasks),
             "methods": list(methods),
@@ -469,8 +469,3 @@ def pooled_check(pits: list, idx: list[int]) -> dict:
         "distribution_tokens": int(len(values)),
         "distribution_impossible": int(sum(pits[i].impossible for i in idx)),
     }
-
-
-def _policy_dict(p) -> dict:
-    """Every policy field (the bench reported only the exit fields before, not lookup or the head)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from specbound.calibrate import collect as C
-from specbound.calibrate.simulate import CostModel, Exits, Lookups, decide_exits, oracle_exits, simulate
+from specbound.calibrate.replay import replays
+from specbound.calibrate.simulate import CostModel, Exits, Replay, decide_exits, oracle_exits, simulate
+from specbound_runtime.policy import ExitPolicy
 
 from .summary import ratio
 
@@ -40,16 +42,8 @@ class OracleSetup:
     lm: object
     heads: dict
     layers: tuple[int, ...]
-    temperatures: tuple[float, ...]
-    thresholds: tuple[float, ...]
-    d_max: int
-    w_max: int
+    policy: ExitPolicy
     cost: CostModel
-    lookup_ngram: int = 0
-    lookup_max: int = 0
-    head_draft: bool = False
-    lookup_min: int = 0  # the policy drafts with the fitted next-token head
-    lookup_floor: int = 0
 
 
 def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
@@ -60,26 +54,11 @@ def oracle_setup(loaded, artifact, cost: CostModel) -> OracleSetup:
     weights = artifact.exit_weights
     shortlist = weights.shortlist if weights is not None and weights.shortlist is not None else torch.arange(lm.vocab_size)
     lens = weights.lens if weights is not None else {}
-    head_draft = bool(artifact.policy.head_draft and weights is not None and weights.next_head is not None)
     # as calibration records them; "lens" is exactly the runtime's exit head for this artifact, and
-    # with the next-token head in the policy its drafts are recorded too
-    heads = C.exit_heads(lm, ExitHeadWeights(shortlist, lens, weights.next_head if head_draft else None))
-    active = artifact.policy.active_checks
-    return OracleSetup(
-        lm=lm,
-        heads=heads,
-        layers=tuple(l for l, _, _ in active),
-        temperatures=tuple(t for _, t, _ in active),
-        thresholds=tuple(p for _, _, p in active),
-        d_max=artifact.policy.d_max,
-        w_max=artifact.policy.w_max,
-        cost=cost,
-        lookup_ngram=artifact.policy.lookup_ngram,
-        lookup_max=artifact.policy.lookup_max,
-        head_draft=head_draft,
-        lookup_min=artifact.policy.lookup_min,
-        lookup_floor=artifact.policy.lookup_floor,
-    )
+    # with the next-token head in the policy (the artifact then holds it) its drafts are recorded too
+    next_head = weights.next_head if weights is not None and "head" in artifact.policy.sources else None
+    heads = C.exit_heads(lm, ExitHeadWeights(shortlist, lens, next_head))
+    return OracleSetup(lm, heads, tuple(l for l, _, _ in artifact.policy.active_checks), artifact.policy, cost)
 
 
 def cost_model(artifact) -> CostModel | None:
@@ -106,8 +85,8 @@ def limit_simulate(cost: CostModel, w_max: int, answer_tokens: list[int]) -> dic
         offset += n
     none = np.full(offset, -1)  # no early exit at all: every draft comes from the free source
     exits = Exits(layer=none, right=np.zeros(offset, bool), checks=np.zeros(offset, np.int64))
-    free = Lookups(np.full(offset, w_max), np.full(offset, w_max))
-    return simulate(exits, bounds, cost, cost.num_layers, w_max, lookups=free, lookup_max=w_max).to_dict()
+    free = Replay("free", np.full(offset, w_max), np.full(offset, w_max))
+    return simulate(exits, bounds, cost, cost.num_layers, w_max, [free]).to_dict()
 
 
 def limit_row(sim: dict | None, w_max: int, row: dict) -> dict:
@@ -133,15 +112,14 @@ def oracle_record(setup: OracleSetup, prompt_ids, answer_ids) -> dict:
     rec = C.record_sequence(setup.lm, setup.heads, seq, setup.layers)
     h = C.HEADS.index("lens")
     out = {"conf": rec["conf"][:, h], "right": rec["right"][:, h], "tokens": len(answer_ids)}
-    if setup.lookup_ngram:
-        k = len(rec["final"])
-        rows = C.Records(np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], setup.layers)
+    k = len(rec["final"])
+    rows = C.Records(
+        np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], setup.layers,
+        head_right=rec.get("head_right"),
+    )
+    if "lookup" in setup.policy.sources:
         rows = C.with_lookups(rows, [seq])
-        g = C.lookup_column(setup.lookup_ngram, setup.lookup_min)
-        out["lookup_proposed"], out["lookup_right"] = rows.lookup_proposed[:, g], rows.lookup_right[:, g]
-        out["lookup_size"] = rows.lookup_size[:, g]
-    if setup.head_draft:
-        out["head_right"] = rec["head_right"]
+    out["free"] = replays(rows, setup.policy)  # prompt lookup and the next-token head, as the policy drafts
     return out
 
 
@@ -159,22 +137,19 @@ def oracle_simulate(setup: OracleSetup, recs: list[dict]) -> dict | None:
         offset += len(r["conf"])
     columns = list(range(len(setup.layers)))
     layers = list(setup.layers)
-    policy = decide_exits(conf, right, columns, layers, list(setup.temperatures), list(setup.thresholds))
+    active = setup.policy.active_checks
+    policy = decide_exits(conf, right, columns, layers, [t for _, t, _ in active], [p for _, _, p in active])
     oracle = oracle_exits(right, columns, layers)
-    lookups = None
-    if setup.lookup_ngram:
-        lookups = Lookups(
-            np.concatenate([r["lookup_proposed"] for r in recs]),
-            np.concatenate([r["lookup_right"] for r in recs]),
-            np.concatenate([r["lookup_size"] for r in recs]),
-        )
-    head = np.concatenate([r["head_right"] for r in recs]) if setup.head_draft else None
     # the oracle decides exits perfectly; prompt lookup and the next-token head draft what they
     # draft (neither has a decision to make), so they are the same in both replays
-    sim = dict(lookups=lookups, lookup_max=setup.lookup_max, head=head, lookup_floor=setup.lookup_floor)
+    free = [
+        Replay(f.source, np.concatenate([r["free"][i].proposed for r in recs]), np.concatenate([r["free"][i].right for r in recs]), f.reads)
+        for i, f in enumerate(recs[0]["free"])
+    ]
+    d_max, w_max = setup.policy.d_max, setup.policy.w_max
     return {
-        "predicted": simulate(policy, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
-        "oracle": simulate(oracle, bounds, setup.cost, setup.d_max, setup.w_max, **sim).to_dict(),
+        "predicted": simulate(policy, bounds, setup.cost, d_max, w_max, free).to_dict(),
+        "oracle": simulate(oracle, bounds, setup.cost, d_max, w_max, free).to_dict(),
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from specbound_runtime.artifact import Artifact, read_artifact
-from specbound_runtime.errors import ArtifactError
+from specbound_runtime.errors import ArtifactError, UsageError
+
+from .run import run_calibration
 
 _SKIP_METADATA = ("checksum",)  # differs whenever anything else does
 
@@ -163,6 +166,24 @@ def compare_artifacts(committed: Artifact, rebuilt: Artifact) -> list[Difference
     return out
 
 
+def rebuild_and_compare(opts, from_artifact: Path | None, log) -> CheckResult:
+    """Rebuild the artifact `opts` describe (or the one `from_artifact` recorded) in a temporary
+    folder and compare it with the committed one; `log` gets the progress lines."""
+    committed = from_artifact or opts.resolve(opts.out)
+    if committed is None:
+        raise UsageError("the job names no [output] artifact to compare with")
+    if not committed.is_file():
+        raise ArtifactError(f"no artifact at {committed} to check; build it first: specbound calibrate --job JOB")
+    if opts.cost_model is None and opts.costs_file is None:
+        log("note: the job pins no cost model ([costs] file), so the rebuild uses this machine's; it can match only where the artifact was built")
+    tmp, rebuild = check_options(opts, committed)
+    try:
+        log(f"rebuilding {committed.name} in {tmp} ...")
+        return compare_files(committed, run_calibration(rebuild).artifact)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_options(opts, committed: Path):
     """Options that rebuild `opts`' artifact in a fresh temporary folder: its own work folder and
     SQLite study, one worker, no live measurement (none of which changes a byte)."""
@@ -183,3 +204,21 @@ def compare_files(committed: Path, rebuilt: Path) -> CheckResult:
     except ArtifactError as e:
         return CheckResult(committed, False, digests, [Difference("file", str(e), "a valid artifact")])
     return CheckResult(committed, False, digests, compare_artifacts(theirs, read_artifact(rebuilt)))
+
+
+def policy_changes(source: Path, rebuilt: Path) -> list[dict]:
+    """The policy fields and the predictions that differ between an artifact and its retune."""
+    keep = ("policy.", "metadata.predicted_speedup")
+    diffs = compare_artifacts(read_artifact(source), read_artifact(rebuilt))
+    return [d.to_dict() for d in diffs if d.field.startswith(keep)]
+
+
+def changes_words(changes: list[dict]) -> str:
+    """`policy_changes` in words: each field's old and new value (a field of many values, only that it moved)."""
+    words = [
+        f"{c['field']} ({len(c['committed'])} values) moved" if isinstance(c["committed"], list) and len(c["committed"]) > 4
+        else f"{c['field']} {c['committed']} -> {c['rebuilt']}"
+        for c in changes
+    ]
+    return "; ".join(words) or "nothing in the policy"
+

@@ -421,25 +421,24 @@ REPLAY_SEED = 0  # the acceptance draws of a sampling replay: fixed, so tuning i
 
 
 LOOKUP_NGRAMS = (1, 2, 3)  # prompt lookup on exactly this many last tokens
-# (ngram, lookup_min): lookup on this many last tokens, backing off down to lookup_min; backing
+# (ngram, shortest): lookup on this many last tokens, backing off down to `shortest`; backing
 # off only to 2 leaves the 1-token matches to the next-token head, where the policy has one
 LOOKUP_BACKOFF = ((2, 1), (3, 1), (4, 1), (3, 2), (4, 2), (8, 1), (8, 2))
-# the rules tuning chooses among, (ngram, lookup_min: 0 = no backoff), in the order of the
+# the rules tuning chooses among, (ngram, shortest: 0 = no backoff), in the order of the
 # columns of Records.lookup_proposed and lookup_right
 LOOKUP_RULES = tuple((n, 0) for n in LOOKUP_NGRAMS) + LOOKUP_BACKOFF
 LOOKUP_MAX = 10
 
 
-def lookup_column(ngram: int, lookup_min: int = 0) -> int:
+def lookup_column(ngram: int, shortest: int = 0) -> int:
     """The column of a prompt-lookup rule in Records.lookup_proposed / lookup_right."""
-    return LOOKUP_RULES.index((ngram, 0 if lookup_min in (0, ngram) else lookup_min))
+    return LOOKUP_RULES.index((ngram, 0 if shortest in (0, ngram) else shortest))
 
 
 def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     """Add, per recorded position and rule of LOOKUP_RULES, what prompt lookup proposes from the
     true context (as specbound_runtime.policy.lookup_match finds it, up to LOOKUP_MAX tokens), how
-    much of it is right and how many tokens the match took (the policy's lookup_floor sizes drafts
-    by it). `recorded` are the sequences in the order their shards (records_shard) stored them."""
+    much of it is right and how many tokens the match took (a policy may size drafts by it). `recorded` are the sequences in the order their shards (records_shard) stored them."""
     n = len(records.seq)
     sizes = range(1, max(n for n, _ in LOOKUP_RULES) + 1)
     by_size = {size: (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) for size in sizes}
@@ -466,9 +465,9 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
     proposed = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
     right = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
     matched = np.zeros((n, len(LOOKUP_RULES)), dtype=np.int64)
-    for g, (ngram, lookup_min) in enumerate(LOOKUP_RULES):
+    for g, (ngram, shortest) in enumerate(LOOKUP_RULES):
         found = np.zeros(n, dtype=bool)
-        for size in lookup_sizes(ngram, lookup_min):  # the longest tail that occurred wins
+        for size in lookup_sizes(ngram, shortest):  # the longest tail that occurred wins
             take = ~found & (by_size[size][0] > 0)
             proposed[take, g] = by_size[size][0][take]
             right[take, g] = by_size[size][1][take]

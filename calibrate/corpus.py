@@ -1,8 +1,8 @@
 """What calibration reads: human text and prompts whose greedy answers are the model's own text.
 
-`default` is the built-in corpus (data/tasks.py): essays and Wikipedia paragraphs, plus chat
+`default` is the built-in corpus (data/calibration.py): essays and Wikipedia paragraphs, plus chat
 prompts built from calibration-side items, plus held-out prompts of each kind in
-`tasks.HELD_OUT_KINDS` (chat, code, math, extraction, summarization, translation, rag), which
+`HELD_OUT_KINDS` (chat, code, math, extraction, summarization, translation, rag), which
 tuning judges every policy on. Any other value is a list of local files (text, JSONL, JSON or
 Parquet), read offline with `datasets`: a row's `text` is human text, a row's `prompt` is a prompt
 whose answer the model writes itself, and a prompt row's optional `kind` names its kind of prompt
@@ -21,7 +21,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from specbound.data.tasks import unit_hash
+from specbound.data.calibration import HELD_OUT_KINDS, calibration_chat_prompts, calibration_documents, held_out_kind_prompts
+from specbound.data.split import unit_hash
+from specbound.data.text import cut_between_words, pack
 from specbound_runtime.errors import InputError
 
 # About 300-400 tokens of English: each item still fills a recorded window (chunk_tokens, 256).
@@ -58,8 +60,6 @@ def load_corpus(
 
 
 def _default(n_prompts, n_documents, fraction, seed, per_kind) -> Corpus:
-    from specbound.data.tasks import HELD_OUT_KINDS, calibration_chat_prompts, calibration_documents, held_out_kind_prompts
-
     n_eval = per_kind * len(HELD_OUT_KINDS)
     if n_prompts <= n_eval:
         raise InputError(
@@ -166,27 +166,7 @@ def split_text(text: str, max_chars: int = TEXT_ITEM_CHARS) -> list[str]:
     """Cut text into pieces of at most max_chars characters: whole paragraphs (blank-line
     separated) packed together in order, a longer paragraph cut at the last whitespace that fits
     (a run without whitespace, at max_chars). Deterministic; nothing but whitespace is lost."""
-    pieces: list[str] = []
-    for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = paragraph.strip()
-        start = 0
-        while len(paragraph) - start > max_chars:
-            end = start + max_chars
-            cut = max(paragraph.rfind(c, start + 1, end + 1) for c in " \t\n\r")
-            cut = cut if cut > start else end
-            pieces.append(paragraph[start:cut].rstrip())
-            start = cut
-            while start < len(paragraph) and paragraph[start].isspace():
-                start += 1
-        if start < len(paragraph):
-            pieces.append(paragraph[start:])
-    items: list[str] = []
-    for piece in pieces:
-        if items and len(items[-1]) + 2 + len(piece) <= max_chars:
-            items[-1] += "\n\n" + piece
-        else:
-            items.append(piece)
-    return items
+    return pack((p.strip() for p in re.split(r"\n\s*\n", text)), max_chars, cut_between_words)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Timings vary from run to run, so a measurement is cached per machine, model and short-list size:
 tuning from the same recorded data then gives the same artifact, byte for byte. Pass
 `remeasure=True` (`--remeasure-costs`) to refresh it. `specbound costs` writes a measurement to
-a file that a job pins ([costs] file), so that every machine tunes against the same costs.
+a file that a job pins ([costs] file), so that every machine tunes against the same costs, and
+prints it beside the hardware's memory floor (`costs_report`).
 """
 
 from __future__ import annotations
@@ -300,6 +301,23 @@ def read_pinned_costs(path: Path, fingerprint, shortlist_size: int) -> CostModel
         return CostModel(**data["cost_model"])
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"cost file {path} holds no valid cost model ({e})") from None
+
+
+def costs_report(cost: CostModel, roofline: Roofline, document: dict) -> str:
+    """What `specbound costs` prints of a measurement: the cost model's components, a full pass's
+    cost at each width, and the memory floor beside it (`roofline_table`)."""
+    c = document["cost_model"]
+    lines = [
+        f"layer {c['layer_base']:.4f} ms (+{c['layer_extra']:.4f} per extra position), LM head "
+        f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms "
+        f"(medians of {len(cost.samples)} rounds; plain decoding's per-token cost spreads {cost.spread:.1%} over them)"
+    ]
+    passes = ", ".join(
+        f"{n}: {cost.num_layers * cost.layer_call(n) + cost.head_call(n):.1f}" for n in range(1, len(cost.layer_widths) + 1)
+    )
+    if passes:
+        lines.append(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
+    return "\n".join([*lines, roofline_table(cost, roofline, document)])
 
 
 def roofline_table(cost, roofline, document) -> str:

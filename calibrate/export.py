@@ -12,14 +12,12 @@ import numpy as np
 
 from specbound_runtime.artifact import Artifact, save_artifact
 from specbound_runtime.files import atomic_write_bytes, library_versions
-from specbound_runtime.policy import lookup_words
 
 from . import collect as C
 from .live import collection_throughput, kind_by_kind, measure
 from .record import held_out_kinds
 from .report import next_head_report, pareto_png, reliability_png
-from .simulate import CostModel, guard_costs
-from .tune import evaluate, evaluate_oracle, paper_candidate, score
+from .space import candidate_words, evaluate, evaluate_oracle, guard_metadata, paper_candidate, score
 
 if TYPE_CHECKING:
     from .pipeline import Collected, Plan
@@ -48,7 +46,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     policy = best.policy(schedules, cost)  # guarded under the costs it was tuned for
     held_best = evaluate(held_traj, best, schedules, cost) if len(held_traj.seq) else None
     held_paper = evaluate(held_traj, paper_candidate(records.layers, L), schedules, cost) if len(held_traj.seq) else None
-    oracle = evaluate_oracle(held_traj, best, cost) if len(held_traj.seq) else None
+    oracle = evaluate_oracle(held_traj, best, schedules, cost) if len(held_traj.seq) else None
     recorded = [s for s in collected.sequences if not s.lens_split]
     kinds = {
         kind: {"speedup": round(evaluate(r, best, schedules, cost).speedup, 4), "worst_round": round(result.kinds.get(kind, 1.0), 4)}
@@ -58,8 +56,8 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         (work / "pareto.json").write_text(json.dumps(result.pareto, indent=1, sort_keys=True))
         pareto_png(result.pareto, work / "pareto.png")
     weights = collected.weights
-    keep = {l: weights.lens[l] for l in policy.check_layers} if best.head == "lens" else {}
-    head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep, next_head=weights.next_head if policy.head_draft else None)
+    keep = {l: weights.lens[l] for l, _, _ in policy.active_checks} if best.head == "lens" else {}
+    head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep, next_head=weights.next_head if "head" in policy.sources else None)
     predicted = held_best.speedup if held_best else result.value.speedup
     robust = score(held_best if held_best else result.value)  # the least over the cost rounds
     metadata = {
@@ -70,7 +68,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "corpus": opts.corpus,
         "job": json.dumps(plan.job, sort_keys=True),
         "seed": str(opts.seed),
-        "best_trial": json.dumps({"number": result.best_trial, "params": _jsonable(best)}, sort_keys=True),
+        "best_trial": json.dumps({"number": result.best_trial, "params": best.to_dict()}, sort_keys=True),
         "trials": str(result.trials),
         "cost_model": json.dumps(cost.to_dict(), sort_keys=True),
         "predicted_speedup": f"{predicted:.4f}",
@@ -93,10 +91,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     }
     if plan.mode is not None and plan.mode.do_sample:  # an artifact without it was tuned for greedy
         metadata["decoding_mode"] = plan.mode.to_json()
-    if policy.guard_costs:  # what decode's PassCostWatch lets pass before it warns
-        metadata["cost_tolerance"] = f"{cost_tolerance(cost, policy.guard_costs):.4f}"
-        below, above = result.change  # where tuning would choose another policy (tune.policy_change)
-        metadata["policy_change"] = json.dumps({"below": below, "above": above}, sort_keys=True)
+    metadata.update(guard_metadata(best, cost, result.change))  # what decode's PassCostWatch lets pass
     path = save_artifact(plan.out, Artifact(policy=policy, exit_weights=head, metadata=metadata), force=opts.force)
     throughput = collection_throughput(collected.lm, weights, recorded[:2], C.CollectSettings(records.layers, opts.shortlist_size))
     report = {
@@ -109,7 +104,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "positions": {"lens": collected.n_lens, "fit": int((~records.held_out).sum()), "held_out": int(records.held_out.sum()), "own": int(records.own.sum())},
         "shortlist": {"size": int(weights.shortlist.numel()), "coverage": round(collected.coverage, 4)},
         "collection_tokens_per_s": throughput,
-        "policy": _jsonable(best),
+        "policy": best.to_dict(),
         "cost_model_ms": cost.to_dict(),
         "simulated": json.loads(metadata["simulation"]),
         "predicted_speedup": round(predicted, 4),
@@ -119,7 +114,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
         "decoding_mode": (plan.mode or opts.mode()).describe(),
-        "next_token_head": next_head_report(records, policy.head_draft),
+        "next_token_head": next_head_report(records, "head" in policy.sources),
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)
     if opts.measure_prompts and opts.measure_tokens:
@@ -133,31 +128,6 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     report["report_json"] = str(sidecar)
     return CalibrationOutcome(artifact=path, report=report)
 
-COST_MARGIN = 0.1  # plain steps: a price this much beyond the measurement's own spread is drift
-
-
-def cost_tolerance(cost: CostModel, prices: tuple[float, ...]) -> float:
-    """How far the guard's prices may differ on a machine before decode warns: their spread over
-    the cost model's measured rounds, plus COST_MARGIN."""
-    spread = max((abs(a - b) for c in cost.variants() for a, b in zip(guard_costs(c, len(prices)), prices)), default=0.0)
-    return spread + COST_MARGIN
-
-def _jsonable(candidate) -> dict:
-    return {
-        "head": candidate.head,
-        "schedule": candidate.schedule,
-        "threshold": round(candidate.threshold, 6),
-        "check_layers": list(candidate.checks),
-        "d_max": candidate.d_max,
-        "w_max": candidate.w_max,
-        "lookup_ngram": candidate.lookup_ngram,
-        "lookup_max": candidate.lookup_max,
-        "lookup_min": candidate.lookup_min,
-        "head_draft": candidate.head_draft,
-        **({"lookup_floor": candidate.lookup_floor} if candidate.lookup_floor else {}),
-    }
-
-
 def calibration_summary(report: dict) -> str:
     """The calibration report (export's `report`) as the lines `specbound calibrate` prints."""
     pol = report["policy"]
@@ -165,7 +135,7 @@ def calibration_summary(report: dict) -> str:
     lines = [
         f"artifact: {report['artifact']}",
         f"model: {report['model']}; positions fit/held-out/own: {report['positions']['fit']}/{report['positions']['held_out']}/{report['positions']['own']}",
-        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {_policy_words(pol)}",
+        f"policy (tuned for {report.get('decoding_mode', 'greedy')}): {candidate_words(pol)}",
         f"simulated speedup (fit): tuned {sim['fit']['speedup']:.3f}x vs paper defaults {sim['fit_paper_defaults']['speedup']:.3f}x",
     ]
     if report.get("cost_rounds"):
@@ -220,20 +190,3 @@ def calibration_summary(report: dict) -> str:
         lines.append(f"collection: {tput['recording']} tok/s recording vs {tput['plain_forward']} tok/s plain forward")
     lines.append(f"report: {report['report_json']}; reliability diagram: {report['reliability_png']}")
     return "\n".join(lines)
-
-
-def _policy_words(pol: dict) -> str:
-    lookup = (
-        f"prompt lookup {lookup_words(pol['lookup_ngram'], pol.get('lookup_min', 0), pol['lookup_max'], pol.get('lookup_floor', 0))}"
-        if pol["lookup_ngram"]
-        else "no prompt lookup"
-    )
-    if pol.get("head_draft"):
-        lookup += ", the next-token head where lookup proposes nothing"
-    if not pol["check_layers"]:
-        plain = not (pol["lookup_ngram"] or pol.get("head_draft"))
-        return f"no early exit, {lookup}" + (" (plain decoding: no draft source pays here)" if plain else "")
-    return (
-        f"head={pol['head']} schedule={pol['schedule']} threshold={pol['threshold']} checks={pol['check_layers']} "
-        f"d_max={pol['d_max']} w_max={pol['w_max']}, {lookup}"
-    )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specbound_runtime.errors import InputError
+from specbound_runtime.errors import InputError, UsageError
 
 from .options import CalibrateOptions
 
@@ -270,6 +270,19 @@ def merge_flags(options: dict[str, Any], flags: dict[str, Any], source: str, not
         note(f"note: --{field.replace('_', '-') if field != 'costs_file' else 'costs'} overrides {was} from {source}")
         merged[field] = _absolute_flag(field, value)
     return merged
+
+
+def calibrate_options(flags: dict[str, Any], given: set[str], job: Path | None, from_artifact: Path | None, check: bool, note):
+    """The options of one `specbound calibrate`: its flags alone, or a job file's (or the job an
+    artifact recorded) with the flags `given` on the command line over them."""
+    if job is not None and from_artifact is not None:
+        raise UsageError("give --job or --from-artifact, not both")
+    if job is None and from_artifact is None:
+        if check:
+            raise UsageError("--check needs --job (or --from-artifact): the job says which artifact to rebuild and compare")
+        return CalibrateOptions(**flags)
+    chosen = {name: flags[name] for name in flags if name in given}
+    return options_from_job(job, chosen, note) if job is not None else options_from_artifact(from_artifact, chosen, note)
 
 
 def options_from_job(path: Path, flags: dict[str, Any], note):

@@ -11,7 +11,7 @@ from specbound_runtime.policy import paper_temperatures
 from . import collect as C
 from .fit import confidence_at, fit_paper_alpha, fit_temperature, metrics
 from .precision import round_bits
-from .tune import Schedules
+from .space import Schedules
 
 
 def fit_schedules(records: C.Records, num_layers: int) -> tuple[Schedules, dict]:

@@ -1,14 +1,14 @@
 """A simulator of the decode loop over recorded per-layer statistics, under a measured cost model.
 
-Pure numpy. It replays the exact policy of the runtime's EarlyExitDrafter (first check layer whose
-confidence passes its threshold; a hard token at the depth bound ends drafting; the width bound;
-catch-up of earlier drafts to the frontier's depth; one verification pass from each position's
-depth; prompt lookup first, once per round, and with the fitted next-token head one head draft
-at the start of a round where lookup proposes nothing) over the model's own greedy sequences, and
-charges each layer call, exit check and LM-head read, by its width, what it costs on this machine.
-The one approximation: after a wrong draft, later early-exit drafts of the same round are charged
-with the statistics of the true context (they are rejected anyway). Lookup and the head draft
-from committed tokens only, so their rounds are replayed exactly.
+Pure numpy. It replays the runtime's round exactly as drafters.Speculator runs it: the no-layer
+sources (`Replay`s, in the policy's order; the first that proposes opens the round), then early
+exit (first check layer whose confidence passes its threshold; a hard token at the depth bound
+ends drafting; the width bound; catch-up of earlier drafts to the frontier's depth), then one
+verification pass from each position's depth, over the model's own greedy sequences. It charges
+each layer call, exit check and LM-head read, by its width, what it costs on this machine. The one
+approximation: after a wrong draft, later early-exit drafts of the same round are charged with
+the statistics of the true context (they are rejected anyway). The no-layer sources draft from
+committed tokens only, so their rounds are replayed exactly.
 
 Under sampling the same replay runs over the model's own sampled sequences, with a draft "right"
 when speculative sampling accepts it: drawn once per position from its recorded acceptance
@@ -21,6 +21,7 @@ recorded one: both continue along a sample of the model, so the approximation is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Sequence
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class CostModel:
     def wide_passes_scaled(self, factor: float) -> "CostModel":
         """This cost model on a machine where every call's cost beyond its first position is
         `factor` times as much (the median and every round alike): each draft's price in plain
-        steps (guard_costs) scales by `factor`, and a plain step stays what it was."""
+        steps (guard_prices) scales by `factor`, and a plain step stays what it was."""
 
         def row(c: "CostModel") -> tuple[float, ...]:
             fields = {k: getattr(c, k) for k in COST_FIELDS} | {"layer_extra": c.layer_extra * factor, "head_extra": c.head_extra * factor}
@@ -137,8 +138,8 @@ class CostModel:
         return out
 
 
-def guard_costs(cost: CostModel, w_max: int) -> tuple[float, ...]:
-    """The run-time guard's prices (ExitPolicy.guard_costs): what k drafts at depth 0 add to a
+def guard_prices(cost: CostModel, w_max: int) -> tuple[float, ...]:
+    """The run-time guard's prices (the policy's guard): what k drafts at depth 0 add to a
     verification pass, k = 1..w_max, in plain decoding steps (cost.ar_token), as the artifact
     stores them (float32), so the simulator and the engine guard with the same numbers."""
     one = cost.num_layers * cost.layer_call(1) + cost.head_call(1)
@@ -269,24 +270,16 @@ def _first_pass(passes: np.ndarray, right: np.ndarray, layers: list[int]) -> Exi
 
 
 @dataclass(frozen=True)
-class Lookups:
-    """Prompt lookup per recorded position, from the true context: how many tokens it proposes
-    (capped at lookup_max) and how many of those lead the true continuation; size: how many
-    tokens the match took (needed only to size drafts by it, lookup_floor)."""
+class Replay:
+    """A draft source that costs no layers, replayed (calibrate.replay builds one per source the
+    policy uses): at each recorded position, how many drafts it proposes when a round starts
+    there (already sized as the policy sizes them) and how many of those lead the true
+    continuation. reads: short-list head products a proposal costs (priced as exit checks)."""
 
+    source: str
     proposed: np.ndarray
     right: np.ndarray
-    size: np.ndarray | None = None
-
-    def drafts(self, lookup_max: int, lookup_floor: int = 0) -> np.ndarray:
-        """What the policy drafts at each position (ExitPolicy.lookup_width of the match, at
-        most what the context holds)."""
-        if not lookup_floor:
-            return np.minimum(self.proposed, lookup_max)
-        if self.size is None:
-            raise ValueError("sizing lookup drafts by the match (lookup_floor) needs the matched sizes")
-        width = np.minimum(lookup_max, np.maximum(lookup_floor, self.size))
-        return np.minimum(self.proposed, width)
+    reads: int = 0
 
 
 def simulate(
@@ -295,37 +288,30 @@ def simulate(
     cost: CostModel,
     d_max: int,
     w_max: int,
-    lookups: Lookups | None = None,
-    lookup_max: int = 0,
-    head: np.ndarray | None = None,
-    lookup_floor: int = 0,
-    guard_costs: tuple[float, ...] = (),
+    free: Sequence[Replay] = (),
+    guard: tuple[float, ...] = (),
 ) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
     is the last prompt token (its hidden state predicts the first generated token).
 
-    head ([N] bool), when given: the policy drafts with the fitted next-token head, and head[j]
-    says whether its draft for position j's next token is kept. It drafts once, first, in a round
-    where prompt lookup proposes nothing: no layers, one short-list head product (priced as an
-    exit check), and one more position to verify.
+    free: the sources that cost no layers, in the order a round consults them
+    (drafters.Speculator): the first open one that proposes at a round's first position opens
+    the round with its drafts at depth 0; early exit drafts on from there.
 
-    guard_costs, when given: the run-time guard on lookup and the head (specbound_runtime.guard),
-    the same class the engine runs, fresh for each sequence, fed what each round kept."""
+    guard, when given: the run-time guard's prices (specbound_runtime.guard), the same class the
+    engine runs, fresh for each sequence, fed what each round's opening drafts kept."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
     checks = exits.checks.tolist()
-    use_lookup = lookups is not None and lookup_max > 0
-    proposed = lookups.drafts(lookup_max, lookup_floor).tolist() if use_lookup else None
-    proposed_right = lookups.right.tolist() if use_lookup else None
-    head_right = head.tolist() if head is not None else None
+    sources = [(f.source, f.proposed.tolist(), f.right.tolist(), f.reads) for f in free]
     widths = [0] * (w_max + 2)  # [n]: layer calls over n positions
     heads = [0] * (w_max + 2)  # [n]: rounds whose LM head reads n positions
     tokens = rounds = drafted = accepted = 0
     all_checks = all_heads = 0
     for start, end in bounds:
         t = start
-        guard = DraftGuard(guard_costs) if guard_costs else None
+        watch = DraftGuard(guard) if guard else None
         while t < end:
             # the first position is the prompt's last token: its round is the prefill, which the
             # engine runs without drafting (priced as one position)
@@ -334,23 +320,20 @@ def simulate(
             k = a = n_checks = n_head = 0
             blocks = [[0, 1]]  # the pending positions by depth: the token emitted last round
             j = t
-            open_ = guard.open_sources() if guard is not None and limit else SOURCES
-            first = None  # (source, drafts) of the round's first drafts, for the guard
-            if use_lookup and limit and proposed[j] and "lookup" in open_:
-                # prompt lookup, once per round from the committed tokens: drafts at depth 0, no
-                # layer or check cost (the replay's context is the engine's: exact)
+            open_ = watch.open_sources() if watch is not None and limit else SOURCES
+            first = None  # (source, drafts) of the round's opening drafts, for the guard
+            for source, proposed, proposed_right, reads in sources if limit else ():
+                if source in SOURCES and source not in open_ or not proposed[j]:
+                    continue
+                # a no-layer source opens the round: drafts at depth 0 from the committed tokens,
+                # no layer cost (the replay's context is the engine's: exact)
                 k = min(proposed[j], limit)
                 a = min(k, proposed_right[j])
-                first = ("lookup", k)
+                n_head = reads
+                first = (source, k)
                 j += k
                 _push(blocks, k)
-            elif head_right is not None and limit and "head" in open_:
-                # the next-token head: one draft at depth 0, from the state verified last round
-                n_head = k = 1
-                a = 1 if head_right[j] else 0
-                first = ("head", 1)
-                _push(blocks)
-                j += 1
+                break
             while k < limit:
                 n_checks += checks[j]
                 if layer[j] < 0:  # a hard token: drafting stops (its climb to the depth bound is the
@@ -362,8 +345,8 @@ def simulate(
                 j += 1
                 _push(blocks)
             _advance(blocks, L, widths)  # one verification pass finishes every pending position
-            if guard is not None and first is not None:
-                guard.record(first[0], first[1], min(a, first[1]))
+            if watch is not None and first is not None and first[0] in SOURCES:
+                watch.record(first[0], first[1], min(a, first[1]))
             heads[k + 1] += 1
             all_checks += n_checks
             all_heads += n_head

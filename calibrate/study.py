@@ -106,6 +106,19 @@ def finished_trials(study) -> dict[int, Finished]:
     return out
 
 
+def pareto_front(trials: list[Finished], directions: list[str]) -> list[Finished]:
+    """The trials no other one dominates, by Optuna's own front (`Study.best_trials`) over these
+    trials alone, in their order."""
+    import optuna
+
+    scratch = optuna.create_study(directions=directions)
+    scratch.add_trials([
+        optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=list(t.values), user_attrs={"k": k})
+        for k, t in enumerate(trials)
+    ])
+    return [trials[k] for k in sorted(t.user_attrs["k"] for t in scratch.best_trials)]
+
+
 def run_batches(
     study,
     n_trials: int,

@@ -1,8 +1,16 @@
 """Issue 12 study: predict, from recorded data, what each direction for raising the speed ceiling
 would give on the packaged model (SmolLM2-135M-Instruct, fp32, CPU), before any of it is built.
 
-    .venv/bin/python experiments/directions.py            # everything, cached
+    .venv/bin/python experiments/directions.py --calibration-run runs/calibrate-NAME --costs COSTS.json
     .venv/bin/python experiments/directions.py --help
+
+Last ran in full at b8056ad (the tables of docs/directions.md); 9177759 since changed how it
+tokenizes prompts (specbound_runtime.decoder.token_ids). The defaults of --calibration-run, --costs
+and --artifact name files on the machine it ran on, which a checkout lacks: pass a greedy
+calibration's work folder (`specbound calibrate --work-dir`), a cost model (`specbound costs
+--out`, or ~/.cache/specbound/costs/r4-*.json) and the quick start's artifact. Without
+--calibration-run it trains on less data without saying so; without --costs it fails at the
+analysis, after the 15-minute recording.
 
 Stages (each cached under --out, default runs/directions/; delete a file to redo its stage):
 
@@ -15,7 +23,7 @@ Stages (each cached under --out, default runs/directions/; delete a file to redo
 3. The analysis (seconds): prints the markdown tables of docs/directions.md.
 
 Data splits. train: calibration prompts that are not held out (their prompt text and the
-model's recorded answers, /work/main/runs/calibrate-*/answers), the extra own answers, and
+model's recorded answers, <--calibration-run>/answers), the extra own answers, and
 calibration documents; val: the calibration's held-out prompts' answers (choices such as the
 ridge strength, the lookup n-gram and the tree shape are made here); test: the bench answers.
 

@@ -40,7 +40,7 @@ def main(artifact: str, n: int, tokens: int, task: str) -> None:
     passes = sum(r.verify_passes for r in results)
     print(f"{n} prompts, {new} tokens, {passes} verification passes, {wall:.2f} s profiled")
     rows = [
-        ("drafting (EarlyExitDrafter.draft)", cumulative("draft")),
+        ("drafting (Speculator.draft)", cumulative("draft")),
         ("  of which exit checks (exit_logits + decide_exit)", cumulative("exit_logits") + cumulative("decide_exit")),
         ("verification (verify_logits: remaining layers + full LM head)", cumulative("verify_logits")),
         ("  of which the full LM head (final_logits)", cumulative("final_logits")),

@@ -17,7 +17,7 @@ import sys
 import specbound_runtime as sb
 from specbound.calibrate.corpus import CorpusItem
 from specbound.calibrate.live import kind_by_kind, measure
-from specbound.data.tasks import held_out_kind_prompts
+from specbound.data.calibration import held_out_kind_prompts
 
 
 def main(artifact: str, per_kind: int = 2, seed: int = 1, tokens: int = 128) -> None:

@@ -31,7 +31,8 @@ def exactness(device: str, dtype: torch.dtype) -> list[tuple[str, str, bool]]:
     from tiny_models import ARCHITECTURES, ScriptedDrafter, tiny_model
 
     from specbound_runtime.adapter import HFCausalLM
-    from specbound_runtime.engine import EarlyExitDrafter, generate
+    from specbound_runtime.engine import generate
+    from specbound_runtime.drafters import Speculator
     from specbound_runtime.exactness import reference_greedy
     from specbound_runtime.policy import ExitPolicy
 
@@ -46,7 +47,7 @@ def exactness(device: str, dtype: torch.dtype) -> list[tuple[str, str, bool]]:
             "always-right": ScriptedDrafter(ref, len(prompt), 1.0, 5, seed=0),
             "always-wrong": ScriptedDrafter(ref, len(prompt), 0.0, 5, seed=1),
             "random": ScriptedDrafter(ref, len(prompt), 0.6, 4, seed=2),
-            "early-exit": EarlyExitDrafter(ExitPolicy(lm.num_layers, layers, (1.0,) * len(layers), (0.0,) * len(layers), 3, 4)),
+            "early-exit": Speculator.for_policy(ExitPolicy(lm.num_layers, layers, (1.0,) * len(layers), (0.0,) * len(layers), 3, 4)),
         }
         for name, drafter in drafters.items():
             with torch.inference_mode():

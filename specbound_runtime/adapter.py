@@ -40,10 +40,10 @@ class LayerModel(Protocol):
 
     def exit_token(self, index: int) -> int: ...
 
-    def head_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int: ...
+    def next_token_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int: ...
 
-    # whether head_draft can be called (the exit head holds a fitted next-token head)
-    has_head_draft: bool
+    # whether next_token_draft can be called (the exit head holds a fitted next-token head)
+    has_next_token_head: bool
 
     # token id of each exit_logits column on the device, or None when column i is token i
     exit_columns: torch.Tensor | None
@@ -91,7 +91,7 @@ class HFCausalLM:
         self._exit_head = None
         self._exit_tokens = None
         self.exit_columns = None
-        self.has_head_draft = False
+        self.has_next_token_head = False
         if exit_weights is not None:
             from .exit_head import FittedExitHead
 
@@ -99,7 +99,7 @@ class HFCausalLM:
             self._exit_tokens = self._exit_head.token_list
             if self._exit_head.token_ids is not None:
                 self.exit_columns = self._exit_head.token_ids.to(self._lm_head.weight.device)
-            self.has_head_draft = self._exit_head.has_next_head
+            self.has_next_token_head = self._exit_head.has_next_head
         layer_types = getattr(config, "layer_types", None) or [None] * self.num_layers
         window = getattr(config, "sliding_window", None)
         self._layer_types = list(layer_types)
@@ -242,12 +242,12 @@ class HFCausalLM:
     def exit_token(self, index: int) -> int:
         return index if self._exit_tokens is None else self._exit_tokens[index]
 
-    def head_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int:
+    def next_token_draft(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> int:
         """The fitted next-token head's draft (exit_head.py): final_hidden [1, 1, H], the last
         verified position's final state (before the final norm), and embedded [1, 1, H], the
         input embedding of the token it predicted -> the token id drafted after that token. One
         host read."""
-        if not self.has_head_draft:
+        if not self.has_next_token_head:
             raise ValueError("this model's exit head holds no fitted next-token head")
         logits = self._exit_head.next_logits(self._norm(final_hidden)[0, -1], embedded[0, -1])
         return self.exit_token(int(read(logits.argmax().view(1))[0]))

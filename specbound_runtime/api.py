@@ -31,7 +31,8 @@ import warnings
 import torch
 
 from .adapter import HFCausalLM
-from .engine import EarlyExitDrafter, GenerationResult, NoDrafter
+from .drafters import Speculator
+from .engine import GenerationResult, NoDrafter
 from .errors import ModelError, SpecBoundWarning, UsageError
 from .generation import SpecBoundOutput, custom_generate_for
 from .kernels import Kernels
@@ -73,7 +74,7 @@ class SpecBound:
         self.exit_weights = exit_weights
         self.calibrated = policy is not None
         self.policy = policy or ExitPolicy.paper_default(self.lm.num_layers)
-        if self.policy.head_draft and not self.lm.has_head_draft:
+        if "head" in self.policy.sources and not self.lm.has_next_token_head:
             raise UsageError("the policy drafts with the fitted next-token head, but the exit head given holds none")
         self.source = source
         self._fingerprint = fingerprint
@@ -208,7 +209,7 @@ class SpecBound:
         policy = self.policy
 
         def make_drafter(eos):
-            return EarlyExitDrafter(policy, frozenset(eos)) if speculation else NoDrafter()
+            return Speculator.for_policy(policy, frozenset(eos)) if speculation else NoDrafter()
 
         return custom_generate_for(self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None)
 

@@ -22,7 +22,7 @@ from .errors import ArtifactError
 from .exit_head import ExitHeadWeights
 from .files import atomic_write_bytes
 from .fingerprints import HEX64, ModelFingerprint, TokenizerFingerprint
-from .policy import ExitPolicy
+from .policy import ExitPolicy, storage
 
 # 2: a policy may have no check layers (lookup only, or no drafting). 3: fingerprints name what the
 # model computes (allow-listed config values, weights) and what the tokenizer does, field by field.
@@ -43,26 +43,40 @@ class Artifact:
         return None if value is None else json.loads(value)
 
 
+_TORCH_DTYPES = {"int64": torch.int64, "float64": torch.float64, "float32": torch.float32}
+
+
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
-    """The policy as tensors. policy.head_draft, policy.lookup_backoff, policy.lookup_floor and
-    policy.guard_costs are written only when on: an artifact without them is byte for byte what it
-    was before they existed."""
-    tensors = {
-        "policy.check_layers": torch.tensor(policy.check_layers, dtype=torch.int64),
-        "policy.temperatures": torch.tensor(policy.temperatures, dtype=torch.float64),
-        "policy.thresholds": torch.tensor(policy.thresholds, dtype=torch.float64),
-        "policy.bounds": torch.tensor([policy.d_max, policy.w_max], dtype=torch.int64),
-        "policy.lookup": torch.tensor([policy.lookup_ngram, policy.lookup_max], dtype=torch.int64),
-    }
-    if policy.head_draft:
-        tensors["policy.head_draft"] = torch.tensor([1], dtype=torch.int64)
-    if policy.lookup_min:  # written only with backoff on, as head_draft
-        tensors["policy.lookup_backoff"] = torch.tensor([policy.lookup_min], dtype=torch.int64)
-    if policy.lookup_floor:  # drafts sized by the match's length: written only when on, as head_draft
-        tensors["policy.lookup_floor"] = torch.tensor([policy.lookup_floor], dtype=torch.int64)
-    if policy.guard_costs:  # float32: what calibrate.simulate.guard_costs rounds them to
-        tensors["policy.guard_costs"] = torch.tensor(policy.guard_costs, dtype=torch.float32)
+    """The policy as tensors, laid out as its fields say (`policy.storage`). A sparse field is
+    written only when it differs from its default: an artifact without it is byte for byte what it
+    was before the field existed."""
+    tensors = {}
+    for s in storage():
+        values = [getattr(policy, name) for name in s.fields]
+        if s.sparse and all(v == ExitPolicy.__dataclass_fields__[name].default for v, name in zip(values, s.fields)):
+            continue
+        flat = list(values[0]) if s.kind == "vector" else [int(v) for v in values] if s.kind == "flag" else values
+        tensors[f"policy.{s.tensor}"] = torch.tensor(flat, dtype=_TORCH_DTYPES[s.dtype])
     return tensors
+
+
+def _policy_fields(tensors: dict[str, torch.Tensor], path: Path) -> dict:
+    """The policy's fields from its tensors (`policy.storage`), each checked for kind and size; a
+    field whose tensor an older artifact lacks is left to its default."""
+    fields = {}
+    for s in storage():
+        name = f"policy.{s.tensor}"
+        if name not in tensors and not s.required:
+            continue
+        t = _require(tensors, name, 1, "float" if s.dtype.startswith("float") else "int", path)
+        if s.kind == "vector":
+            fields[s.fields[0]] = tuple(t.tolist())
+            continue
+        if t.numel() != len(s.fields) or s.kind == "flag" and int(t[0]) not in (0, 1):
+            wanted = f"[{', '.join(s.fields)}]" if s.packed else "one value, 0 or 1" if s.kind == "flag" else "one value"
+            raise ArtifactError(f"{path}: {name} must hold {wanted}, got {t.numel()} values {t.tolist()}")
+        fields.update((n, bool(v) if s.kind == "flag" else v) for n, v in zip(s.fields, t.tolist()))
+    return fields
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -108,7 +122,7 @@ def save_artifact(path: str | Path, artifact: Artifact, force: bool = False) -> 
             w, b = artifact.exit_weights.next_head
             tensors["next_head.weight"] = w.to(torch.float32)
             tensors["next_head.bias"] = b.to(torch.float32)
-    if artifact.policy.head_draft and (artifact.exit_weights is None or artifact.exit_weights.next_head is None):
+    if "head" in artifact.policy.sources and (artifact.exit_weights is None or artifact.exit_weights.next_head is None):
         raise ArtifactError("the policy drafts with the fitted next-token head, but the artifact would hold none")
     metadata = {k: str(v) for k, v in artifact.metadata.items()}
     metadata["kind"] = KIND
@@ -193,50 +207,8 @@ def read_artifact(path: str | Path) -> Artifact:
         num_layers = int(json.loads(metadata["model_fingerprint"])["num_layers"])
     except (KeyError, ValueError, TypeError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: metadata model_fingerprint is missing or malformed; recalibrate") from None
-    layers = _require(tensors, "policy.check_layers", 1, "int", path)
-    temps = _require(tensors, "policy.temperatures", 1, "float", path)
-    thresholds = _require(tensors, "policy.thresholds", 1, "float", path)
-    bounds = _require(tensors, "policy.bounds", 1, "int", path)
-    if bounds.numel() != 2:
-        raise ArtifactError(f"{path}: policy.bounds must hold [d_max, w_max], got {bounds.numel()} values")
-    lookup = tensors.get("policy.lookup")
-    if lookup is not None:
-        lookup = _require(tensors, "policy.lookup", 1, "int", path)
-        if lookup.numel() != 2:
-            raise ArtifactError(f"{path}: policy.lookup must hold [ngram, max_tokens], got {lookup.numel()} values")
-    head_draft = tensors.get("policy.head_draft")  # absent (older artifacts): no head draft
-    if head_draft is not None:
-        head_draft = _require(tensors, "policy.head_draft", 1, "int", path)
-        if head_draft.numel() != 1 or int(head_draft[0]) not in (0, 1):
-            raise ArtifactError(f"{path}: policy.head_draft must hold one value, 0 or 1, got {head_draft.tolist()}")
-    lookup_min = tensors.get("policy.lookup_backoff")  # absent (older artifacts): no backoff
-    if lookup_min is not None:
-        lookup_min = _require(tensors, "policy.lookup_backoff", 1, "int", path)
-        if lookup_min.numel() != 1:
-            raise ArtifactError(f"{path}: policy.lookup_backoff must hold one value, the shortest n-gram, got {lookup_min.tolist()}")
-    lookup_floor = tensors.get("policy.lookup_floor")  # absent (older artifacts): drafts fixed at lookup_max
-    if lookup_floor is not None:
-        lookup_floor = _require(tensors, "policy.lookup_floor", 1, "int", path)
-        if lookup_floor.numel() != 1:
-            raise ArtifactError(f"{path}: policy.lookup_floor must hold one value, the fewest drafts of a match, got {lookup_floor.tolist()}")
-    guard = tensors.get("policy.guard_costs")  # absent (older artifacts): no run-time guard
-    if guard is not None:
-        guard = _require(tensors, "policy.guard_costs", 1, "float", path)
     try:
-        policy = ExitPolicy(
-            num_layers=num_layers,
-            check_layers=tuple(int(x) for x in layers),
-            temperatures=tuple(float(x) for x in temps),
-            thresholds=tuple(float(x) for x in thresholds),
-            d_max=int(bounds[0]),
-            w_max=int(bounds[1]),
-            lookup_ngram=0 if lookup is None else int(lookup[0]),
-            lookup_max=0 if lookup is None else int(lookup[1]),
-            head_draft=head_draft is not None and bool(int(head_draft[0])),
-            lookup_min=0 if lookup_min is None else int(lookup_min[0]),
-            lookup_floor=0 if lookup_floor is None else int(lookup_floor[0]),
-            guard_costs=() if guard is None else tuple(float(x) for x in guard),
-        )
+        policy = ExitPolicy(num_layers=num_layers, **_policy_fields(tensors, path))
     except ValueError as e:
         raise ArtifactError(f"{path}: invalid policy: {e}; recalibrate") from None
     if "decoding_mode" in metadata:  # absent: tuned for greedy decoding
@@ -264,7 +236,7 @@ def read_artifact(path: str | Path) -> Artifact:
             _require(tensors, "next_head.weight", 2, "float", path),
             _require(tensors, "next_head.bias", 1, "float", path),
         )
-    if policy.head_draft and next_head is None:
+    if "head" in policy.sources and next_head is None:
         raise ArtifactError(f"{path}: the policy drafts with the fitted next-token head, but the artifact holds none; recalibrate")
     weights = None
     if shortlist is not None or lens or next_head is not None:

@@ -1,7 +1,9 @@
-"""A loaded model, its exit policy and its tokenizer, ready to decode prompts."""
+"""A loaded model, its exit policy and its tokenizer, ready to decode prompts: conversations in,
+text streamed out, and each decoded turn reported (its JSON record and its statistics line)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -10,7 +12,7 @@ import torch
 from .engine import GenerationResult
 from .errors import InputError
 from .generation import generate_arguments
-from .sampling import DecodingMode
+from .sampling import DecodingMode, PromptSampling
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,31 @@ class Decoder:
             speculation=speculation,
         ).stats
 
+    def turn_record(self, encoded: Encoded, result: GenerationResult, text: str, sampling: PromptSampling, index: int, turn: int) -> dict:
+        """What `specbound decode --json` prints for turn `turn` of prompt `index`."""
+        kernels = self.m.kernels.report
+        return {
+            "prompt_index": index,
+            "turn": turn,
+            "text": text,
+            "token_ids": list(result.token_ids),
+            "new_tokens": result.new_tokens,
+            "wall_time_s": round(result.wall_time_s, 4),
+            "tokens_per_s": round(result.tokens_per_second, 2),
+            "accept_lengths": list(result.accept_lengths),
+            "mean_accepted_length": round(result.mean_accepted_length, 4),
+            "acceptance_rate": round(result.acceptance_rate, 4),
+            "exit_layers": list(result.exit_layers),
+            "verify_passes": result.verify_passes,
+            "fallbacks": result.fallbacks,
+            "clamped": encoded.clamped,
+            "rss_mb": _rss_mb(),  # resident memory after this prompt: flat across prompts
+            "decoding": sampling.mode.describe(),
+            "seed": sampling.seed,  # the prompt's own seed, from (--seed, prompt index)
+            # one-time cost at load, apart from the decoding time above
+            "kernels": {"path": kernels.path, "setup_s": round(kernels.setup_s, 3), "extra_mb": round(kernels.extra_bytes / 2**20, 1)},
+        }
+
 
 class TextStream:
     """Writes generated text as it is accepted, so that everything written equals the final
@@ -133,3 +160,32 @@ def exit_layer_histogram(exit_layers) -> dict[int, int]:
     for layer in exit_layers:
         hist[layer] = hist.get(layer, 0) + 1
     return dict(sorted(hist.items()))
+
+
+def turn_line(result: GenerationResult, record: dict, sampled: bool) -> str:
+    """The statistics line `specbound decode` writes to stderr after a turn (its `turn_record`,
+    with the comparison against generate() where --check-exact added one)."""
+    hist = " ".join(f"{k}:{v}" for k, v in exit_layer_histogram(result.exit_layers).items()) or "none"
+    return (
+        f"[prompt {record['prompt_index']} turn {record['turn']}] {result.new_tokens} tokens in {result.wall_time_s:.2f}s "
+        f"= {result.tokens_per_second:.1f} tok/s | mean accepted length {result.mean_accepted_length:.2f} "
+        f"| acceptance {result.acceptance_rate:.0%} of {result.drafted} drafts | {result.verify_passes} "
+        f"verify passes | exit layers {hist}"
+        + (f" | {result.fallbacks} full-depth fallbacks" if result.fallbacks else "")
+        + (f" | {record['decoding']}" + (f", seed {record['seed']}" if record["seed"] is not None else "") if sampled else "")
+        + (
+            ""
+            if "exact" not in record
+            else f" | generate() {record['generate_wall_time_s']:.2f}s, speedup {record['speedup_vs_generate']}x"
+            f" | exact: {'yes' if record['exact'] else 'NO'}"
+        )
+    )
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .artifact import read_artifact
-from .policy import lookup_words
+from .policy import ExitPolicy
 from .sampling import DecodingMode
 
 
@@ -44,14 +44,7 @@ def describe_lines(info: dict) -> list[str]:
     fp = meta.get("model_fingerprint")
     if isinstance(fp, dict):
         lines.append(f"model: {fp.get('model_type')} L={fp.get('num_layers')} V={fp.get('vocab_size')} weights {str(fp.get('weights_sha256'))[:12]}")
-    lookup = lookup_words(p["lookup_ngram"], p["lookup_min"], p["lookup_max"], p["lookup_floor"]) if p["lookup_ngram"] else "off"
-    guard = p["guard_costs"]
-    lines.append(
-        f"policy: checks {p['check_layers']} temperatures {[round(t, 3) for t in p['temperatures']]} thresholds "
-        f"{[round(t, 3) for t in p['thresholds']]} d_max {p['d_max']} w_max {p['w_max']} prompt lookup {lookup} "
-        f"head draft: {'on' if p['head_draft'] else 'off'}"
-        + (f"; guard on lookup and head: {len(guard)} drafts pay from {guard[-1]:.2f} kept tokens" if guard else "; no run-time guard")
-    )
+    lines.append("policy: " + ExitPolicy.from_dict(p).describe())
     head = info["exit_head"]
     if head:
         lines.append(

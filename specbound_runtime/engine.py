@@ -10,7 +10,8 @@ A `DecodeState` holds one generation's state. Positions not yet run through ever
 increases along the pending positions, so at any layer the positions still to run form one
 contiguous block, and each layer's KV cache is a prefix of the sequence.
 
-Every draft carries its source: "lookup" (prompt lookup), "head" (the fitted next-token head) or
+Drafting is drafters.py's: its sources propose, and the state pushes their drafts. Every draft
+carries its source: "lookup" (prompt lookup), "head" (the fitted next-token head) or
 "early-exit". The first two cost no layers. After each verification the state keeps the final
 hidden state of the row that predicted the emitted token, which the next-token head reads at the
 start of the next round; nothing is run again for it.
@@ -19,17 +20,15 @@ start of the next round; nothing is run again for it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 import torch
 
 from .acceptance import Acceptance, accept, speculative_accept
 from .adapter import LayerModel
-from .guard import SOURCES, DraftGuard
 from .host import read, to_device
-from .policy import ExitPolicy, decide_exit
-from .sampling import Sampler, draft_probabilities, exact_dtype, full_vocabulary, probabilities
+from .sampling import Sampler, exact_dtype, probabilities
 
 
 class DecodeState:
@@ -82,6 +81,26 @@ class DecodeState:
     def frontier_hidden(self) -> torch.Tensor:
         return self.pending_hidden[:, -1:]
 
+    def exit_logits(self, layer: int) -> torch.Tensor:
+        """The frontier's exit-head logits at `layer` ([V']), running pending positions up to it."""
+        self.advance_to(layer)
+        return self.lm.exit_logits(self.frontier_hidden(), layer)[-1]
+
+    def extend(self, proposal, eos_token_ids: frozenset[int] = frozenset()) -> tuple[int, bool]:
+        """Push a proposal's drafts (a drafters.Proposal), stopping after an end-of-sequence token:
+        (how many were pushed, whether one was). Only chains are verified: a proposal whose
+        parents branch is refused."""
+        if not proposal.is_chain:
+            raise ValueError(
+                f"{proposal.source} proposed a tree (parents {list(proposal.parents)}); verification takes chains only"
+            )
+        for i, token in enumerate(proposal.tokens):
+            q = proposal.q[i] if proposal.q else None
+            self.push_draft(token, proposal.depths[i], q, proposal.source)
+            if token in eos_token_ids:
+                return i + 1, True
+        return len(proposal.tokens), False
+
     def push_draft(
         self, token: int, exit_layer: int, probs: torch.Tensor | None = None, source: str | None = None
     ) -> None:
@@ -131,13 +150,13 @@ class DecodeState:
         self.draft_probs = []
         return new
 
-    def head_draft(self) -> int | None:
+    def next_token_draft(self) -> int | None:
         """The fitted next-token head's draft at the start of a round: from the kept final state
         and the embedding of the token it predicted (the frontier, still at depth 0); None when
         there is no kept state (before the first verification) or drafting has begun."""
         if self.verified_state is None or self.drafts:
             return None
-        return self.lm.head_draft(self.verified_state, self.pending_hidden)
+        return self.lm.next_token_draft(self.verified_state, self.pending_hidden)
 
     def prefix_ids(self) -> torch.Tensor:
         """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
@@ -156,7 +175,8 @@ class DecodeState:
 
 
 class Drafter(Protocol):
-    """Proposes draft tokens onto a sequence, and learns from what was accepted."""
+    """Proposes draft tokens onto a sequence, and learns from what was accepted (a
+    drafters.Speculator composes the policy's sources; NoDrafter drafts nothing)."""
 
     def draft(self, seq: DecodeState, budget: int) -> None: ...
 
@@ -171,88 +191,6 @@ class NoDrafter:
 
     def observe(self, acceptance: Acceptance) -> None:
         return None
-
-
-@dataclass
-class EarlyExitDrafter:
-    """The paper's drafter: exit at the first check layer whose calibrated confidence passes the
-    threshold; stop at the first hard token (depth bound reached) or at the width bound. With
-    prompt lookup on (policy.lookup_ngram), a continuation found earlier in the committed tokens
-    is drafted first, once per round (policy.lookup_drafts), at depth 0 (exit layer 0 in the
-    statistics). With policy.head_draft, a round where lookup proposes nothing starts with one
-    draft of the fitted next-token head, at depth 0 too (a deterministic proposal: q is one-hot
-    under sampling). Early exit goes on from there up to the width bound.
-
-    With policy.guard_costs, a guard (guard.py) pauses lookup or the head while what verification
-    keeps of their drafts does not pay for the wider pass, and lets them probe again later; one
-    guard per drafter, so one per generation.
-
-    Lookup runs once per round, from committed tokens only, so the simulator replays it exactly:
-    looking up again inside drafted tokens would mostly find the span being copied, and chain
-    proposals to the width bound on prompts where the first one was already wrong."""
-
-    policy: ExitPolicy
-    eos_token_ids: frozenset[int] = frozenset()
-    # with policy.guard_costs: this generation's guard on lookup and the head (guard.py)
-    guard: DraftGuard | None = field(init=False, default=None)
-    _round: tuple[str, int] | None = field(init=False, default=None)  # (source, drafts) of the round's first drafts
-
-    def __post_init__(self) -> None:
-        if self.policy.guard_costs:
-            self.guard = DraftGuard(self.policy.guard_costs)
-
-    def draft(self, seq: DecodeState, budget: int) -> None:
-        policy = self.policy
-        checks = policy.active_checks
-        limit = min(budget, policy.w_max)
-        self._round = None
-        if limit < 1:
-            return
-        open_ = self.guard.open_sources() if self.guard is not None else SOURCES
-        if policy.lookup_ngram and "lookup" in open_:  # once, at the start of the round: from the committed tokens
-            for token in policy.lookup_drafts(seq.tokens, limit):
-                seq.push_draft(token, 0)
-                self._round = ("lookup", len(seq.drafts))
-                if token in self.eos_token_ids:
-                    return
-        if policy.head_draft and not seq.drafts and "head" in open_:
-            token = seq.head_draft()
-            if token is not None:
-                seq.push_draft(token, 0, source="head")
-                self._round = ("head", 1)
-                if token in self.eos_token_ids:
-                    return
-        if not checks:  # no early exit: prompt lookup or the head alone
-            return
-        while len(seq.drafts) < limit:
-            for layer, temperature, threshold in checks:
-                seq.advance_to(layer)
-                logits = seq.lm.exit_logits(seq.frontier_hidden(), layer)[-1]
-                if seq.sampler is None:
-                    q = None
-                    decision = decide_exit(logits, temperature, threshold)
-                else:  # sample the draft from q, in the same host read as the exit decision
-                    q = draft_probabilities(
-                        logits, seq.logits_processor, seq.prefix_ids(), seq.lm.exit_columns, seq.lm.vocab_size
-                    )
-                    decision = decide_exit(logits, temperature, threshold, q, seq.sampler.uniforms(1)[0])
-                if decision.exits:
-                    break
-            else:
-                seq.advance_to(policy.d_max)  # a hard token: drafting stops here
-                return
-            token = seq.lm.exit_token(decision.token)
-            seq.push_draft(token, layer, None if q is None else full_vocabulary(q, seq.lm.exit_columns, seq.lm.vocab_size))
-            if token in self.eos_token_ids:
-                return
-
-    def observe(self, acceptance: Acceptance) -> None:
-        """The guard learns what verification kept of the round's lookup or head drafts (they
-        come first in a round, so it kept min(accepted, drafted) of them)."""
-        if self.guard is not None and self._round is not None:
-            source, drafted = self._round
-            self.guard.record(source, drafted, min(acceptance.accepted_length, drafted))
-        self._round = None
 
 
 @dataclass(frozen=True)

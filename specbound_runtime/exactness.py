@@ -3,6 +3,7 @@ and where another output departs from greedy's."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +75,17 @@ def divergence(model, prompt_ids: list[int], ours: list[int], reference: list[in
             logits = model(input_ids=ids).logits[0, -1]
         margin = float(logits[b] - logits[a])
     return Divergence(position=pos, ours=a, reference=b, margin=margin)
+
+
+def against_generate(model, prompt_ids: list[int], ours: list[int], max_new_tokens: int, eos_token_ids, call_s: float) -> dict:
+    """Greedy `generate()` on the same prompt, timed: its wall time, the speedup of our call that
+    took `call_s` seconds, whether our tokens are exactly its, and where they first differ if not
+    (what `specbound decode --check-exact` adds to a turn's record)."""
+    started = time.perf_counter()
+    reference = reference_greedy(model, prompt_ids, max_new_tokens, eos_token_ids)
+    generate_s = time.perf_counter() - started
+    found = divergence(model, prompt_ids, ours, reference)
+    checked = {"generate_wall_time_s": round(generate_s, 4), "speedup_vs_generate": round(generate_s / call_s, 3), "exact": found is None}
+    if found is not None:
+        checked["divergence"] = found.describe()
+    return checked

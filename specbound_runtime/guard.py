@@ -20,6 +20,7 @@ this same class over recorded sequences and predicts the guarded decode loop exa
 
 from __future__ import annotations
 
+import json
 import statistics
 
 SOURCES = ("lookup", "head")
@@ -111,3 +112,30 @@ class PassCostWatch:
             if (below is None or ratio > below) and (above is None or ratio < above):
                 return None  # off, but not so far that another policy would do better
         return {"drafts": width - 1, "measured": round(measured, 3), "expected": round(expected, 3)}
+
+    @classmethod
+    def for_artifact(cls, policy, metadata: dict[str, str]) -> "PassCostWatch | None":
+        """A watch on an artifact's prices, when it has them (a guarded policy) and says how far
+        they may drift (metadata cost_tolerance, and policy_change where it was tuned with it);
+        None otherwise, or when that metadata does not parse."""
+        if not policy.guard_costs or "cost_tolerance" not in metadata:
+            return None
+        try:
+            change = None  # an artifact from before policy_change: the tolerance alone decides
+            if "policy_change" in metadata:
+                bounds = json.loads(metadata["policy_change"])
+                change = tuple(None if bounds.get(side) is None else float(bounds[side]) for side in ("below", "above"))
+            return cls(policy.guard_costs, float(metadata["cost_tolerance"]), change)
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+
+def drift_warning(drift: dict) -> str:
+    """What decode prints once when `PassCostWatch.drift` finds this machine's prices off."""
+    return (
+        f"warning: this machine prices {drift['drafts']} drafts at {drift['measured']} plain steps, the artifact "
+        f"expects {drift['expected']}: far enough that tuning would choose another policy for this machine. Retune "
+        "(minutes, no recording): specbound costs --out mine.json, then specbound calibrate --from-artifact "
+        "ARTIFACT --costs mine.json --work-dir <its calibration's work folder>"
+    )
+

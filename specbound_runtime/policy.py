@@ -8,10 +8,11 @@ into a draft through the final norm and the LM head.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .guard import DraftGuard
 from .host import read
 
 # Documented defaults when no artifact is given (see README, "Default schedule").
@@ -24,6 +25,43 @@ PAPER_W_MAX = 4
 def paper_temperatures(alpha: float, check_layers: tuple[int, ...], num_layers: int) -> tuple[float, ...]:
     """The paper's annealing T_l = 1 + alpha * (1 - l/L): hotter (less confident) when shallower."""
     return tuple(1.0 + alpha * (1.0 - layer / num_layers) for layer in check_layers)
+
+
+def _stored(tensor: str, slot: int | None = None, dtype: str = "int64", sparse: bool = False, required: bool = False) -> dict:
+    """How the artifact stores a policy field: in tensor `policy.<tensor>` (at `slot` of it, for
+    fields packed together), of `dtype`. sparse: written only when it differs from its default, so
+    an artifact of a policy without it is byte for byte what it was before the field existed.
+    required: an artifact without the tensor is refused; any other field missing from an older
+    artifact takes its default."""
+    return {"tensor": tensor, "slot": slot, "dtype": dtype, "sparse": sparse, "required": required}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of the policy in an artifact: its name, dtype, the fields it holds (one, or
+    several packed in slot order) and how it is written (`_stored`)."""
+
+    tensor: str
+    dtype: str
+    fields: tuple[str, ...]
+    packed: bool
+    sparse: bool
+    required: bool
+    kind: str  # "vector" (a tuple field, its own tensor), "flag" (a bool, as 0 or 1) or "number"
+
+
+def storage() -> tuple[Stored, ...]:
+    """The artifact's layout of ExitPolicy, derived from its fields' metadata."""
+    out: dict[str, Stored] = {}
+    for f in dataclasses.fields(ExitPolicy):
+        s = f.metadata.get("tensor") and f.metadata
+        if not s:
+            continue
+        have = out.get(s["tensor"])
+        names = (have.fields if have else ()) + (f.name,)
+        kind = "vector" if str(f.type).startswith("tuple") else "flag" if str(f.type) == "bool" else "number"
+        out[s["tensor"]] = Stored(s["tensor"], s["dtype"], names, s["slot"] is not None, s["sparse"], s["required"], kind)
+    return tuple(out.values())
 
 
 @dataclass(frozen=True)
@@ -55,22 +93,32 @@ class ExitPolicy:
       guard (artifacts written before it).
     """
 
-    num_layers: int
-    check_layers: tuple[int, ...]
-    temperatures: tuple[float, ...]
-    thresholds: tuple[float, ...]
-    d_max: int
-    w_max: int
-    lookup_ngram: int = 0
-    lookup_max: int = 0
-    head_draft: bool = False
-    lookup_min: int = 0
-    lookup_floor: int = 0
-    guard_costs: tuple[float, ...] = ()
+    num_layers: int  # the model's; an artifact takes it from its model fingerprint
+    check_layers: tuple[int, ...] = field(metadata=_stored("check_layers", required=True))
+    temperatures: tuple[float, ...] = field(metadata=_stored("temperatures", dtype="float64", required=True))
+    thresholds: tuple[float, ...] = field(metadata=_stored("thresholds", dtype="float64", required=True))
+    d_max: int = field(metadata=_stored("bounds", slot=0, required=True))
+    w_max: int = field(metadata=_stored("bounds", slot=1, required=True))
+    lookup_ngram: int = field(default=0, metadata=_stored("lookup", slot=0))
+    lookup_max: int = field(default=0, metadata=_stored("lookup", slot=1))
+    head_draft: bool = field(default=False, metadata=_stored("head_draft", sparse=True))
+    lookup_min: int = field(default=0, metadata=_stored("lookup_backoff", sparse=True))
+    lookup_floor: int = field(default=0, metadata=_stored("lookup_floor", sparse=True))
+    guard_costs: tuple[float, ...] = field(default=(), metadata=_stored("guard_costs", dtype="float32", sparse=True))
 
     def to_dict(self) -> dict:
-        """Every field by its name (tuples as lists): what `inspect --json` shows."""
+        """Every field by its name (tuples as lists): what `inspect --json` and the bench's
+        results show, and what `from_dict` reads back."""
         return {f.name: list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(self) for v in (getattr(self, f.name),)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExitPolicy":
+        """The policy `to_dict` wrote (lists back to tuples); a missing field takes its default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown policy fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def __post_init__(self) -> None:
         L = self.num_layers
@@ -113,7 +161,36 @@ class ExitPolicy:
     @property
     def drafts(self) -> bool:
         """Whether this policy drafts at all (early exit, prompt lookup or the next-token head)."""
-        return bool(self.check_layers) or self.lookup_ngram > 0 or self.head_draft
+        return bool(self.sources)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The draft sources this policy uses, in the order a round consults them: those that cost
+        no layers first ("lookup", then "head"; the first of them that proposes drafts opens the
+        round), then "early-exit", which drafts on up to the width bound."""
+        on = (("lookup", self.lookup_ngram > 0), ("head", self.head_draft), ("early-exit", bool(self.check_layers)))
+        return tuple(name for name, used in on if used)
+
+    @property
+    def lookup_rule(self) -> tuple[int, int]:
+        """Prompt lookup's match rule: (longest tail, shortest tail it backs off to; 0: no backoff)."""
+        return self.lookup_ngram, self.lookup_min
+
+    def guard(self) -> DraftGuard | None:
+        """A fresh run-time guard on the no-layer sources (guard.DraftGuard) at this policy's
+        prices; None for a policy without them."""
+        return DraftGuard(self.guard_costs) if self.guard_costs else None
+
+    def describe(self) -> str:
+        """The policy in one line of words (what `specbound inspect` prints)."""
+        lookup = lookup_words(self.lookup_ngram, self.lookup_min, self.lookup_max, self.lookup_floor) if self.lookup_ngram else "off"
+        guard = self.guard_costs
+        return (
+            f"checks {list(self.check_layers)} temperatures {[round(t, 3) for t in self.temperatures]} thresholds "
+            f"{[round(t, 3) for t in self.thresholds]} d_max {self.d_max} w_max {self.w_max} prompt lookup {lookup} "
+            f"head draft: {'on' if self.head_draft else 'off'}"
+            + (f"; guard on lookup and head: {len(guard)} drafts pay from {guard[-1]:.2f} kept tokens" if guard else "; no run-time guard")
+        )
 
     def lookup_width(self, matched: int) -> int:
         """How many tokens prompt lookup may draft after a match on the last `matched` tokens."""

@@ -2,7 +2,8 @@
 draft distribution q of the early-exit drafter.
 
 Randomness enters in one place, `Sampler.uniforms`: uniform numbers in [0, 1) from an
-explicit `torch.Generator`, or from torch's global generator when none is given (so
+explicit `torch.Generator` (a run's prompt `index` gets one seeded from (seed, index):
+`PromptSampling`), or from torch's global generator when none is given (so
 `torch.manual_seed` works as it does with transformers' `generate(do_sample=True)`). Everything
 else is a deterministic function of those numbers, so the same seed gives the same output.
 Probabilities, cumulative sums and uniforms are float64 (`exact_dtype`), except on MPS, which
@@ -115,6 +116,25 @@ def prompt_seed(seed: int, index: int) -> int:
     prompts still independent samples."""
     digest = hashlib.sha256(f"specbound-seed:{int(seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class PromptSampling:
+    """How prompt `index` of a run is decoded: the run's mode and, when sampling under a run seed,
+    the prompt's own seed (`prompt_seed(seed, index)`) and a generator seeded with it. Without a
+    seed the generator is None: torch's global generator, unseeded, so a fresh sample each run.
+    Turns of one prompt share its generator."""
+
+    mode: DecodingMode
+    generator: torch.Generator | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, mode: DecodingMode, seed: int | None, index: int) -> "PromptSampling":
+        if not mode.do_sample or seed is None:
+            return cls(mode)
+        s = prompt_seed(seed, index)
+        return cls(mode, torch.Generator().manual_seed(s), s)
 
 
 class Sampler:

@@ -192,20 +192,21 @@ def test_bf16_on_cpu_matches_generate_in_bf16(tiny):
 
 
 def test_host_reads_are_at_most_one_per_exit_decision_and_per_verification(tiny, monkeypatch):
-    from specbound_runtime import engine
+    from specbound_runtime import drafters, engine
 
     folder, loaded, artifact = tiny
     m = sb.load(str(folder), artifact=artifact)
     decisions = []
-    real = engine.decide_exit
-    monkeypatch.setattr(engine, "decide_exit", lambda *a: decisions.append(1) or real(*a))
-    from specbound_runtime.engine import EarlyExitDrafter, generate
+    real = drafters.decide_exit
+    monkeypatch.setattr(drafters, "decide_exit", lambda *a: decisions.append(1) or real(*a))
+    from specbound_runtime.engine import generate
+    from specbound_runtime.drafters import Speculator
 
     with torch.inference_mode():
-        generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)  # builds the RoPE table once
+        generate(m.lm, PROMPT[0], 40, Speculator.for_policy(DRAFTING), m.eos_token_ids)  # builds the RoPE table once
         decisions.clear()
         with HostReadCounter() as reads:
-            result = generate(m.lm, PROMPT[0], 40, EarlyExitDrafter(DRAFTING), m.eos_token_ids)
+            result = generate(m.lm, PROMPT[0], 40, Speculator.for_policy(DRAFTING), m.eos_token_ids)
     passes = result.verify_passes + result.fallbacks
     assert len(decisions) > 0 and result.drafted > 0
     assert reads.count <= len(decisions) + passes, (reads.count, len(decisions), passes)
@@ -261,7 +262,7 @@ def test_host_reads_stay_bounded_through_generate_with_processors_and_a_stopping
     one read per exit decision and two per verification (acceptance, then the stopping rule)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from specbound_runtime import engine
+    from specbound_runtime import drafters, engine
 
     class Never(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -272,13 +273,13 @@ def test_host_reads_stay_bounded_through_generate_with_processors_and_a_stopping
     kwargs = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.2, stopping_criteria=StoppingCriteriaList([Never()]))
     m.generate(torch.tensor(PROMPT), **kwargs)  # builds the RoPE table once
     decisions = []
-    real = engine.decide_exit
-    engine.decide_exit = lambda *a: decisions.append(1) or real(*a)
+    real = drafters.decide_exit
+    drafters.decide_exit = lambda *a: decisions.append(1) or real(*a)
     try:
         with HostReadCounter() as reads:
             run = m.generate_with_stats(torch.tensor(PROMPT), **kwargs)
     finally:
-        engine.decide_exit = real
+        drafters.decide_exit = real
     passes = run.stats.verify_passes + run.stats.fallbacks
     # plus a few reads once per call in generate()'s own preparation (attention-mask checks)
     per_call = 8

@@ -136,7 +136,7 @@ def test_token_sources_say_where_emitted_tokens_came_from(outcome, tiny):
 
 def test_measurements_keep_sources_and_read_older_lines_without_them(tmp_path):
     from specbound.bench.answers import Answer
-    from specbound.data.tasks import TaskPrompt
+    from specbound.data.templates import TaskPrompt
 
     answer = Answer(0, "qa", TaskPrompt("qa", "q0", ("hello",)), 0)
     with_sources = Generation((4, 5, 6), (3,), 1, 3, (("early-exit", 1), ("lookup", 2)), (("lookup", 2),))
@@ -226,21 +226,30 @@ def test_oracle_replays_the_next_token_head_the_policy_drafts_with():
     n = 60
     cost = CostModel(num_layers=30, layer_base=1.0, layer_extra=0.02, head_base=0.5, head_extra=0.05, check=0.1, round_overhead=0.5)
 
-    def rec(head_right: bool) -> dict:
-        return {
-            "conf": np.zeros((n + 1, 0, len(TEMPERATURE_GRID)), np.float32), "right": np.zeros((n + 1, 0), bool),
-            "tokens": n, "head_right": np.full(n + 1, head_right),
-        }
+    from specbound.calibrate.collect import HEADS, Records
+    from specbound.calibrate.replay import replays
+    from specbound_runtime.policy import ExitPolicy
 
     def setup(head_draft: bool) -> O.OracleSetup:
-        return O.OracleSetup(None, {}, (), (), (), d_max=30, w_max=1, cost=cost, head_draft=head_draft)
+        return O.OracleSetup(None, {}, (), ExitPolicy(30, (), (), (), 30, 1, head_draft=head_draft), cost)
+
+    def rec(head_right: bool, head_draft: bool = True) -> dict:
+        k = n + 1
+        rows = Records(
+            np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), np.zeros(k, np.int64), np.zeros((k, len(HEADS), 0), bool),
+            np.zeros((k, len(HEADS), 0, len(TEMPERATURE_GRID)), np.float32), (), head_right=np.full(k, head_right),
+        )
+        return {
+            "conf": np.zeros((k, 0, len(TEMPERATURE_GRID)), np.float32), "right": np.zeros((k, 0), bool),
+            "tokens": n, "free": replays(rows, setup(head_draft).policy),
+        }
 
     right, wrong = (O.oracle_simulate(setup(True), [rec(r)]) for r in (True, False))
     for sim in (right, wrong):
         assert sim["oracle"]["head_reads"] == sim["predicted"]["head_reads"] > n / 3
     assert right["oracle"]["speedup"] > 1.5 > 1.0 > wrong["oracle"]["speedup"]
     assert right["oracle"]["mean_accepted_length"] > 1.9
-    assert O.oracle_simulate(setup(False), [rec(True)])["oracle"]["head_reads"] == 0  # not in the policy: not drafted
+    assert O.oracle_simulate(setup(False), [rec(True, head_draft=False)])["oracle"]["head_reads"] == 0  # not in the policy: not drafted
 
 
 class WrongTokensRunner(MethodRunner):
@@ -396,7 +405,7 @@ def _measurement(answer: int, repeat: int) -> Measurement:
 
 def test_measurement_log_keeps_finished_lines_and_refuses_what_it_cannot_trust(tmp_path):
     from specbound.bench.answers import Answer
-    from specbound.data.tasks import TaskPrompt
+    from specbound.data.templates import TaskPrompt
 
     answer = Answer(0, "qa", TaskPrompt("qa", "q0", ("hello",)), 0)
     path = tmp_path / MEASUREMENTS_FILE

@@ -17,7 +17,8 @@ from specbound.calibrate import collect as C
 from specbound.calibrate.fit import (
     TEMPERATURE_GRID, binary_nll, confidence_at, expected_calibration_error, fit_temperature, metrics, ridge_lens,
 )
-from specbound.calibrate.simulate import CostModel, Exits, Lookups, decide_exits, simulate
+from specbound.calibrate.replay import replays
+from specbound.calibrate.simulate import CostModel, Exits, decide_exits, simulate
 
 COST = CostModel(num_layers=6, layer_base=1.0, layer_extra=0.1, head_base=2.0, head_extra=0.2, check=0.3, round_overhead=0.5)
 
@@ -153,7 +154,8 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head, guard):
     that it is right about every other position and mostly wrong on the rest), the same head
     drafts too; under the run-time guard (the last cases), the same rounds are paused."""
     from specbound_runtime.adapter import HFCausalLM
-    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from specbound_runtime.engine import NoDrafter, generate
+    from specbound_runtime.drafters import Speculator
     from specbound_runtime.exit_head import ExitHeadWeights
     from specbound_runtime.policy import ExitPolicy
     from tiny_models import tiny_model
@@ -192,19 +194,17 @@ def test_simulator_matches_the_engine_round_by_round(lookup, head, guard):
         rec = C.record_sequence(lm, heads, seq, layers)
         k = len(rec["final"])
         records = C.with_lookups(
-            C.Records(np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], layers),
+            C.Records(
+                np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], layers,
+                head_right=rec.get("head_right"),
+            ),
             [seq],
         )
         exits = decide_exits(rec["conf"][:, 0], rec["right"][:, 0], [0, 1, 2], list(layers), [t] * 3, [0.08] * 3)
-        g = C.lookup_column(*lookup) if lookup[0] else None
-        lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g]) if lookup[0] else None
-        sim = simulate(
-            exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, lookups, policy.lookup_max, rec["head_right"] if head else None,
-            guard_costs=policy.guard_costs,
-        )
-        result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+        sim = simulate(exits, [(0, k - 1)], COST, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs)
+        result = generate(lm, prompt, 40, Speculator.for_policy(policy))
         if guard:
-            free = generate(lm, prompt, 40, EarlyExitDrafter(dataclasses.replace(policy, guard_costs=())))
+            free = generate(lm, prompt, 40, Speculator.for_policy(dataclasses.replace(policy, guard_costs=())))
             depth0 = lambda r: sum(r.drafted_sources.count(s) for s in ("lookup", "head"))  # noqa: E731
             paused += depth0(free) - depth0(result)
         assert list(result.token_ids) == answer
@@ -234,7 +234,8 @@ def test_prompt_lookup_is_replayed_exactly(rule, guard):
     the same drafts, acceptances and passes, call for call; with drafts sized by the match's
     length (lookup_floor) too."""
     from specbound_runtime.adapter import HFCausalLM
-    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from specbound_runtime.engine import NoDrafter, generate
+    from specbound_runtime.drafters import Speculator
     from specbound_runtime.policy import ExitPolicy
     from tiny_models import tiny_model
 
@@ -253,17 +254,16 @@ def test_prompt_lookup_is_replayed_exactly(rule, guard):
                       np.zeros((n, 1, 0), bool), np.zeros((n, 1, 0, 1), np.float32), ()),
             [seq],
         )
-        g = C.lookup_column(ngram, lookup_min)
-        lookups = Lookups(records.lookup_proposed[:, g], records.lookup_right[:, g], records.lookup_size[:, g])
+        free = replays(records, policy)
         none = Exits(layer=np.full(n, -1), right=np.zeros(n, bool), checks=np.zeros(n, np.int64))
-        sim = simulate(none, [(0, n - 1)], COST, 6, m, lookups, m, lookup_floor=floor, guard_costs=costs)
-        result = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+        sim = simulate(none, [(0, n - 1)], COST, 6, m, free, costs)
+        result = generate(lm, prompt, 40, Speculator.for_policy(policy))
         assert list(result.token_ids) == answer
         assert (sim.rounds, sim.drafted, sim.accepted) == (result.verify_passes, result.drafted, result.accepted)
         drafted += result.drafted
         if guard:  # what the same lookup drafts unguarded
-            unguarded += generate(lm, prompt, 40, EarlyExitDrafter(dataclasses.replace(policy, guard_costs=()))).drafted
-        widths |= {int(w) for w in lookups.drafts(m, floor) if w}
+            unguarded += generate(lm, prompt, 40, Speculator.for_policy(dataclasses.replace(policy, guard_costs=()))).drafted
+        widths |= {int(w) for w in free[0].proposed if w}
     assert drafted > 0
     if guard:  # it paused lookup: short n-grams match every few rounds, so some pause lands on a match
         assert drafted < unguarded if ngram < 4 else drafted <= unguarded
@@ -359,7 +359,7 @@ class _ScriptedDrafter:
 def test_simulator_counts_every_layer_call_and_head_read_by_width_as_the_engine_makes_them(seed):
     """Exit layers varying draft by draft make the engine climb, merge and verify positions in
     calls of many widths (DecodeState.advance_to); the replay counts the same calls and LM-head
-    reads, width by width, and so prices them as the engine's own work costs under CLIFF."""
+    reads, width by width (what it charges for them: the worked example below)."""
     from specbound_runtime.adapter import HFCausalLM
     from specbound_runtime.engine import NoDrafter, generate
     from tiny_models import tiny_model
@@ -396,8 +396,27 @@ def test_simulator_counts_every_layer_call_and_head_read_by_width_as_the_engine_
     assert sim.rounds == result.verify_passes and sim.drafted == result.drafted
     assert tuple(widths) == sim.call_widths
     assert tuple(heads) == sim.head_rows
-    engine_ms = sum(CLIFF.layer_call(n) for n in calls) + sum(CLIFF.head_call(n) for n in lm.heads[1:] + [1])
-    assert sim.cost_ms == pytest.approx(engine_ms + CLIFF.round_overhead * sim.rounds + CLIFF.check * sim.exit_checks)
+
+
+def test_a_replay_costs_what_its_calls_cost_worked_by_hand():
+    """Seven recorded positions, every draft right at layer 2 (one check each), d_max 2, w_max 4,
+    under CLIFF. By hand:
+    - the prefill: 6 layer calls over one position (1.0 ms each) and a head read over one (2.0);
+    - one drafting round: the token emitted last round and each of four drafts climbs layers 1-2
+      on its own before the next is drafted (5 x 2 calls over one position, 4 checks at 0.3),
+      then all five climb layers 3-6 together (4 calls over five positions: 3.1 ms each, past the
+      cliff) and the head reads five (5.0 + 0.2 = 5.2: one position past its table);
+    - one last plain step, as the prefill: the sequence ends;
+    - 3 rounds at 0.5.
+    Layers 22 x 1.0 + 4 x 3.1 = 34.4, heads 2 x 2.0 + 5.2 = 9.2, checks 1.2, rounds 1.5: 46.3 ms
+    for 7 tokens, which plain decoding makes in 7 x (6 x 1.0 + 2.0 + 0.5) = 59.5 ms."""
+    n = 7
+    exits = Exits(layer=np.full(n, 2), right=np.ones(n, bool), checks=np.ones(n, np.int64))
+    r = simulate(exits, [(0, n)], CLIFF, d_max=2, w_max=4)
+    assert (r.tokens, r.rounds, r.drafted, r.exit_checks) == (7, 3, 4, 4)
+    assert r.call_widths == (22, 0, 0, 0, 4) and r.head_rows == (2, 0, 0, 0, 1)
+    assert r.cost_ms == pytest.approx(46.3)
+    assert r.speedup == pytest.approx(59.5 / 46.3)
 
 
 # -- the whole pipeline on a tiny model ------------------------------------------------------------

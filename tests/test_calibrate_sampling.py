@@ -13,9 +13,11 @@ import torch
 
 
 from specbound.calibrate import collect as C
-from specbound.calibrate.simulate import CostModel, Lookups, decide_exits, simulate
+from specbound.calibrate.replay import head_replay, replays
+from specbound.calibrate.simulate import CostModel, decide_exits, simulate
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate, target_scores
+from specbound_runtime.engine import NoDrafter, generate, target_scores
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import SpecBoundWarning
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.generation import prepared_by_generate
@@ -86,7 +88,7 @@ def test_recorded_head_acceptance_is_p_of_the_engines_head_draft(setup):
         position = 2 + row
         p = probabilities(target_scores(logits[position : position + 1], ids[: position + 1], [], processors))[0]
         with torch.inference_mode():
-            x = lm.head_draft(states[-1][position - 1][None, None], lm.embed([ids[position]]))
+            x = lm.next_token_draft(states[-1][position - 1][None, None], lm.embed([ids[position]]))
         assert rec["head_accept"][row] == pytest.approx(float(p[x]), abs=1e-4)
         assert rec["head_right"][row] == (x == int(logits[position].argmax()))
         accepts.append(float(p[x]))
@@ -112,7 +114,7 @@ def test_the_simulator_predicts_the_live_engine_under_sampling(setup, monkeypatc
     token, and the speedup the cost model gives for the work each did, all agree. (Not exactly: the
     replay follows trajectories sampled from p, the engine's context after an accepted draft is a
     token from min(p, q); see calibrate/simulate.py.)"""
-    from specbound_runtime import engine
+    from specbound_runtime import drafters, engine
 
     model, lm, heads, processors, weights = setup
     temps = (float(C.TEMPERATURE_GRID[8]),) * 3
@@ -135,16 +137,15 @@ def test_the_simulator_predicts_the_live_engine_under_sampling(setup, monkeypatc
     for draw in range(5):
         rr = records.with_draws(draw)
         exits = decide_exits(rr.conf[:, 0], rr.draft_right(0), [0, 1, 2], list(LAYERS), list(temps), [0.3] * 3)
-        lookups = Lookups(rr.lookup_proposed[:, 0], rr.lookup_right[:, 0]) if lookup[0] else None
-        sims.append(simulate(exits, rr.bounds(), COST, policy.d_max, policy.w_max, lookups, policy.lookup_max))
+        sims.append(simulate(exits, rr.bounds(), COST, policy.d_max, policy.w_max, replays(rr, policy)))
 
     counting = CountingLM(model, exit_weights=weights)
     checks = []
-    real_decide = engine.decide_exit
-    monkeypatch.setattr(engine, "decide_exit", lambda *a: checks.append(1) or real_decide(*a))
+    real_decide = drafters.decide_exit
+    monkeypatch.setattr(drafters, "decide_exit", lambda *a: checks.append(1) or real_decide(*a))
     g = torch.Generator().manual_seed(1)
     runs = [
-        generate(counting, prompt, 40, EarlyExitDrafter(policy), logits_processor=processors, sampler=Sampler(g))
+        generate(counting, prompt, 40, Speculator.for_policy(policy), logits_processor=processors, sampler=Sampler(g))
         for _ in range(8)
         for prompt in PROMPTS
     ]
@@ -206,5 +207,5 @@ def test_the_sampling_replay_keeps_head_drafts_at_their_acceptance_probability()
             head_right=np.zeros(n, bool), head_accept=np.full(n, p_accept, np.float32),
         ).with_draws(0)
         exits = decide_exits(records.conf[:, 0], records.draft_right(0), [], [], [], [])
-        sim = simulate(exits, records.bounds(), COST, 5, 1, head=records.head_draft_right())
+        sim = simulate(exits, records.bounds(), COST, 5, 1, [head_replay(records.head_draft_right())])
         assert sim.head_reads > 0 and low <= sim.acceptance_rate <= high

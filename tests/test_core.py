@@ -37,9 +37,19 @@ def test_accept_rejects_wrong_number_of_rows():
 
 
 def test_paper_schedule_anneals_towards_one_at_the_last_layer():
+    """T_l = 1 + alpha * (1 - l/L), checked by what the paper's schedule means rather than by its
+    formula: 1 + alpha at the embeddings, exactly 1 at the last layer, a straight line in between
+    that depends on the depth fraction l/L only, and alpha the whole of the extra heat."""
     temps = paper_temperatures(0.8, (1, 10, 20, 30), 30)
     assert temps[0] > temps[1] > temps[2] > temps[3] == 1.0
-    assert temps[1] == pytest.approx(1 + 0.8 * (1 - 10 / 30))
+    assert paper_temperatures(0.8, (0,), 30) == pytest.approx((1.8,))  # before the first layer: 1 + alpha
+    assert paper_temperatures(0.8, (15,), 30) == pytest.approx((1.4,))  # halfway down: halfway to 1
+    even = paper_temperatures(0.8, (6, 12, 18, 24), 30)  # equal layer steps, equal temperature steps
+    assert [a - b for a, b in zip(even, even[1:])] == pytest.approx([0.16] * 3)  # 6/30 of alpha 0.8
+    assert paper_temperatures(0.8, (10, 20), 30) == pytest.approx(paper_temperatures(0.8, (20, 40), 60))
+    assert paper_temperatures(0.0, (1, 10, 29), 30) == (1.0, 1.0, 1.0)  # no annealing: the raw confidences
+    doubled = paper_temperatures(1.6, (1, 10, 20), 30)
+    assert [d - 1 for d in doubled] == pytest.approx([2 * (t - 1) for t in temps[:3]])
 
 
 def test_confidence_is_max_softmax_and_temperature_only_lowers_it():
@@ -88,7 +98,8 @@ def test_a_policy_without_check_layers_drafts_only_lookups(lookup):
     (exit layer 0); with lookup off too, nothing is drafted: plain decoding. Either way the output
     is plain greedy decoding's."""
     from specbound_runtime.adapter import HFCausalLM
-    from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+    from specbound_runtime.engine import NoDrafter, generate
+    from specbound_runtime.drafters import Speculator
     from tiny_models import tiny_model
 
     lm = HFCausalLM(tiny_model("llama", seed=1))
@@ -97,7 +108,7 @@ def test_a_policy_without_check_layers_drafts_only_lookups(lookup):
     assert policy.drafts == bool(lookup)
     prompt = [5, 9, 20, 5, 9, 20, 5, 9]
     plain = generate(lm, prompt, 40, NoDrafter())
-    run = generate(lm, prompt, 40, EarlyExitDrafter(policy))
+    run = generate(lm, prompt, 40, Speculator.for_policy(policy))
     assert run.token_ids == plain.token_ids
     assert set(run.exit_layers) <= {0}
     assert (run.drafted > 0) == bool(lookup)

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from specbound.data import sources, tasks
-from specbound.data.tasks import Document, TaskPrompt
+from specbound.data import calibration, essays, sources, split, tasks, templates
+from specbound.data.calibration import Document
+from specbound.data.templates import TaskPrompt
 from specbound_runtime.errors import InputError, UsageError
 
 
@@ -78,7 +79,7 @@ def test_corrupt_file_says_reinstall(monkeypatch, tmp_path, name, content, reade
 
 def test_data_modules_import_no_calibration_only_dependency():
     code = (
-        "import sys, specbound.data.tasks, specbound_runtime.prompts; "
+        "import sys, specbound.data.tasks, specbound.data.calibration, specbound_runtime.prompts; "
         "bad = {'datasets', 'optuna', 'sklearn', 'torch'} & set(sys.modules); "
         "assert not bad, bad"
     )
@@ -151,22 +152,22 @@ def test_task_prompt_shapes():
     assert code.text.startswith("Complete this Python function:") and "def " in code.text
     (summary,) = tasks.task_prompts("summarization", 1)
     assert summary.text.startswith("Summarize the following passage")
-    assert len(summary.text.split()) >= tasks.SUMMARY_MIN_WORDS
+    assert len(summary.text.split()) >= templates.SUMMARY_MIN_WORDS
     rag = tasks.task_prompts("rag", 200)
-    assert all(len(p.text) <= tasks.RAG_MAX_CHARS and "Question: " in p.text for p in rag)
+    assert all(len(p.text) <= templates.RAG_MAX_CHARS and "Question: " in p.text for p in rag)
     assert all(p.text.count("\n\n") >= 2 for p in rag)  # at least one passage
     qa = tasks.task_prompts("qa", 20)
     assert all("Question:" not in p.text for p in qa)  # closed-book
     math_ids = [p.id for p in tasks.task_prompts("math-reasoning", 40)]
     assert all(i.startswith("mmath-") for i in math_ids)
     translation = tasks.task_prompts("translation", 30)
-    for language in tasks.TRANSLATION_LANGUAGES:  # balanced across the target languages
+    for language in templates.TRANSLATION_LANGUAGES:  # balanced across the target languages
         assert sum(f"from English to {language}:" in p.text for p in translation) == 10
     summarized = {p.id for p in tasks.task_prompts("summarization", tasks.task_size("summarization"))}
     assert not summarized & {p.id for p in tasks.task_prompts("translation", tasks.task_size("translation"))}
     for p in translation:
         english = p.text.split(":\n\n", 1)[1]
-        assert english.strip() and len(english) <= tasks.TRANSLATION_MAX_CHARS
+        assert english.strip() and len(english) <= templates.TRANSLATION_MAX_CHARS
 
 
 @pytest.mark.parametrize("n", [0, -1, 10_000])
@@ -186,19 +187,19 @@ def test_unknown_task():
 def test_is_held_out_is_sha256_of_the_id():
     for doc_id in ["pg-00012", "squad-0003", "x"]:
         value = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
-        assert tasks.is_held_out(doc_id, 0.3) == (value < 0.3)
-    assert not tasks.is_held_out("pg-00012", 0.0) and tasks.is_held_out("pg-00012", 1.0)
+        assert split.is_held_out(doc_id, 0.3) == (value < 0.3)
+    assert not split.is_held_out("pg-00012", 0.0) and split.is_held_out("pg-00012", 1.0)
     with pytest.raises(UsageError):
-        tasks.is_held_out("pg-00012", 1.5)
+        split.is_held_out("pg-00012", 1.5)
 
 
 def test_calibration_never_uses_a_benchmark_item():
     benchmark = {p.id for t in tasks.TASKS for p in tasks.task_prompts(t, tasks.task_size(t))}
-    calibration = {p.id for p in tasks.calibration_chat_prompts(sum(map(len, tasks._calibration_strata())))}
-    documents = {d.id for d in tasks.calibration_documents()}
-    assert not benchmark & calibration
+    chat = {p.id for p in calibration.calibration_chat_prompts(sum(map(len, calibration._calibration_strata())))}
+    documents = {d.id for d in calibration.calibration_documents()}
+    assert not benchmark & chat
     assert not benchmark & documents
-    assert not any(i.startswith("mt-bench-") for i in calibration)
+    assert not any(i.startswith("mt-bench-") for i in chat)
 
 
 def _long_sentences(text: str) -> set[str]:
@@ -211,22 +212,23 @@ def _long_sentences(text: str) -> set[str]:
 
 def _template_sentences() -> set[str]:
     """The prompt templates' own sentences, which every prompt of a template shares."""
-    templates = set()
-    for template in (tasks.SUMMARIZE, tasks.TRANSLATE, tasks.CODE, tasks.MATH, tasks.RAG, tasks.PASSAGE_QA, tasks.EXTRACTION, tasks.EXPLAIN, tasks.KEY_POINTS):
+    t = templates
+    shared = set()
+    for template in (t.SUMMARIZE, t.TRANSLATE, t.CODE, t.MATH, t.RAG, t.PASSAGE_QA, t.EXTRACTION, t.EXPLAIN, t.KEY_POINTS):
         filled = template.format(text="", passages="", question="", code="", problem="", language="X")
-        templates |= _long_sentences(filled) | {s.replace("X", lang) for s in _long_sentences(filled) for lang in tasks.TRANSLATION_LANGUAGES}
-    return templates
+        shared |= _long_sentences(filled) | {s.replace("X", lang) for s in _long_sentences(filled) for lang in t.TRANSLATION_LANGUAGES}
+    return shared
 
 
 def test_no_benchmark_prompt_shares_text_with_the_calibration_corpus():
     """Not only the ids: no sentence of a bench prompt (beyond the prompt templates' own words)
     appears in a calibration document or a calibration chat prompt. HotpotQA reuses a Wikipedia
     passage across questions, and HumanEval has near-duplicate problems: both would leak."""
-    every = sum(map(len, tasks._calibration_strata()))
+    every = sum(map(len, calibration._calibration_strata()))
     corpus = set()
-    for d in tasks.calibration_documents():
+    for d in calibration.calibration_documents():
         corpus |= _long_sentences(d.text)
-    for p in tasks.calibration_chat_prompts(every) + _every_kind_prompt():
+    for p in calibration.calibration_chat_prompts(every) + _every_kind_prompt():
         for turn in p.turns:
             corpus |= _long_sentences(turn)
     corpus -= _template_sentences()
@@ -243,31 +245,31 @@ def test_no_benchmark_prompt_shares_text_with_the_calibration_corpus():
 
 
 def test_calibration_documents_counts_ids_and_sizes():
-    documents = list(tasks.calibration_documents())
-    assert documents == list(tasks.calibration_documents())
-    essays = [d for d in documents if d.source == "paul-graham"]
+    documents = list(calibration.calibration_documents())
+    assert documents == list(calibration.calibration_documents())
+    essay_docs = [d for d in documents if d.source == "paul-graham"]
     squad = [d for d in documents if d.source == "squad"]
-    assert len(essays) + len(squad) == len(documents)
-    assert [d.id for d in essays] == [f"pg-{i:05d}" for i in range(len(essays))]
+    assert len(essay_docs) + len(squad) == len(documents)
+    assert [d.id for d in essay_docs] == [f"pg-{i:05d}" for i in range(len(essay_docs))]
     assert all(d.id.startswith("squad-") and d.text.strip() for d in squad)
     assert len({d.id for d in documents}) == len(documents)
-    assert 1000 <= len(essays) <= 2500 and 300 <= len(squad) <= 720
-    words = [len(d.text.split()) for d in essays]
+    assert 1000 <= len(essay_docs) <= 2500 and 300 <= len(squad) <= 720
+    words = [len(d.text.split()) for d in essay_docs]
     assert sum(words) > 500_000  # nearly all of the ~525k words of essays
-    assert max(words) <= tasks.DOC_MAX_WORDS + tasks._TAIL_MIN_WORDS
-    assert sum(w >= tasks.DOC_MIN_WORDS for w in words) > 0.85 * len(words)
-    text = "\n".join(d.text for d in essays)
+    assert max(words) <= essays.DOC_MAX_WORDS + essays.TAIL_MIN_WORDS
+    assert sum(w >= essays.DOC_MIN_WORDS for w in words) > 0.85 * len(words)
+    text = "\n".join(d.text for d in essay_docs)
     for markdown in ["](", "**", "\\", "Comment on this essay.", "Get funded by Y Combinator"]:
         assert markdown not in text
 
 
 def test_held_out_split_is_disjoint_and_about_the_right_size():
-    everything = {d.id for d in tasks.calibration_documents()}
-    held = {d.id for d in tasks.calibration_documents(held_out=True)}
-    fitting = {d.id for d in tasks.calibration_documents(held_out=False)}
+    everything = {d.id for d in calibration.calibration_documents()}
+    held = {d.id for d in calibration.calibration_documents(held_out=True)}
+    fitting = {d.id for d in calibration.calibration_documents(held_out=False)}
     assert held | fitting == everything and not held & fitting
     assert 0.07 < len(held) / len(everything) < 0.13
-    wider = {d.id for d in tasks.calibration_documents(held_out=True, fraction=0.3)}
+    wider = {d.id for d in calibration.calibration_documents(held_out=True, fraction=0.3)}
     assert held <= wider and 0.25 < len(wider) / len(everything) < 0.35
 
 
@@ -279,7 +281,7 @@ def test_essay_parsing_handles_both_formats():
         "Y Combinator.\n\nMarch 2006, rev August 2009  \n  \n"
         "Third [essay](https://x.org/nph-\nParser?Sect1=A)."
     )
-    assert tasks._essays(raw) == [
+    assert essays.split_essays(raw) == [
         ["A first paragraph.", "Second one runs on over a wrap.", "[1]A footnote."],
         [
             "New essay starts here with emphasis and bold and 5. escapes.",
@@ -292,20 +294,20 @@ def test_essay_parsing_handles_both_formats():
 
 def test_packing_keeps_documents_within_bounds():
     paragraphs = [" ".join(["word."] * n) for n in (120, 90, 700, 10, 250, 30)]
-    documents = tasks._pack(paragraphs)
+    documents = essays.pack_essay(paragraphs)
     sizes = [len(d.split()) for d in documents]
     assert sum(sizes) == sum((120, 90, 700, 10, 250, 30))
-    most = tasks.DOC_MAX_WORDS + tasks._TAIL_MIN_WORDS
-    assert all(tasks.DOC_MIN_WORDS <= s <= most for s in sizes)
+    most = essays.DOC_MAX_WORDS + essays.TAIL_MIN_WORDS
+    assert all(essays.DOC_MIN_WORDS <= s <= most for s in sizes)
 
 
 # Calibration chat prompts -------------------------------------------------------------------
 
 
 def test_calibration_chat_prompts():
-    prompts = tasks.calibration_chat_prompts(50)
-    assert len(prompts) == 50 and prompts == tasks.calibration_chat_prompts(50)
-    assert prompts != tasks.calibration_chat_prompts(50, seed=1)
+    prompts = calibration.calibration_chat_prompts(50)
+    assert len(prompts) == 50 and prompts == calibration.calibration_chat_prompts(50)
+    assert prompts != calibration.calibration_chat_prompts(50, seed=1)
     assert len({p.id for p in prompts}) == 50
     assert all(len(p.turns) == 1 and p.text.strip() for p in prompts)
     prefixes = {p.id.split("-")[0] for p in prompts}
@@ -315,24 +317,24 @@ def test_calibration_chat_prompts():
 
 @pytest.mark.parametrize("held_out", [True, False])
 def test_calibration_chat_prompts_respect_the_held_out_split(held_out):
-    prompts = tasks.calibration_chat_prompts(40, held_out=held_out)
+    prompts = calibration.calibration_chat_prompts(40, held_out=held_out)
     assert len(prompts) == 40
-    assert all(tasks.is_held_out(p.id) == held_out for p in prompts)
+    assert all(split.is_held_out(p.id) == held_out for p in prompts)
 
 
 # Held-out kinds -----------------------------------------------------------------------------
 
 
 def _every_kind_prompt() -> list[TaskPrompt]:
-    return [p for strata in tasks._kind_strata(tasks.HELD_OUT_FRACTION).values() for stratum in strata for p in stratum]
+    return [p for strata in calibration._kind_strata(split.HELD_OUT_FRACTION).values() for stratum in strata for p in stratum]
 
 
 def test_held_out_kinds_give_each_kind_its_prompts_deterministically():
-    prompts = tasks.held_out_kind_prompts(3)
-    assert [p.task for p in prompts] == [k for k in tasks.HELD_OUT_KINDS for _ in range(3)]
-    assert prompts == tasks.held_out_kind_prompts(3) and prompts != tasks.held_out_kind_prompts(3, seed=1)
-    assert tasks.held_out_kind_prompts(2) == [p for i, p in enumerate(prompts) if i % 3 < 2]  # a prefix per kind
-    assert {"chat", "code", "math", "extraction", "summarization", "translation", "rag"} == set(tasks.HELD_OUT_KINDS)
+    prompts = calibration.held_out_kind_prompts(3)
+    assert [p.task for p in prompts] == [k for k in calibration.HELD_OUT_KINDS for _ in range(3)]
+    assert prompts == calibration.held_out_kind_prompts(3) and prompts != calibration.held_out_kind_prompts(3, seed=1)
+    assert calibration.held_out_kind_prompts(2) == [p for i, p in enumerate(prompts) if i % 3 < 2]  # a prefix per kind
+    assert {"chat", "code", "math", "extraction", "summarization", "translation", "rag"} == set(calibration.HELD_OUT_KINDS)
 
 
 def test_held_out_kinds_are_apart_from_fitting_the_bench_and_each_other():
@@ -344,17 +346,17 @@ def test_held_out_kinds_are_apart_from_fitting_the_bench_and_each_other():
     every = _every_kind_prompt()
     ids = [p.id for p in every]
     assert len(ids) == len(set(ids))  # no item serves two kinds
-    assert all(tasks.is_held_out(i) for i in ids)
-    assert not any(tasks.is_benchmark_item(i) for i in ids if not i.startswith("pg-"))  # essays are calibration's alone
+    assert all(split.is_held_out(i) for i in ids)
+    assert not any(split.is_benchmark_item(i) for i in ids if not i.startswith("pg-"))  # essays are calibration's alone
     benchmark = [p for t in tasks.TASKS for p in tasks.task_prompts(t, tasks.task_size(t))]
     assert not set(ids) & {p.id for p in benchmark}
-    fitting = [p for stratum in tasks._calibration_strata() for p in stratum if not tasks.is_held_out(p.id)]
-    fit_documents = list(tasks.calibration_documents(held_out=False))
+    fitting = [p for stratum in calibration._calibration_strata() for p in stratum if not split.is_held_out(p.id)]
+    fit_documents = list(calibration.calibration_documents(held_out=False))
     assert not set(ids) & ({p.id for p in fitting} | {d.id for d in fit_documents})
 
-    corpus = load_corpus("default", 72, 64, tasks.HELD_OUT_FRACTION, 0, 3)
+    corpus = load_corpus("default", 72, 64, split.HELD_OUT_FRACTION, 0, 3)
     judged = [p for p in corpus.prompts if p.held_out]
-    assert sorted(p.kind for p in judged) == sorted(k for k in tasks.HELD_OUT_KINDS for _ in range(3))
+    assert sorted(p.kind for p in judged) == sorted(k for k in calibration.HELD_OUT_KINDS for _ in range(3))
     others = [p for p in corpus.prompts if not p.held_out] + list(corpus.documents)
     assert not {p.id for p in judged} & {o.id for o in others}
     sentences = set().union(*(_long_sentences(p.text) for p in judged)) - _template_sentences()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, generate
+from specbound_runtime.engine import generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import ScriptedDrafter, greedy_reference, tiny_model
 
@@ -67,7 +68,7 @@ def test_the_paper_drafter_labels_lookup_and_early_exit_drafts(tiny):
     ref = greedy_reference(model, repetitive, NEW_TOKENS, eos_token_id=None)
     # unigram lookup (up to 3 tokens), then an exit at layer 1 for every other draft
     policy = ExitPolicy(6, (1,), (1.0,), (0.0,), 3, 6, 1, 3)
-    result = generate(lm, repetitive, NEW_TOKENS, EarlyExitDrafter(policy))
+    result = generate(lm, repetitive, NEW_TOKENS, Speculator.for_policy(policy))
     assert list(result.token_ids) == ref
     assert len(result.drafted_sources) == result.drafted == len(result.exit_layers)
     expected = tuple("lookup" if layer == 0 else "early-exit" for layer in result.exit_layers)

@@ -33,7 +33,8 @@ from tiny_models import EOS, greedy_reference, tiny_model
 import specbound_runtime.artifact as A
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.artifact import load_artifact, read_artifact, save_artifact
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import (
     EXIT_ARTIFACT,
     EXIT_DEPENDENCY,
@@ -950,7 +951,7 @@ def test_non_finite_exit_logits_never_exit_and_output_is_unchanged(value, model6
     model, references = model6
     lm = _NonFiniteExits(model, value, layers={2})
     for prompt, reference in zip(PROMPTS, references):
-        result = generate(lm, prompt, 24, EarlyExitDrafter(EAGER), (EOS,))
+        result = generate(lm, prompt, 24, Speculator.for_policy(EAGER), (EOS,))
         assert list(result.token_ids) == reference
         assert result.drafted > 0 and set(result.exit_layers) == {4}  # never at the poisoned layer
 
@@ -958,7 +959,7 @@ def test_non_finite_exit_logits_never_exit_and_output_is_unchanged(value, model6
 def test_sometimes_non_finite_exit_logits_leave_the_output_unchanged(model6):
     model, references = model6
     lm = _NonFiniteExits(model, NAN, layers={2, 4}, every=3)
-    results = [generate(lm, p, 24, EarlyExitDrafter(EAGER), (EOS,)) for p in PROMPTS]
+    results = [generate(lm, p, 24, Speculator.for_policy(EAGER), (EOS,)) for p in PROMPTS]
     assert [list(r.token_ids) for r in results] == references
     assert sum(r.drafted for r in results) > 0
 
@@ -967,7 +968,7 @@ def test_always_non_finite_exit_logits_mean_plain_decoding(model6):
     model, references = model6
     lm = _NonFiniteExits(model, NAN, layers={2, 4})
     for prompt, reference in zip(PROMPTS, references):
-        result = generate(lm, prompt, 24, EarlyExitDrafter(EAGER), (EOS,))
+        result = generate(lm, prompt, 24, Speculator.for_policy(EAGER), (EOS,))
         assert list(result.token_ids) == reference and result.drafted == 0
 
 
@@ -977,7 +978,7 @@ def test_non_finite_verification_falls_back_to_full_depth_and_output_is_unchange
     a pass falls back only when every draft was accepted and that row would pick the token."""
     model, references = model6
     lm = _NonFiniteVerification(model, rows)
-    results = [generate(lm, p, 24, EarlyExitDrafter(EAGER), (EOS,)) for p in PROMPTS]
+    results = [generate(lm, p, 24, Speculator.for_policy(EAGER), (EOS,)) for p in PROMPTS]
     assert [list(r.token_ids) for r in results] == references
     if rows == slice(None):
         assert 0 < sum(r.fallbacks for r in results) <= sum(r.verify_passes for r in results) - len(PROMPTS)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.policy import ExitPolicy
 from tiny_models import ARCHITECTURES, ScriptedDrafter, greedy_reference, tiny_model
 
@@ -47,7 +48,7 @@ def test_plain_decoding_through_engine_matches_generate(arch, prompt):
 def test_early_exit_policies_match_generate(arch, prompt, threshold, d_max, w_max):
     model, lm, refs = arch
     policy = _policy(lm.num_layers, threshold, d_max, w_max)
-    result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy))
+    result = generate(lm, prompt, NEW_TOKENS, Speculator.for_policy(policy))
     assert list(result.token_ids) == refs[tuple(prompt)]
     if threshold == 0.0:
         # every draft exits at the first check layer
@@ -84,7 +85,7 @@ def test_prompt_lookup_with_early_exit_matches_generate(arch, lookup, threshold)
     repetitive = [9, 10, 11, 12, 13, 9, 10, 11]  # "9 10 11" recurs: lookup proposes 12 13 ...
     for prompt in (*PROMPTS, repetitive):
         ref = refs.get(tuple(prompt)) or greedy_reference(model, prompt, NEW_TOKENS, eos_token_id=None)
-        result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy))
+        result = generate(lm, prompt, NEW_TOKENS, Speculator.for_policy(policy))
         assert list(result.token_ids) == ref
         looked_up += result.exit_layers.count(0)
     if lookup[0] == 1:  # any repeated token triggers a unigram lookup
@@ -98,7 +99,7 @@ def test_random_temperatures_and_thresholds_match_generate(arch):
         temps = tuple(rng.uniform(0.2, 5.0) for _ in range(lm.num_layers - 1))
         policy = _policy(lm.num_layers, rng.uniform(0.0, 0.6), rng.randrange(1, 6), rng.randrange(1, 6), temps)
         for prompt in PROMPTS:
-            result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy))
+            result = generate(lm, prompt, NEW_TOKENS, Speculator.for_policy(policy))
             assert list(result.token_ids) == refs[tuple(prompt)]
 
 
@@ -111,7 +112,7 @@ def test_generation_that_hits_eos_stops_like_generate(arch, stop_at):
     assert ref[-1] == eos and len(ref) <= stop_at + 1
     for drafter in (
         NoDrafter(),
-        EarlyExitDrafter(_policy(lm.num_layers, 0.0, 3, 4), eos_token_ids=frozenset({eos})),
+        Speculator.for_policy(_policy(lm.num_layers, 0.0, 3, 4), eos_token_ids=frozenset({eos})),
         ScriptedDrafter(refs[tuple(prompt)], len(prompt), 1.0, 5, seed=1),
     ):
         result = generate(lm, prompt, NEW_TOKENS, drafter, eos_token_ids=[eos])

@@ -11,7 +11,7 @@ import torch
 
 from clitools import invoke, save_tiny_artifact
 from helpers import make_tiny_model_folder
-from specbound.calibrate.simulate import CostModel, guard_costs
+from specbound.calibrate.simulate import CostModel, guard_prices
 from specbound_runtime.artifact import _read, read_artifact
 from specbound_runtime.guard import MAX_PAUSE, DraftGuard
 from specbound_runtime.models import resolve_model
@@ -60,9 +60,9 @@ def test_calibrations_prices_follow_the_cost_model():
     """A pass whose width costs nothing extra makes drafts free; one where each extra position
     costs what a whole plain step does makes k drafts cost k steps."""
     free = CostModel(num_layers=4, layer_base=1.0, layer_extra=0.0, head_base=1.0, head_extra=0.0, check=0.1, round_overhead=0.0)
-    assert guard_costs(free, 3) == (0.0, 0.0, 0.0)
+    assert guard_prices(free, 3) == (0.0, 0.0, 0.0)
     dear = CostModel(num_layers=4, layer_base=1.0, layer_extra=1.0, head_base=1.0, head_extra=1.0, check=0.1, round_overhead=0.0)
-    assert guard_costs(dear, 3) == pytest.approx((1.0, 2.0, 3.0))
+    assert guard_prices(dear, 3) == pytest.approx((1.0, 2.0, 3.0))
 
 
 @pytest.fixture(scope="module")

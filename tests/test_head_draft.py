@@ -20,7 +20,8 @@ from tiny_models import ARCHITECTURES, greedy_reference, tiny_model
 import specbound_runtime.engine as E
 from specbound_runtime.adapter import HFCausalLM
 from specbound_runtime.artifact import load_artifact, read_artifact
-from specbound_runtime.engine import EarlyExitDrafter, generate
+from specbound_runtime.engine import generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import ArtifactError, UsageError
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.models import resolve_model
@@ -99,7 +100,7 @@ def test_head_drafts_match_generate(arch, kind, policy_name):
     lm = HFCausalLM(model, exit_weights=head_weights(kind, lm0, refs))
     policy = _policies(lm.num_layers)[policy_name]
     for prompt in PROMPTS:
-        result = generate(lm, list(prompt), NEW_TOKENS, EarlyExitDrafter(policy))
+        result = generate(lm, list(prompt), NEW_TOKENS, Speculator.for_policy(policy))
         assert list(result.token_ids) == refs[tuple(prompt)]
         drafted, accepted = result.drafted_sources.count("head"), result.accepted_sources.count("head")
         assert drafted > 0
@@ -124,7 +125,7 @@ def test_a_head_that_drafts_eos_stops_drafting_and_generation_like_generate(arch
     L = lm.num_layers
     # early exit would draft at every check (threshold 0): after an EOS draft nothing is drafted
     policy = ExitPolicy(L, tuple(range(1, L)), (1.0,) * (L - 1), (0.0,) * (L - 1), L - 1, 4, head_draft=True)
-    result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy, frozenset({eos})), eos_token_ids=[eos])
+    result = generate(lm, prompt, NEW_TOKENS, Speculator.for_policy(policy, frozenset({eos})), eos_token_ids=[eos])
     assert list(result.token_ids) == ref
     assert result.drafted > 0 and set(result.drafted_sources) == {"head"}
 
@@ -137,14 +138,14 @@ def test_one_head_draft_a_round_only_where_lookup_proposes_nothing(monkeypatch):
     lm = HFCausalLM(model, exit_weights=head_weights("random", lm0, {tuple(prompt): ref}))
     policy = ExitPolicy(6, (2, 4), (1.0, 1.0), (0.2, 0.2), 4, 4, lookup_ngram=1, lookup_max=2, head_draft=True)
     calls = []
-    original = E.DecodeState.head_draft
+    original = E.DecodeState.next_token_draft
 
     def recording(seq):
         calls.append((len(seq.drafts), lookup_continuation(seq.tokens, 1, 2)))
         return original(seq)
 
-    monkeypatch.setattr(E.DecodeState, "head_draft", recording)
-    result = generate(lm, prompt, NEW_TOKENS, EarlyExitDrafter(policy))
+    monkeypatch.setattr(E.DecodeState, "next_token_draft", recording)
+    result = generate(lm, prompt, NEW_TOKENS, Speculator.for_policy(policy))
     assert list(result.token_ids) == ref
     assert calls and all(drafts == 0 and found == [] for drafts, found in calls)
     assert len(calls) == result.drafted_sources.count("head")
@@ -164,10 +165,10 @@ def test_the_head_reads_the_verified_state_of_the_token_just_chosen_and_runs_not
     seen, layers, heads = [], [], []
 
     class Recording(HFCausalLM):
-        def head_draft(self, final_hidden, embedded):
+        def next_token_draft(self, final_hidden, embedded):
             chosen = int(self.final_logits(final_hidden).argmax())
             seen.append(torch.equal(embedded, self.embed([chosen])))
-            return super().head_draft(final_hidden, embedded)
+            return super().next_token_draft(final_hidden, embedded)
 
         def run_layer(self, layer, hidden, start, cache):
             layers.extend((layer, start + i) for i in range(hidden.shape[1]))
@@ -178,7 +179,7 @@ def test_the_head_reads_the_verified_state_of_the_token_just_chosen_and_runs_not
             return super().final_logits(hidden)
 
     lm = Recording(model, exit_weights=weights)
-    result = generate(lm, prompt, 20, EarlyExitDrafter(ExitPolicy(6, (), (), (), 6, 1, head_draft=True)))
+    result = generate(lm, prompt, 20, Speculator.for_policy(ExitPolicy(6, (), (), (), 6, 1, head_draft=True)))
     assert list(result.token_ids) == ref
     assert seen and all(seen)
     # every rejected head draft costs one position through every layer, nothing else is redone
@@ -194,7 +195,7 @@ def test_a_policy_with_the_head_needs_a_head():
     with pytest.raises(UsageError, match="next-token head"):
         SpecBound(model, None, ExitPolicy(6, (), (), (), 6, 1, head_draft=True), None)
     with pytest.raises(ValueError, match="next-token head"):
-        generate(HFCausalLM(model), [5, 6], 4, EarlyExitDrafter(ExitPolicy(6, (), (), (), 6, 1, head_draft=True)))
+        generate(HFCausalLM(model), [5, 6], 4, Speculator.for_policy(ExitPolicy(6, (), (), (), 6, 1, head_draft=True)))
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_sampled_with_the_head_follow_the_exact_distribution():
     g = torch.Generator().manual_seed(3)
     samples, drafted, accepted = [], 0, 0
     for _ in range(600):
-        r = generate(lm, PROMPT, LENGTH, EarlyExitDrafter(policy), [EOS], logits_processor=processors, sampler=Sampler(g))
+        r = generate(lm, PROMPT, LENGTH, Speculator.for_policy(policy), [EOS], logits_processor=processors, sampler=Sampler(g))
         samples.append(tuple(r.token_ids))
         drafted += r.drafted_sources.count("head")
         accepted += r.accepted_sources.count("head")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import UsageError
 from specbound_runtime.kernels import Kernels
 from specbound_runtime.policy import ExitPolicy
@@ -56,7 +57,7 @@ def test_tokens_on_the_fast_path_equal_generate(arch, one_thread):
         drafter = ScriptedDrafter(ref, len(PROMPT), right_rate, width=4, seed=1)
         assert list(generate(lm, PROMPT, 30, drafter).token_ids) == ref, right_rate
     policy = ExitPolicy(lm.num_layers, (1, 2), (1.0, 1.0), (0.0, 0.0), lm.num_layers, 4)
-    assert list(generate(lm, PROMPT, 30, EarlyExitDrafter(policy)).token_ids) == ref
+    assert list(generate(lm, PROMPT, 30, Speculator.for_policy(policy)).token_ids) == ref
 
 
 def test_a_hooked_module_runs_its_own_forward(one_thread):

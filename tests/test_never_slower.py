@@ -117,15 +117,38 @@ def test_tuning_prefers_a_policy_that_wins_under_every_measured_round(tmp_path):
     assert robust.value.robust_speedup > 1.0 - 1e-9  # plain decoding, up to rounding
 
 
-def test_the_replay_costs_the_same_whichever_way_it_is_priced():
-    """The simulator's own cost sum and pricing its counted work under the same cost model agree,
-    so a replay can be judged under every measured round without replaying it again."""
+def test_a_replay_repriced_under_another_cost_model_keeps_what_pricing_must():
+    """The simulator's counted work, priced under another cost model (how a replay is judged under
+    every measured round without replaying it again), checked by facts that do not depend on how
+    pricing is written:
+    - every cost scaled by one factor (a uniformly faster machine): the same speedup;
+    - only a round's fixed cost counts: plain decoding pays it once per token, the replay once per
+      round, so the speedup is the mean accepted length;
+    - every position of every layer call and LM-head read costs the same, nothing else costs: work
+      done while drafting is never done again, so each position a round handles (the token emitted
+      last round and each draft) climbs all L layers and is read by the head once, and the speedup
+      is tokens over positions handled, rounds + drafted;
+    - an exit check dearer by 1 ms: the replay dearer by exactly its number of checks;
+    - wide passes dearer: slower, and a replay of plain decoding is exactly 1 under any of them."""
     rng = np.random.default_rng(3)
     n = 400
     exits = Exits(layer=rng.choice([-1, 2, 3, 4], n), right=rng.random(n) < 0.5, checks=rng.integers(1, 4, n))
-    for cost in (COST, CostModel(L, 0.3, 0.01, 2.0, 0.5, 0.2, 1.0)):
-        r = simulate(exits, [(0, 200), (200, n)], cost, d_max=4, w_max=5)
-        assert r.speedup_under(cost) == pytest.approx(r.speedup, rel=1e-12)
+    r = simulate(exits, [(0, 200), (200, n)], COST, d_max=4, w_max=5)
+    assert r.accepted > 0 and sum(r.call_widths[1:]) > 0  # drafts were kept, and passes were wide
+    scaled = CostModel(L, *(3.0 * getattr(COST, k) for k in COST_FIELDS))
+    rounds_only = CostModel(L, layer_base=0.0, layer_extra=0.0, head_base=0.0, head_extra=0.0, check=0.0, round_overhead=1.0)
+    per_position = CostModel(L, layer_base=1.0, layer_extra=1.0, head_base=1.0, head_extra=1.0, check=0.0, round_overhead=0.0)
+    dearer = dataclasses.replace(COST, layer_extra=0.5, head_extra=0.4)
+    assert r.speedup_under(scaled) == pytest.approx(r.speedup, rel=1e-12)
+    assert r.speedup_under(rounds_only) == pytest.approx(r.mean_accepted_length, rel=1e-12)
+    assert r.speedup_under(per_position) == pytest.approx(r.tokens / (r.rounds + r.drafted), rel=1e-12)
+    ms = lambda cost: cost.ar_token * r.tokens / r.speedup_under(cost)  # noqa: E731  (what the replay costs)
+    assert ms(dataclasses.replace(COST, check=COST.check + 1.0)) - ms(COST) == pytest.approx(r.exit_checks, rel=1e-9)
+    assert r.speedup_under(dearer) < r.speedup
+    plain = simulate(Exits(np.full(n, -1), np.zeros(n, bool), np.zeros(n, np.int64)), [(0, 200), (200, n)], COST, d_max=4, w_max=5)
+    assert plain.drafted == 0 and plain.rounds == plain.tokens == n
+    for cost in (COST, scaled, rounds_only, per_position, dearer):
+        assert plain.speedup_under(cost) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_unsteady_cost_rounds_are_measured_again(monkeypatch):
@@ -183,15 +206,21 @@ def test_a_useless_next_token_head_is_not_chosen(tmp_path):
     assert not held.best.policy(SCHEDULES).drafts
 
 
-def test_a_replay_with_the_head_costs_the_same_whichever_way_it_is_priced():
-    rng = np.random.default_rng(4)
-    n = 400
-    exits = Exits(layer=rng.choice([-1, 2, 3, 4], n), right=rng.random(n) < 0.5, checks=rng.integers(1, 4, n))
-    head = rng.random(n) < 0.4
-    for cost in (COST, CostModel(L, 0.3, 0.01, 2.0, 0.5, 0.2, 1.0)):
-        r = simulate(exits, [(0, 200), (200, n)], cost, d_max=4, w_max=5, head=head)
-        assert r.head_reads > 0
-        assert r.speedup_under(cost) == pytest.approx(r.speedup, rel=1e-12)
+def test_a_replay_with_the_head_is_repriced_as_its_drafts_cost():
+    """Next-token head drafts (no early exit, no lookup): each is one short-list head product,
+    priced as an exit check, and one more position verified. So a check dearer by 1 ms makes the
+    replay dearer by exactly its number of head drafts, and under a cost where every position of
+    a layer call or head read costs the same and nothing else does, a head draft is one more
+    position handled, like any draft."""
+    from specbound.calibrate.tune import evaluate, no_exit_candidate
+
+    r = evaluate(_records(head=0.6, seed=4), no_exit_candidate(L, w_max=1, head_draft=True), SCHEDULES, COST)
+    assert r.head_reads > 0 and r.exit_checks == 0 and r.drafted == r.head_reads
+    dearer_check = dataclasses.replace(COST, check=COST.check + 1.0)
+    ms = lambda cost: cost.ar_token * r.tokens / r.speedup_under(cost)  # noqa: E731  (what the replay costs)
+    assert ms(dearer_check) - ms(COST) == pytest.approx(r.head_reads, rel=1e-9)
+    per_position = CostModel(L, layer_base=1.0, layer_extra=1.0, head_base=1.0, head_extra=1.0, check=0.0, round_overhead=0.0)
+    assert r.speedup_under(per_position) == pytest.approx(r.tokens / (r.rounds + r.drafted), rel=1e-12)
 
 
 def test_tuning_trials_search_the_head(tmp_path):
@@ -223,7 +252,7 @@ def test_tuning_keeps_passes_below_a_measured_cost_cliff(tmp_path):
 
 
 def test_scaling_wide_passes_scales_every_draft_price_and_leaves_a_plain_step():
-    from specbound.calibrate.simulate import guard_costs
+    from specbound.calibrate.simulate import guard_prices
 
     cost = CostModel.from_rounds(L, [
         {**{k: getattr(COST, k) for k in COST_FIELDS}, "layer_widths": [1.0, 1.1, 1.3, 1.8], "head_widths": [0.6, 0.7, 0.9, 1.2]},
@@ -233,7 +262,7 @@ def test_scaling_wide_passes_scales_every_draft_price_and_leaves_a_plain_step():
         scaled = cost.wide_passes_scaled(factor)
         for a, b in zip(scaled.variants(), cost.variants()):
             assert a.ar_token == pytest.approx(b.ar_token)
-            assert guard_costs(a, 6) == pytest.approx(tuple(factor * x for x in guard_costs(b, 6)), rel=1e-6)
+            assert guard_prices(a, 6) == pytest.approx(tuple(factor * x for x in guard_prices(b, 6)), rel=1e-6)
 
 
 def test_the_artifact_knows_which_draft_prices_would_change_its_policy():

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import _ignore_causal_mask_sdpa
 
 from specbound_runtime.adapter import HFCausalLM, sdpa_skips_mask
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import ModelError, UsageError
 from specbound_runtime.exactness import divergence, reference_greedy
 from specbound_runtime.kernels import Kernels
@@ -33,7 +34,7 @@ def _drafters(lm, ref):
         "always-right": ScriptedDrafter(ref, len(PROMPT), 1.0, 5, seed=0),
         "always-wrong": ScriptedDrafter(ref, len(PROMPT), 0.0, 5, seed=1),
         "random": ScriptedDrafter(ref, len(PROMPT), 0.6, 4, seed=2),
-        "early-exit": EarlyExitDrafter(_first_check_policy(lm.num_layers), frozenset({EOS})),
+        "early-exit": Speculator.for_policy(_first_check_policy(lm.num_layers), frozenset({EOS})),
     }
 
 

@@ -29,10 +29,11 @@ from scipy.stats import chisquare
 import specbound_runtime as sb
 from clitools import save_tiny_artifact
 from helpers import make_tiny_model_folder
-from specbound_runtime import engine
+from specbound_runtime import drafters, engine
 from specbound_runtime.acceptance import Acceptance
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.engine import EarlyExitDrafter, NoDrafter, generate
+from specbound_runtime.engine import NoDrafter, generate
+from specbound_runtime.drafters import Speculator
 from specbound_runtime.errors import SpecBoundWarning
 from specbound_runtime.exit_head import ExitHeadWeights
 from specbound_runtime.generation import prepared_by_generate
@@ -110,7 +111,7 @@ def test_samples_follow_the_exact_distribution_with_top_k_and_a_shallow_exit(tin
     processors = generate_processors(model, temperature=1.5, top_k=3)
     exact = exact_distribution(model, processors)
     policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
-    samples, drafted, accepted = draw(HFCausalLM(model), lambda: EarlyExitDrafter(policy), processors, 600, seed=0)
+    samples, drafted, accepted = draw(HFCausalLM(model), lambda: Speculator.for_policy(policy), processors, 600, seed=0)
     _rejects_often_and_accepts_often(drafted, accepted)
     assert chi_square_pvalue(exact, samples) >= ALPHA
 
@@ -126,7 +127,7 @@ def test_samples_follow_the_exact_distribution_with_top_p_and_a_short_list_head(
     )
     lm = HFCausalLM(model, exit_weights=weights)
     policy = ExitPolicy(6, (2, 5), (1.0, 1.0), (0.5, 0.0), 5, 3)
-    samples, drafted, accepted = draw(lm, lambda: EarlyExitDrafter(policy), processors, 600, seed=1)
+    samples, drafted, accepted = draw(lm, lambda: Speculator.for_policy(policy), processors, 600, seed=1)
     _rejects_often_and_accepts_often(drafted, accepted)
     assert chi_square_pvalue(exact, samples) >= ALPHA
 
@@ -146,7 +147,7 @@ def test_the_same_test_rejects_a_biased_acceptance_rule(tiny16, monkeypatch):
     exact = exact_distribution(model, processors)
     policy = ExitPolicy(6, (3,), (1.0,), (0.0,), 3, 3, lookup_ngram=1, lookup_max=2)
     monkeypatch.setattr(engine, "speculative_accept", _draw_from_p_on_rejection)
-    samples, drafted, accepted = draw(HFCausalLM(model), lambda: EarlyExitDrafter(policy), processors, 400, seed=0)
+    samples, drafted, accepted = draw(HFCausalLM(model), lambda: Speculator.for_policy(policy), processors, 400, seed=0)
     assert drafted > accepted > 0
     assert chi_square_pvalue(exact, samples) < ALPHA
 
@@ -229,9 +230,9 @@ def test_host_reads_under_sampling_stay_one_per_exit_decision_and_per_verificati
     m = sb.load(str(folder), artifact=artifact)
     processors = generate_processors(m.model, temperature=0.7, top_p=0.9)
     decisions = []
-    real = engine.decide_exit
-    monkeypatch.setattr(engine, "decide_exit", lambda *a: decisions.append(1) or real(*a))
-    drafter = EarlyExitDrafter(m.policy)
+    real = drafters.decide_exit
+    monkeypatch.setattr(drafters, "decide_exit", lambda *a: decisions.append(1) or real(*a))
+    drafter = Speculator.for_policy(m.policy)
     with torch.inference_mode():
         generate(m.lm, IDS[0].tolist(), 40, drafter, m.eos_token_ids, logits_processor=processors, sampler=Sampler(torch.Generator().manual_seed(0)))
         decisions.clear()
