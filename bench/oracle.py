@@ -117,9 +117,11 @@ def oracle_record(setup: OracleSetup, prompt_ids, answer_ids) -> dict:
         np.zeros(k, np.int32), np.zeros(k, bool), np.ones(k, bool), rec["final"], rec["right"], rec["conf"], setup.layers,
         head_right=rec.get("head_right"),
     )
+    rows = C.with_contexts(rows, [seq])
     if "lookup" in setup.policy.sources:
         rows = C.with_lookups(rows, [seq])
     out["free"] = replays(rows, setup.policy)  # prompt lookup and the next-token head, as the policy drafts
+    out["context"] = rows.context
     return out
 
 
@@ -147,9 +149,10 @@ def oracle_simulate(setup: OracleSetup, recs: list[dict]) -> dict | None:
         for i, f in enumerate(recs[0]["free"])
     ]
     d_max, w_max = setup.policy.d_max, setup.policy.w_max
+    context = np.concatenate([r["context"] for r in recs]) if all("context" in r for r in recs) else None
     return {
-        "predicted": simulate(policy, bounds, setup.cost, d_max, w_max, free).to_dict(),
-        "oracle": simulate(oracle, bounds, setup.cost, d_max, w_max, free).to_dict(),
+        "predicted": simulate(policy, bounds, setup.cost, d_max, w_max, free, contexts=context).to_dict(),
+        "oracle": simulate(oracle, bounds, setup.cost, d_max, w_max, free, contexts=context).to_dict(),
     }
 
 

@@ -340,6 +340,7 @@ class Records:
     head_right: np.ndarray | None = None  # [N]: the next-token head's draft equals the full model's argmax
     head_accept: np.ndarray | None = None  # [N]: under sampling, its acceptance probability p(draft)
     lookup_size: np.ndarray | None = None  # [N, rules]: how many tokens prompt lookup matched (0: none)
+    context: np.ndarray | None = None  # [N]: how many tokens precede each position (`with_contexts`)
 
     def select(self, mask: np.ndarray) -> "Records":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
@@ -347,6 +348,7 @@ class Records:
             self.seq[mask], self.held_out[mask], self.own[mask], self.final[mask], self.right[mask],
             self.conf[mask], self.layers, pick(self.lookup_proposed), pick(self.lookup_right),
             pick(self.accept), pick(self.draws), pick(self.head_right), pick(self.head_accept), pick(self.lookup_size),
+            pick(self.context),
         )
 
     @property
@@ -474,3 +476,15 @@ def with_lookups(records: Records, recorded: list[RecordedSequence]) -> Records:
             matched[take, g] = size
             found |= take
     return dataclasses.replace(records, lookup_proposed=proposed, lookup_right=right, lookup_size=matched)
+
+
+def with_contexts(records: Records, recorded: list[RecordedSequence]) -> Records:
+    """Add how many tokens precede each recorded position (its sequence's prompt and what came
+    before it), so that the simulator can price each round at its own context. `recorded` as for
+    `with_lookups`."""
+    context = np.zeros(len(records.seq), dtype=np.int64)
+    for start, end in records.blocks():
+        first = recorded[int(records.seq[start])].record_from
+        context[start:end] = np.arange(first, first + end - start)
+    return dataclasses.replace(records, context=context)
+

@@ -46,12 +46,13 @@ def _time(fn, repeats: int) -> float:
 ROUNDS = 5  # independent measurement rounds; the cost model is their component-wise median
 STABLE_SPREAD = 0.25  # rounds whose plain per-token cost spreads wider than this are remeasured
 MAX_ATTEMPTS = 3
+FAR_CONTEXT = 1024  # a second context, for what each token of context adds to a layer call
 WIDTHS = 13  # layer calls and LM-head reads are timed over 1..WIDTHS positions (the tuner's widest pass)
 
 
 def measure_costs(
     lm: HFCausalLM, shortlist_size: int, context: int = 256, repeats: int = 5, warpers=None,
-    rounds: int = ROUNDS, warn=None,
+    rounds: int = ROUNDS, warn=None, far: int | None = FAR_CONTEXT,
 ) -> CostModel:
     """The cost model: `rounds` independent rounds, each the median of `repeats` timings per
     component, combined by their median and kept as samples (`CostModel.samples`). When the rounds
@@ -59,7 +60,9 @@ def measure_costs(
     MAX_ATTEMPTS times, keep the steadiest attempt and warn if it is still unsteady.
 
     With a sampling mode's warpers, an exit check includes drawing the draft from q and a
-    decoding step includes speculative acceptance: both are timed that way."""
+    decoding step includes speculative acceptance: both are timed that way. With `far`, each
+    layer call is timed again after that many tokens (or as many as the model holds), for
+    per-context pricing (`context_slopes`); None: priced at `context` alone."""
     best = None
     for attempt in range(MAX_ATTEMPTS):
         measured = [_measure_round(lm, shortlist_size, context, repeats, warpers) for _ in range(rounds)]
@@ -67,24 +70,44 @@ def measure_costs(
         if best is None or cost.spread < best.spread:
             best = cost
         if best.spread <= STABLE_SPREAD:
-            return best
+            return _priced_by_context(lm, best, context, far, repeats)
     if warn is not None:
         warn(
             f"warning: the cost measurement is unsteady (plain decoding's per-token cost spreads "
             f"{best.spread:.0%} over {rounds} rounds): the machine is busy; tuning prefers policies that "
             "win under every round, and a cost file measured on a quiet machine (specbound costs) pins it"
         )
-    return best
+    return _priced_by_context(lm, best, context, far, repeats)
 
 
-def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: int, warpers) -> dict:
-    L = lm.num_layers
-    ids = [(7 * i + 3) % lm.vocab_size for i in range(context)]
+def _priced_by_context(lm: HFCausalLM, cost: CostModel, context: int, far: int | None, repeats: int) -> CostModel:
+    """`cost` with per-context pricing, from a second context `far` tokens long, or as long as the
+    model allows; unchanged where that is no longer than the first (or `far` is None)."""
+    if far is None:
+        return cost
+    limit = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0) or far + WIDTHS + 1
+    far = min(far, limit - WIDTHS - 1)
+    if far <= context:
+        return cost
+    return context_slopes(lm, cost.with_context(context, ()), far, repeats)
+
+
+def _ids(lm: HFCausalLM, context: int) -> list[int]:
+    return [(7 * i + 3) % lm.vocab_size for i in range(context)]
+
+
+def _widths(lm: HFCausalLM, context: int, repeats: int, head_widths: list[float] | None = None) -> tuple[list[float], list[float]]:
+    """(layer_widths, head_widths): a decoder-layer call and the LM head over n = 1..WIDTHS
+    positions, in ms, after a context of `context` tokens (head_widths, when given, are reused:
+    the head does not read the context).
+
+    A verification pass is timed as the engine runs it (DecodeState: the drafts' embeddings, one
+    call per layer over every pending position, the LM head over them); the widths take turns,
+    repeat by repeat, so that a machine whose speed drifts shifts every width alike. A layer call
+    over n positions stands for its share of the pass without the head: the layers, the drafts'
+    embeddings and the attention mask."""
+    ids = _ids(lm, context)
     with torch.inference_mode():
-        # A verification pass as the engine runs it (DecodeState: the drafts' embeddings, one call
-        # per layer over every pending position, the LM head over them) over n = 1..WIDTHS
-        # positions, after a context of `context` tokens; the widths take turns, repeat by repeat,
-        # so that a machine whose speed drifts shifts every width alike.
         seq = DecodeState(lm, ids, context + WIDTHS + 1)
         seq.commit(verify(seq, seq.verify_logits()))  # the prefill
 
@@ -95,14 +118,32 @@ def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: i
             seq.discard_drafts()
 
         verification(WIDTHS)  # warm-up
-        hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
         # a pass over more positions does more work than over fewer: where timing noise says
         # otherwise, the narrower pass's figure stands (so tuning cannot chase noise toward wide passes)
         passes = _rising(_interleaved([lambda n=n: verification(n) for n in range(1, WIDTHS + 1)], repeats))
-        head_widths = _rising(_interleaved([lambda h=h: lm.final_logits(h) for h in hiddens], repeats * 4))
-        # the rest of a pass, per layer call (a layer call over n positions stands for its share
-        # of the pass: the layers, the drafts' embeddings and the attention mask)
-        layer_widths = _rising([max(0.0, p - h) / L for p, h in zip(passes, head_widths)])
+        if head_widths is None:
+            hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
+            head_widths = _rising(_interleaved([lambda h=h: lm.final_logits(h) for h in hiddens], repeats * 4))
+    return _rising([max(0.0, p - h) / lm.num_layers for p, h in zip(passes, head_widths)]), head_widths
+
+
+
+
+def context_slopes(lm: HFCausalLM, cost: CostModel, far: int = FAR_CONTEXT, repeats: int = 5) -> CostModel:
+    """`cost` (measured after cost.context tokens) with per-context pricing: each width's layer
+    call timed again after `far` tokens, and what one more token of context adds to it (at least
+    0: attention reads more cache, never less)."""
+    far_widths, _ = _widths(lm, far, repeats, list(cost.head_widths))
+    slopes = [max(0.0, (f - n) / (far - cost.context)) for f, n in zip(far_widths, cost.layer_widths)]
+    return cost.with_context(cost.context, tuple(slopes))
+
+
+def _measure_round(lm: HFCausalLM, shortlist_size: int, context: int, repeats: int, warpers) -> dict:
+    L = lm.num_layers
+    ids = _ids(lm, context)
+    layer_widths, head_widths = _widths(lm, context, repeats)
+    with torch.inference_mode():
+        hiddens = [lm.embed(torch.tensor(ids[:1]))]
         one, eight = layer_widths[0], layer_widths[7]
         head1, head8 = head_widths[0], head_widths[7]
         h1 = hiddens[0]
@@ -218,7 +259,7 @@ def cached_costs(
     lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None, warn=None
 ) -> CostModel:
     parts = [
-        "r4",  # measured in rounds, with samples and per-width costs of engine passes (older entries lack them)
+        "r5",  # measured in rounds, with samples, per-width costs of engine passes and per-context slopes (older entries lack them)
         f"k{kernel_path(lm)}",  # the prepacked path prices wide passes quite differently
         fingerprint.weights_sha256[:16],
         f"s{shortlist_size}",
@@ -312,11 +353,16 @@ def costs_report(cost: CostModel, roofline: Roofline, document: dict) -> str:
         f"{c['head_base']:.4f} ms, exit check {c['check']:.4f} ms, round overhead {c['round_overhead']:.4f} ms "
         f"(medians of {len(cost.samples)} rounds; plain decoding's per-token cost spreads {cost.spread:.1%} over them)"
     ]
-    passes = ", ".join(
-        f"{n}: {cost.num_layers * cost.layer_call(n) + cost.head_call(n):.1f}" for n in range(1, len(cost.layer_widths) + 1)
-    )
+    passes = ", ".join(f"{n}: {cost.pass_ms(n):.1f}" for n in range(1, len(cost.layer_widths) + 1))
     if passes:
-        lines.append(f"a full pass (every layer and the LM head) over n positions, ms: {passes}")
+        at = f" after {cost.context} tokens" if cost.context else ""
+        lines.append(f"a full pass (every layer and the LM head) over n positions{at}, ms: {passes}")
+    if cost.context_slopes:
+        lines.append(
+            f"each round is priced at its own context: a layer call costs {cost.context_slope(1) * 1000:.2f} us more per "
+            f"token of context over 1 position, {cost.context_slope(len(cost.context_slopes)) * 1000:.2f} us over "
+            f"{len(cost.context_slopes)}"
+        )
     return "\n".join([*lines, roofline_table(cost, roofline, document)])
 
 
@@ -328,11 +374,15 @@ def roofline_table(cost, roofline, document) -> str:
         f"{roofline.weight_bytes / 1e6:.0f} MB of weights at {roofline.read_gbps:.1f} GB/s "
         f"(streaming sum {roofline.stream_gbps:.1f}, one-row LM head {roofline.head_gbps:.1f}); "
         f"matrix products {roofline.gflops:.0f} GFLOP/s",
-        "| positions | pass (ms) | floor (ms) | pass / floor | kernels |",
-        "| ---: | ---: | ---: | ---: | --- |",
+    ]
+    far = [FAR_CONTEXT] if cost.context_slopes else []
+    at = f" at {cost.context}" if far else ""
+    lines += [
+        f"| positions | pass{at} (ms) |" + "".join(f" pass at {c} (ms) |" for c in far) + " floor (ms) | pass / floor | kernels |",
+        "| ---: | ---: |" + " ---: |" * len(far) + " ---: | ---: | --- |",
     ]
     for n in range(1, len(cost.layer_widths) + 1):
-        ms = cost.num_layers * cost.layer_call(n) + cost.head_call(n)
-        floor = roofline.floor_ms(n)
-        lines.append(f"| {n} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {document['kernels']} |")
+        ms, floor = cost.pass_ms(n), roofline.floor_ms(n)
+        farther = "".join(f" {cost.pass_ms(n, c):.1f} |" for c in far)
+        lines.append(f"| {n} | {ms:.1f} |{farther} {floor:.1f} | {ms / floor:.2f}x | {document['kernels']} |")
     return "\n".join(lines)

@@ -177,5 +177,5 @@ def record(plan: "Plan", worker: int = 0, workers: int = 1, quiet: bool = False)
             lambda i: C.records_shard(lm, heads, record_groups[i], i * RECORD_SHARD, layers, lambda n: None, plan.warpers),
             progress=lambda i: progress.update(sum(s.recorded for s in record_groups[i])), **share,
         )
-    records = C.with_lookups(C.load_records(paths, layers), recorded)
+    records = C.with_contexts(C.with_lookups(C.load_records(paths, layers), recorded), recorded)
     return Recording(sequences, recorded, records, paths, weights, coverage, n_lens, lm)

@@ -58,6 +58,12 @@ class CostModel:
     samples: tuple[tuple[float, ...], ...] = ()
     layer_widths: tuple[float, ...] = ()  # one decoder-layer call over n = 1, 2, ... positions
     head_widths: tuple[float, ...] = ()  # the full LM head over n = 1, 2, ... positions
+    # per-context pricing: the widths above were measured after `context` tokens; a layer call over
+    # n positions after c tokens costs context_slopes[n - 1] ms more per token of c beyond it
+    # (attention reads the cache). Measured at two contexts (calibrate.costs); none: every round
+    # is priced at `context`, as cost models written before it were.
+    context: int = 0
+    context_slopes: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for k in COST_FIELDS:
@@ -75,6 +81,10 @@ class CostModel:
             if len(row) != size or not all(x >= 0 and np.isfinite(x) for x in row):
                 raise ValueError(f"each cost sample needs {size} finite values >= 0, got {list(row)}")
         object.__setattr__(self, "samples", samples)
+        slopes = tuple(float(x) for x in self.context_slopes)
+        if not all(np.isfinite(x) for x in slopes) or (slopes and self.context < 1):
+            raise ValueError(f"context_slopes need a measured context >= 1 and finite values, got {self.context}, {list(slopes)}")
+        object.__setattr__(self, "context_slopes", slopes)
 
     @classmethod
     def from_rounds(cls, num_layers: int, rounds: list[dict]) -> "CostModel":
@@ -88,13 +98,32 @@ class CostModel:
         return cls._from_row(num_layers, tuple(float(x) for x in np.median(np.asarray(rows), axis=0)), n_layer, tuple(rows))
 
     @classmethod
-    def _from_row(cls, num_layers: int, row: tuple[float, ...], n_layer: int, samples=()) -> "CostModel":
+    def _from_row(cls, num_layers: int, row: tuple[float, ...], n_layer: int, samples=(), context: int = 0, slopes=()) -> "CostModel":
         n = len(COST_FIELDS)
-        return cls(num_layers, *row[:n], samples=samples, layer_widths=row[n : n + n_layer], head_widths=row[n + n_layer :])
+        return cls(
+            num_layers, *row[:n], samples=samples, layer_widths=row[n : n + n_layer], head_widths=row[n + n_layer :],
+            context=context, context_slopes=slopes,
+        )
 
     def variants(self) -> list["CostModel"]:
-        """The median and every measured round, as cost models."""
-        return [self] + [CostModel._from_row(self.num_layers, row, len(self.layer_widths)) for row in self.samples]
+        """The median and every measured round, as cost models (each round with the median's
+        context slopes: they are measured once, beside the rounds)."""
+        return [self] + [
+            CostModel._from_row(self.num_layers, row, len(self.layer_widths), context=self.context, slopes=self.context_slopes)
+            for row in self.samples
+        ]
+
+    def with_context(self, context: int, slopes: tuple[float, ...]) -> "CostModel":
+        """This cost model with per-context pricing: measured after `context` tokens, `slopes` ms
+        per layer call over n positions per further token of context."""
+        return replace(self, context=int(context), context_slopes=tuple(slopes))
+
+    def context_slope(self, n: int) -> float:
+        """What one more token of context adds to a decoder-layer call over n positions (0 without
+        per-context pricing; beyond the measured widths, the widest's)."""
+        if not self.context_slopes:
+            return 0.0
+        return self.context_slopes[min(n, len(self.context_slopes)) - 1]
 
     def layer_call(self, n: int) -> float:
         """One decoder-layer call over n positions."""
@@ -103,6 +132,14 @@ class CostModel:
     def head_call(self, n: int) -> float:
         """The full LM head over n positions."""
         return _width_cost(self.head_widths, self.head_base, self.head_extra, n)
+
+    def pass_ms(self, n: int, context: int | None = None) -> float:
+        """A full verification pass over n positions (every layer and the LM head), after `context`
+        tokens where the cost model prices contexts (else at the one it was measured at)."""
+        ms = self.num_layers * self.layer_call(n) + self.head_call(n)
+        if context is not None and self.context_slopes:
+            ms += self.num_layers * self.context_slope(n) * (context - self.context)
+        return ms
 
     @property
     def spread(self) -> float:
@@ -126,7 +163,9 @@ class CostModel:
             return tuple(fields[k] for k in COST_FIELDS) + widths[0] + widths[1]
 
         scaled = [row(c) for c in self.variants()]
-        return CostModel._from_row(self.num_layers, scaled[0], len(self.layer_widths), tuple(scaled[1:]))
+        return CostModel._from_row(
+            self.num_layers, scaled[0], len(self.layer_widths), tuple(scaled[1:]), self.context, self.context_slopes
+        )
 
     def to_dict(self) -> dict:
         out = {"num_layers": self.num_layers, **{k: round(getattr(self, k), 6) for k in COST_FIELDS}}
@@ -135,6 +174,9 @@ class CostModel:
                 out[name] = [round(x, 6) for x in getattr(self, name)]
         if self.samples:
             out["samples"] = [[round(x, 6) for x in row] for row in self.samples]
+        if self.context_slopes:  # written only with per-context pricing: older cost files are unchanged
+            out["context"] = self.context
+            out["context_slopes"] = [round(x, 8) for x in self.context_slopes]
         return out
 
 
@@ -186,37 +228,63 @@ class SimResult:
     robust_speedup: float | None = None  # the least speedup over the cost model's measured rounds
     call_widths: tuple[int, ...] = ()  # [n - 1]: decoder-layer calls over n positions
     head_rows: tuple[int, ...] = ()  # [n - 1]: rounds whose LM head reads n positions (n - 1 drafts)
+    # with per-context pricing: [n - 1], the contexts of those calls summed; and the contexts of
+    # the plain decoding steps the emitted tokens stand for, summed (both empty without it)
+    call_contexts: tuple[int, ...] = ()
+    token_contexts: int = 0
 
     def speedup_under(self, cost: CostModel) -> float:
         """The predicted speedup of the same replay under another cost model."""
-        total = price(cost, self.call_widths, self.head_rows, self.exit_checks + self.head_reads, self.rounds)
-        return cost.ar_token * self.tokens / total if total > 0 else 0.0
+        total = price(cost, self.call_widths, self.head_rows, self.exit_checks + self.head_reads, self.rounds, self.call_contexts)
+        return plain_price(cost, self.tokens, self.token_contexts) / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             k: round(v, 6) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
         }
+        if not self.call_contexts:  # priced at one context: as results were before per-context pricing
+            del out["call_contexts"], out["token_contexts"]
+        return out
 
 
-def price(cost: CostModel, call_widths, head_rows, checks: int, rounds: int) -> float:
+def price(cost: CostModel, call_widths, head_rows, checks: int, rounds: int, call_contexts=()) -> float:
     """Milliseconds for the counted work under `cost`: layer calls and LM-head reads by width,
-    exit checks (and head drafts), and each round's fixed overhead."""
-    return (
+    exit checks (and head drafts), and each round's fixed overhead; with the calls' contexts and a
+    cost model that prices them, each call at its own context."""
+    total = (
         sum(count * cost.layer_call(n) for n, count in enumerate(call_widths, 1) if count)
         + sum(count * cost.head_call(n) for n, count in enumerate(head_rows, 1) if count)
         + cost.check * checks
         + cost.round_overhead * rounds
     )
+    if call_contexts and cost.context_slopes:
+        total += sum(
+            cost.context_slope(n) * (summed - count * cost.context)
+            for n, (count, summed) in enumerate(zip(call_widths, call_contexts), 1) if count
+        )
+    return total
 
 
-def _advance(blocks: list[list[int]], depth: int, widths: list[int]) -> None:
+def plain_price(cost: CostModel, tokens: int, token_contexts: int = 0) -> float:
+    """Milliseconds plain decoding takes for `tokens` tokens (at the contexts summed in
+    `token_contexts`, where the cost model prices contexts)."""
+    total = cost.ar_token * tokens
+    if token_contexts and cost.context_slopes:
+        total += cost.num_layers * cost.context_slope(1) * (token_contexts - tokens * cost.context)
+    return total
+
+
+def _advance(blocks: list[list[int]], depth: int, widths: list[int], sums: list[int] | None = None, context: int = 0) -> None:
     """The engine's DecodeState.advance_to over run-length blocks [depth, count] of pending
     positions (depths non-increasing): climb the last block one layer per call, merging with the
-    block before it on reaching its depth; count each call by its width."""
+    block before it on reaching its depth; count each call by its width (and, with `sums`, add
+    its context there)."""
     while blocks[-1][0] < depth:
         d, n = blocks[-1]
         target = min(depth, blocks[-2][0]) if len(blocks) > 1 else depth
         widths[n] += target - d
+        if sums is not None:
+            sums[n] += (target - d) * context
         if len(blocks) > 1 and blocks[-2][0] == target:
             blocks.pop()
             blocks[-1][1] += n
@@ -290,6 +358,7 @@ def simulate(
     w_max: int,
     free: Sequence[Replay] = (),
     guard: tuple[float, ...] = (),
+    contexts: np.ndarray | None = None,
 ) -> SimResult:
     """Replay the decode loop over sequences [start, end) of recorded positions; position `start`
     is the last prompt token (its hidden state predicts the first generated token).
@@ -299,7 +368,11 @@ def simulate(
     the round with its drafts at depth 0; early exit drafts on from there.
 
     guard, when given: the run-time guard's prices (specbound_runtime.guard), the same class the
-    engine runs, fresh for each sequence, fed what each round's opening drafts kept."""
+    engine runs, fresh for each sequence, fed what each round's opening drafts kept.
+
+    contexts ([N]), when given with a cost model that prices contexts: how many tokens precede
+    each recorded position (the cache a round starting there reads); each round's layer calls,
+    and each plain step it stands for, are priced at their own context."""
     L = cost.num_layers
     layer = exits.layer.tolist()
     right = exits.right.tolist()
@@ -309,6 +382,10 @@ def simulate(
     heads = [0] * (w_max + 2)  # [n]: rounds whose LM head reads n positions
     tokens = rounds = drafted = accepted = 0
     all_checks = all_heads = 0
+    priced = contexts is not None and bool(cost.context_slopes)
+    context = contexts.tolist() if priced else None
+    sums = [0] * (w_max + 2) if priced else None  # [n]: the contexts of layer calls over n positions, summed
+    token_contexts = 0
     for start, end in bounds:
         t = start
         watch = DraftGuard(guard) if guard else None
@@ -338,27 +415,30 @@ def simulate(
                 n_checks += checks[j]
                 if layer[j] < 0:  # a hard token: drafting stops (its climb to the depth bound is the
                     break  # start of the verification pass's climb: the same calls, counted there)
-                _advance(blocks, layer[j], widths)  # the frontier climbs to its exit layer
+                _advance(blocks, layer[j], widths, sums, context[t] if priced else 0)  # the frontier climbs to its exit layer
                 if a == k and right[j]:
                     a += 1
                 k += 1
                 j += 1
                 _push(blocks)
-            _advance(blocks, L, widths)  # one verification pass finishes every pending position
+            _advance(blocks, L, widths, sums, context[t] if priced else 0)  # one verification pass finishes every pending position
             if watch is not None and first is not None and first[0] in SOURCES:
                 watch.record(first[0], first[1], min(a, first[1]))
             heads[k + 1] += 1
             all_checks += n_checks
             all_heads += n_head
             tokens += a + 1
+            if priced:
+                token_contexts += sum(context[t : t + a + 1])
             rounds += 1
             drafted += k
             accepted += a
             t += a + 1
     call_widths = tuple(widths[1:])
     head_rows = tuple(heads[1:])
-    total = price(cost, call_widths, head_rows, all_checks + all_heads, rounds)
-    ar = cost.ar_token * tokens
+    call_contexts = tuple(sums[1:]) if priced else ()
+    total = price(cost, call_widths, head_rows, all_checks + all_heads, rounds, call_contexts)
+    ar = plain_price(cost, tokens, token_contexts)
     result = SimResult(
         speedup=ar / total if total > 0 else 0.0,
         mean_accepted_length=tokens / rounds if rounds else 0.0,
@@ -375,6 +455,8 @@ def simulate(
         head_reads=all_heads,
         call_widths=call_widths,
         head_rows=head_rows,
+        call_contexts=call_contexts,
+        token_contexts=token_contexts,
     )
     if not cost.samples:
         return result

@@ -232,7 +232,7 @@ def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost:
     exits = decide_exits(
         records.conf[:, h], records.draft_right(h), columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
-    return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs)
+    return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs, records.context)
 
 
 def evaluate_oracle(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
@@ -241,7 +241,7 @@ def evaluate_oracle(records: Records, candidate: Candidate, schedules: Schedules
     policy = candidate.policy(schedules, cost)
     columns = [records.layers.index(l) for l in policy.check_layers]
     exits = oracle_exits(records.draft_right(h), columns, list(policy.check_layers))
-    return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs)
+    return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs, records.context)
 
 
 def _suggest(trial, layers: tuple[int, ...], num_layers: int, with_head: bool = False) -> Candidate:

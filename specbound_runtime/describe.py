@@ -79,6 +79,12 @@ def _cost_lines(metadata: dict) -> list[str]:
             + ", ".join(f"{passes[n - 1]:.1f}" for n in shown) + " ms ("
             + ", ".join(f"{passes[n - 1] / passes[0]:.2f}x" for n in shown) + " of one)"
         )
+    slopes = cost.get("context_slopes")
+    if isinstance(slopes, list) and slopes and isinstance(L, int):
+        lines.append(
+            f"each round priced at its own context: a one-position pass costs {L * slopes[0] * 1000:.0f} ms more per "
+            f"1,000 tokens of context beyond {cost.get('context')}"
+        )
     change = metadata.get("policy_change")
     if isinstance(change, dict) and (change.get("below") is not None or change.get("above") is not None):
         bounds = [f"{'below' if side == 'below' else 'above'} {change[side]}x" for side in ("below", "above") if change.get(side) is not None]
