@@ -96,45 +96,51 @@ def _ids(lm: HFCausalLM, context: int) -> list[int]:
     return [(7 * i + 3) % lm.vocab_size for i in range(context)]
 
 
-def _widths(lm: HFCausalLM, context: int, repeats: int, head_widths: list[float] | None = None) -> tuple[list[float], list[float]]:
-    """(layer_widths, head_widths): a decoder-layer call and the LM head over n = 1..WIDTHS
-    positions, in ms, after a context of `context` tokens (head_widths, when given, are reused:
-    the head does not read the context).
+def _verification(lm: HFCausalLM, context: int):
+    """A function that runs one verification pass over n positions after `context` tokens, as the
+    engine runs it (DecodeState: the drafts' embeddings, one call per layer over every pending
+    position, the LM head over them), and discards it. Call under inference mode."""
+    ids = _ids(lm, context)
+    seq = DecodeState(lm, ids, context + WIDTHS + 1)
+    seq.commit(verify(seq, seq.verify_logits()))  # the prefill
 
-    A verification pass is timed as the engine runs it (DecodeState: the drafts' embeddings, one
-    call per layer over every pending position, the LM head over them); the widths take turns,
-    repeat by repeat, so that a machine whose speed drifts shifts every width alike. A layer call
-    over n positions stands for its share of the pass without the head: the layers, the drafts'
+    def verification(n: int) -> None:
+        for token in ids[: n - 1]:
+            seq.push_draft(token, 0)
+        seq.verify_logits()
+        seq.discard_drafts()
+
+    verification(WIDTHS)  # warm-up
+    return verification
+
+
+def _widths(lm: HFCausalLM, context: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(layer_widths, head_widths): a decoder-layer call and the LM head over n = 1..WIDTHS
+    positions, in ms, after a context of `context` tokens. The widths take turns, repeat by
+    repeat, so that a machine whose speed drifts shifts every width alike. A layer call over n
+    positions stands for its share of a pass without the head: the layers, the drafts'
     embeddings and the attention mask."""
     ids = _ids(lm, context)
     with torch.inference_mode():
-        seq = DecodeState(lm, ids, context + WIDTHS + 1)
-        seq.commit(verify(seq, seq.verify_logits()))  # the prefill
-
-        def verification(n: int):
-            for token in ids[: n - 1]:
-                seq.push_draft(token, 0)
-            seq.verify_logits()
-            seq.discard_drafts()
-
-        verification(WIDTHS)  # warm-up
+        verification = _verification(lm, context)
         # a pass over more positions does more work than over fewer: where timing noise says
         # otherwise, the narrower pass's figure stands (so tuning cannot chase noise toward wide passes)
         passes = _rising(_interleaved([lambda n=n: verification(n) for n in range(1, WIDTHS + 1)], repeats))
-        if head_widths is None:
-            hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
-            head_widths = _rising(_interleaved([lambda h=h: lm.final_logits(h) for h in hiddens], repeats * 4))
+        hiddens = [lm.embed(torch.tensor(ids[:n])) for n in range(1, WIDTHS + 1)]
+        head_widths = _rising(_interleaved([lambda h=h: lm.final_logits(h) for h in hiddens], repeats * 4))
     return _rising([max(0.0, p - h) / lm.num_layers for p, h in zip(passes, head_widths)]), head_widths
 
 
-
-
 def context_slopes(lm: HFCausalLM, cost: CostModel, far: int = FAR_CONTEXT, repeats: int = 5) -> CostModel:
-    """`cost` (measured after cost.context tokens) with per-context pricing: each width's layer
-    call timed again after `far` tokens, and what one more token of context adds to it (at least
-    0: attention reads more cache, never less)."""
-    far_widths, _ = _widths(lm, far, repeats, list(cost.head_widths))
-    slopes = [max(0.0, (f - n) / (far - cost.context)) for f, n in zip(far_widths, cost.layer_widths)]
+    """`cost` (measured after cost.context tokens) with per-context pricing: each width's pass
+    timed after cost.context and after `far` tokens, the two in turns so that a machine whose
+    speed drifts shifts both alike, and what one more token of context adds to a layer call (at
+    least 0: attention reads more cache, never less). The head does not read the context."""
+    with torch.inference_mode():
+        near, farther = _verification(lm, cost.context), _verification(lm, far)
+        fns = [f for n in range(1, WIDTHS + 1) for f in (lambda n=n: near(n), lambda n=n: farther(n))]
+        times = _interleaved(fns, repeats * 2)
+    slopes = [max(0.0, (times[2 * i + 1] - times[2 * i]) / lm.num_layers / (far - cost.context)) for i in range(WIDTHS)]
     return cost.with_context(cost.context, tuple(slopes))
 
 
