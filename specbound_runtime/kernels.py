@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -168,6 +169,9 @@ class FastDecoderLayer:
             self.attention = ALL_ATTENTION_FUNCTIONS[attn_implementation]
         window = getattr(attn, "sliding_window", None)
         self.attention_kwargs = {"sliding_window": window} if hasattr(attn, "sliding_window") else {}
+        # grouped-query attention under a mask (a verification pass over several positions), SDPA
+        # reading the shared keys in place; the mask carries any sliding window
+        self.masked_gqa = attn_implementation == "sdpa" and getattr(attn, "num_key_value_groups", 1) > 1
 
     @property
     def parts(self) -> tuple[PackedLinear, ...]:
@@ -186,9 +190,16 @@ class FastDecoderLayer:
         cos, sin = position_embeddings
         q, k = self.rope(q, k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx)
-        out, _ = self.attention(
-            attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.attention_kwargs
-        )
+        if self.masked_gqa and attention_mask is not None and q.shape[2] > 1:
+            # transformers' SDPA path repeats every cached key and value per query group when a
+            # mask is given (a copy of the whole cache, per layer and pass, that grows with the
+            # context); SDPA's own grouped attention reads them in place: the same products
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True)
+            out = out.transpose(1, 2)
+        else:
+            out, _ = self.attention(
+                attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.attention_kwargs
+            )
         out = out.reshape(*hidden.shape[:-1], -1).contiguous()
         hidden = residual + self.o(out)
         residual = hidden
