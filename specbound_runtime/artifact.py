@@ -43,9 +43,6 @@ class Artifact:
         return None if value is None else json.loads(value)
 
 
-_TORCH_DTYPES = {"int64": torch.int64, "float64": torch.float64, "float32": torch.float32}
-
-
 def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
     """The policy as tensors, laid out as its fields say (`policy.storage`). A sparse field is
     written only when it differs from its default: an artifact without it is byte for byte what it
@@ -56,7 +53,7 @@ def _policy_tensors(policy: ExitPolicy) -> dict[str, torch.Tensor]:
         if s.sparse and all(v == ExitPolicy.__dataclass_fields__[name].default for v, name in zip(values, s.fields)):
             continue
         flat = list(values[0]) if s.kind == "vector" else [int(v) for v in values] if s.kind == "flag" else values
-        tensors[f"policy.{s.tensor}"] = torch.tensor(flat, dtype=_TORCH_DTYPES[s.dtype])
+        tensors[f"policy.{s.tensor}"] = torch.tensor(flat, dtype=getattr(torch, s.dtype))
     return tensors
 
 
