@@ -50,9 +50,10 @@ from specbound_runtime.files import library_versions, sha256_file
 from specbound_runtime.sampling import prompt_seed
 
 from .answers import Answer, bench_answers
+from .compiled import METHOD as COMPILED, CompileUnavailable, compiled_reference
 from .measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, settings_hash
 from .methods import (
-    METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, SIMULATED, MethodRunner, Variant, early_exit_layers,
+    GREEDY_ONLY, METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, SIMULATED, MethodRunner, Variant, early_exit_layers,
     reference_method,
 )
 from .report import render_table, write_outputs
@@ -277,10 +278,12 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     if other in opts.methods and tuple(opts.methods) != METHODS:
         _warn(f"warning: {other} is the reference of a {'greedy' if other == REFERENCE else 'sampling'} bench; this one uses {reference}")
     methods = tuple(m for m in METHODS if (m in opts.methods or m == reference) and m != other)
-    if mode.do_sample and any(m in methods for m in SIMULATED):
-        # the oracle replays greedy decoding; the limit is kept beside it, on the greedy bench's scale
-        _warn("warning: the oracle and the limit are simulated for greedy decoding; skipping them in a sampling bench")
-        methods = tuple(m for m in methods if m not in SIMULATED)
+    if mode.do_sample and any(m in methods for m in GREEDY_ONLY):
+        # the oracle replays greedy decoding; the limit is kept beside it, on the greedy bench's scale;
+        # the compiled reference is transformers' greedy recipe
+        skipped = [m for m in GREEDY_ONLY if m in methods]
+        _warn(f"warning: {', '.join(skipped)} run in a greedy bench only; skipping them in a sampling bench")
+        methods = tuple(m for m in methods if m not in GREEDY_ONLY)
     answers = bench_answers(opts.tasks, opts.prompts_per_task, opts.seed)  # UsageError before loading
     # the plot needs matplotlib, the oracle the calibration code (the calibrate extra): fail now, not after the run
     import matplotlib  # noqa: F401
@@ -304,9 +307,18 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
     decoders = {"specbound-paper": Decoder(loaded)}
     if "specbound" in methods:
         decoders["specbound"] = Decoder(artifact)
-    runner = MethodRunner(loaded.model, eos, decoders, mode)
     decoder = decoders["specbound-paper"]
     chat = decoder.has_chat_template
+    compiled = compile_warm_up = None
+    if COMPILED in methods:
+        first = answers[0]
+        ids = decoder.encode([{"role": "user", "content": first.prompt.turns[first.turn]}], chat, opts.max_new_tokens).ids
+        try:
+            compiled, compile_warm_up = compiled_reference(opts.model, opts.device, opts.dtype, list(ids), eos, WARMUP_TOKENS)
+        except CompileUnavailable as exc:
+            _warn(f"warning: skipping {COMPILED}: {exc}")
+            methods = tuple(m for m in methods if m != COMPILED)
+    runner = MethodRunner(loaded.model, eos, decoders, mode, compiled)
     ee_grid = early_exit_layers(int(loaded.fingerprint.num_layers)) if "hf-early-exit" in methods else ()
 
     timed: list[Variant] = []  # run every repeat; hf-early-exit runs in repeat 0 only
@@ -411,6 +423,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         "model": {"spec": opts.model, "source": loaded.source, "short": fp.short(), "fingerprint": fp.to_dict()},
         # SpecBound's one-time set-up at load (prepacking, the path measurement), apart from every timed answer
         "kernels": dataclasses.asdict(loaded.kernels.report),
+        # hf-greedy-compiled's one-time costs (loading its copy, compiling), apart from every timed answer
+        "compiled_warm_up": None if compile_warm_up is None else compile_warm_up.to_dict(),
         "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": artifact.policy.to_dict()},
         "settings": {
             "tasks": list(opts.tasks),

@@ -453,8 +453,8 @@ def test_results_json_table_and_plot(outcome, tiny):
     assert ar["speedup"] == min(results["summary"][t]["ar"]["speedup"] for t in ("mt-bench", "qa"))
     assert f"{ar['speedup']:.2f}x ({ar['task']}) |" in table.split("| ar |")[1].splitlines()[0]
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # 4 answers x (2 repeats x 6 variants + hf-early-exit once) + 2 grid layers, after the settings line
-    assert len((out / MEASUREMENTS_FILE).read_text().splitlines()) == 1 + 4 * (2 * 6 + 1) + 2
+    # 4 answers x (2 repeats x 7 variants + hf-early-exit once) + 2 grid layers, after the settings line
+    assert len((out / MEASUREMENTS_FILE).read_text().splitlines()) == 1 + 4 * (2 * 7 + 1) + 2
 
 
 def test_spec_bench_jsonl_shape(outcome, tiny):
@@ -544,3 +544,44 @@ def test_speedup_compares_time_per_token_when_answers_differ_in_length():
     ar = summarise(ref, ref, [None], [0])
     assert relative_speed(summarise([[run(80, 4.0, r) for r in range(3)]], ref, [None], [0]), ar) == pytest.approx(1.0)
     assert relative_speed(summarise([[run(6, 0.42, r) for r in range(3)]], ref, [None], [0]), ar) == pytest.approx((6 / 0.42) / 20, abs=1e-4)
+
+
+def test_compiled_reference_runs_transformers_recipe_on_its_own_copy(tiny, monkeypatch):
+    """hf-greedy-compiled: the static cache and torch.compile on a second copy of the model, warmed
+    up outside every timed answer; its tokens are checked against hf-greedy's like any method's."""
+    import torch._dynamo
+
+    built = _install(monkeypatch, CountingRunner)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = _bench(tiny, tiny[0] / "compiled", tasks=("qa",), methods=("hf-greedy-compiled",), repeats=1, prompts_per_task=2)
+    runner = built[0]
+    # the recipe ran on a copy: the reference's model keeps its own forward and dynamic cache
+    assert runner.compiled is not runner.model
+    assert runner.compiled.generation_config.cache_implementation == "static"
+    assert getattr(runner.model.generation_config, "cache_implementation", None) != "static"
+    assert "forward" not in vars(runner.model) and "forward" in vars(runner.compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it compiled
+    s = result.results["summary"]["overall"]
+    assert s["hf-greedy-compiled"]["exact"] == 1.0, s["hf-greedy-compiled"]["divergences"]
+    assert runner.timed.count("hf-greedy-compiled") == 2  # two answers, one repeat
+    warm = result.results["compiled_warm_up"]
+    assert warm["first_call_s"] > 0 and warm["second_call_s"] > 0 and warm["load_s"] > 0
+    assert "hf-greedy-compiled: transformers' static cache and torch.compile; one-time warm-up" in result.table
+
+
+def test_compiled_reference_is_skipped_with_one_line_where_it_cannot_compile(tiny, monkeypatch, capsys):
+    from specbound.bench import compiled as C
+
+    def broken(model):  # what inductor does on a machine without a C compiler: fail at the first call
+        def forward(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        model.forward = forward
+
+    monkeypatch.setattr(C, "compile_recipe", broken)
+    result = _bench(tiny, tiny[0] / "no-compiler", tasks=("qa",), methods=("ar", "hf-greedy-compiled"), repeats=1, prompts_per_task=1)
+    err = capsys.readouterr().err
+    assert "warning: skipping hf-greedy-compiled: torch.compile failed on this machine (RuntimeError: InvalidCxxCompiler" in err
+    assert set(result.results["summary"]["overall"]) == {"hf-greedy", "ar"}
+    assert result.results["compiled_warm_up"] is None
