@@ -168,8 +168,7 @@ def calibration_summary(report: dict) -> str:
     if "measured" in report:
         m = report["measured"]
         lines.append(
-            f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, paper defaults "
-            f"{m['tokens_per_s']['paper']} tok/s ({m['speedup_paper']:.3f}x), tuned {m['tokens_per_s']['tuned']} tok/s "
+            f"measured on {m['prompts']} held-out prompts: plain {m['tokens_per_s']['plain']} tok/s, tuned {m['tokens_per_s']['tuned']} tok/s "
             f"({m['speedup_tuned']:.3f}x); predicted {report['predicted_speedup']:.3f}x; exact: {m['exact']}"
         )
         if m.get("speedup_by_kind"):

@@ -21,11 +21,13 @@ def kind_by_kind(prompts: list) -> list:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, seed: int = 0) -> dict:
-    """Decode held-out prompts for real: plain (engine, no speculation), the paper's defaults, tuned.
+    """Decode held-out prompts for real: plain (engine, no speculation) and tuned.
 
-    Interleaved per prompt so machine drift hits all three alike; greedy exactness checked on token
-    ids. Under a sampling mode all three sample prompt i with the seed (seed, i); their outputs
-    then differ (only the distribution is the same), so "exact" is None."""
+    Interleaved per prompt so machine drift hits both alike; greedy exactness checked on token
+    ids. Under a sampling mode both sample prompt i with the seed (seed, i); their outputs then
+    differ (only the distribution is the same), so "exact" is None. The paper's defaults are not
+    decoded here (they ran at 0.57x, the slowest third of this stage): the simulator's figure for
+    them is in the report, and `specbound bench` measures them (`specbound-paper`)."""
     from specbound_runtime.decoder import Decoder
     from specbound_runtime.sampling import DecodingMode
 
@@ -33,10 +35,10 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
 
     plain = Decoder(loaded.uncalibrated())
     tuned = Decoder(loaded.with_policy(policy, head))
-    times = {"plain": 0.0, "paper": 0.0, "tuned": 0.0}
-    tokens = {"plain": 0, "paper": 0, "tuned": 0}
+    times = {"plain": 0.0, "tuned": 0.0}
+    tokens = {"plain": 0, "tuned": 0}
     per_kind: dict[str, dict[str, float]] = {}  # kind -> plain and tuned seconds and tokens
-    accept = {"paper": [], "tuned": []}
+    accept = {"tuned": []}
     exact = True
     with bar(len(prompts), "measuring held-out decode", "prompt") as progress:
         for i, p in enumerate(prompts):
@@ -46,10 +48,9 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
                 generator=torch.Generator().manual_seed(prompt_seed(seed, i)) if mode.do_sample else None,
             )
             ref = run(plain, False)
-            a = run(plain, True)  # paper default policy, full-vocabulary head
             b = run(tuned, True)
-            exact &= a.token_ids == ref.token_ids == b.token_ids
-            for k, r in (("plain", ref), ("paper", a), ("tuned", b)):
+            exact &= ref.token_ids == b.token_ids
+            for k, r in (("plain", ref), ("tuned", b)):
                 times[k] += r.wall_time_s
                 tokens[k] += r.new_tokens
             kind = per_kind.setdefault(getattr(p, "kind", "") or NO_KIND, dict.fromkeys(("plain_s", "plain_n", "tuned_s", "tuned_n"), 0.0))
@@ -57,7 +58,6 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
             kind["plain_n"] += ref.new_tokens
             kind["tuned_s"] += b.wall_time_s
             kind["tuned_n"] += b.new_tokens
-            accept["paper"].extend(a.accept_lengths)
             accept["tuned"].extend(b.accept_lengths)
             progress.update(1)
     tps = {k: tokens[k] / times[k] if times[k] else 0.0 for k in times}
@@ -72,7 +72,6 @@ def measure(loaded, eos, policy, head, prompts, max_new_tokens: int, mode=None, 
         "max_new_tokens": max_new_tokens,
         "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
         "speedup_tuned": round(tps["tuned"] / tps["plain"], 4) if tps["plain"] else 0.0,
-        "speedup_paper": round(tps["paper"] / tps["plain"], 4) if tps["plain"] else 0.0,
         "mean_accepted_length": {k: round(sum(v) / max(1, len(v)), 3) for k, v in accept.items()},
         "exact": None if mode.do_sample else bool(exact),
         "decoding_mode": mode.describe(),

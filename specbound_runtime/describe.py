@@ -58,7 +58,8 @@ def describe_lines(info: dict) -> list[str]:
             lines.append(f"{key}: {meta[key] if isinstance(meta[key], str) else json.dumps(meta[key])}")
     m = info.get("measured")
     if m:
-        lines.append(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x, paper defaults {m.get('speedup_paper')}x, exact {m.get('exact')}")
+        paper = f", paper defaults {m['speedup_paper']}x" if "speedup_paper" in m else ""  # reports before 0.3 measured them
+        lines.append(f"measured (sidecar report): tuned {m.get('speedup_tuned')}x{paper}, exact {m.get('exact')}")
     return lines
 
 
