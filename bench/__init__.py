@@ -6,6 +6,8 @@ Methods (`methods.METHODS`), each on the same chat-templated prompts with the sa
 | --- | --- |
 | hf-greedy | `model.generate(do_sample=False)`: the reference for speed and for tokens (always runs; greedy benches) |
 | hf-greedy-compiled | `generate(do_sample=False)` under transformers' static cache and `torch.compile` recipe, on a second copy of the model; its warm-up is reported apart (`compiled`; greedy benches) |
+| ort-genai | ONNX Runtime GenAI's greedy decoding on its own fp32 CPU export of the checkpoint (optional `peers` extra; skipped with a warning without it; greedy benches) |
+| ort-genai-ngram | the same with its n-gram speculation (`ngram_size=3`) |
 | hf-sample | `model.generate(do_sample=True, ...)`: the reference of a sampling bench (`--temperature`, ...) |
 | ar | our engine without speculation (`Decoder.generate(speculation=False)`) |
 | hf-prompt-lookup | transformers `generate(prompt_lookup_num_tokens=k)`, k in `PROMPT_LOOKUP_GRID` |
@@ -25,6 +27,7 @@ Modules, by job:
 | `answers` | which answers a bench generates (task prompts, MT-Bench's two turns) |
 | `methods` | the methods and how each generates an answer (`MethodRunner`) |
 | `compiled` | the hf-greedy-compiled reference: the recipe, its copy of the model, its warm-up |
+| `peers` | runtimes a user might pick instead (ONNX Runtime GenAI): the export, its cache and the skip line |
 | `hf_hooks` | counting transformers' verification passes from outside `generate()` |
 | `measurements` | the append-only measurement log that lets a bench resume |
 | `harness` | `run_bench`: options, interleaved timing, resuming, assembling results |

@@ -47,10 +47,12 @@ import torch
 from specbound.data.tasks import DEFAULT_TASKS, TASKS
 from specbound_runtime.errors import UsageError
 from specbound_runtime.files import library_versions, sha256_file
+from specbound_runtime.models import cache_root
 from specbound_runtime.sampling import prompt_seed
 
 from .answers import Answer, bench_answers
 from .compiled import METHOD as COMPILED, CompileUnavailable, compiled_reference
+from .peers import PEERS, PeerUnavailable, ort_peer
 from .measurements import MEASUREMENTS_FILE, Measurement, MeasurementKey, MeasurementLog, settings_hash
 from .methods import (
     GREEDY_ONLY, METHODS, NEEDS_ARTIFACT, PROMPT_LOOKUP_GRID, REFERENCE, SAMPLING_REFERENCE, SIMULATED, MethodRunner, Variant, early_exit_layers,
@@ -222,7 +224,7 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-BENCH_LIBRARIES = ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm")
+BENCH_LIBRARIES = ("specbound", "torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm", "onnxruntime-genai", "onnxruntime")
 
 
 def _machine() -> dict:
@@ -318,7 +320,14 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         except CompileUnavailable as exc:
             _warn(f"warning: skipping {COMPILED}: {exc}")
             methods = tuple(m for m in methods if m != COMPILED)
-    runner = MethodRunner(loaded.model, eos, decoders, mode, compiled)
+    ort = None
+    if any(m in methods for m in PEERS):
+        try:
+            ort = ort_peer(loaded.source, loaded.fingerprint, cache_root())
+        except PeerUnavailable as exc:
+            _warn(f"warning: skipping {', '.join(m for m in PEERS if m in methods)}: {exc}")
+            methods = tuple(m for m in methods if m not in PEERS)
+    runner = MethodRunner(loaded.model, eos, decoders, mode, compiled, ort)
     ee_grid = early_exit_layers(int(loaded.fingerprint.num_layers)) if "hf-early-exit" in methods else ()
 
     timed: list[Variant] = []  # run every repeat; hf-early-exit runs in repeat 0 only
@@ -425,6 +434,8 @@ def run_bench(opts: BenchOptions, show_progress: bool = True) -> BenchOutcome:
         "kernels": dataclasses.asdict(loaded.kernels.report),
         # hf-greedy-compiled's one-time costs (loading its copy, compiling), apart from every timed answer
         "compiled_warm_up": None if compile_warm_up is None else compile_warm_up.to_dict(),
+        # ort-genai's one-time costs (its ONNX export, made once per checkpoint and cached; loading it)
+        "peers_warm_up": None if ort is None else {"ort-genai": ort.warm_up.to_dict()},
         "artifact": None if artifact is None else {"path": str(opts.artifact), "sha256": artifact_sha, "policy": artifact.policy.to_dict()},
         "settings": {
             "tasks": list(opts.tasks),

@@ -16,7 +16,7 @@ from specbound_runtime.policy import default_check_layers
 
 from .hf_hooks import FullDepthCallRecorder, pass_statistics
 
-METHODS = ("hf-greedy", "hf-sample", "hf-greedy-compiled", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle", "limit")
+METHODS = ("hf-greedy", "hf-sample", "hf-greedy-compiled", "ort-genai", "ort-genai-ngram", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound", "oracle", "limit")
 SIMULATED = ("oracle", "limit")  # rows the simulator computes; never run
 REFERENCE = "hf-greedy"  # the reference of a greedy bench
 SAMPLING_REFERENCE = "hf-sample"  # the reference of a sampling bench: generate(do_sample=True)
@@ -25,7 +25,7 @@ SAMPLING_REFERENCE = "hf-sample"  # the reference of a sampling bench: generate(
 def reference_method(sampling: bool) -> str:
     return SAMPLING_REFERENCE if sampling else REFERENCE
 NEEDS_ARTIFACT = ("specbound", "oracle", "limit")
-GREEDY_ONLY = ("hf-greedy-compiled", "oracle", "limit")  # skipped, with a warning, in a sampling bench
+GREEDY_ONLY = ("hf-greedy-compiled", "ort-genai", "ort-genai-ngram", "oracle", "limit")  # skipped, with a warning, in a sampling bench
 # where transformers' assisted methods' accepted drafts come from (they report no per-token source)
 HF_DRAFT_SOURCE = {"hf-prompt-lookup": "lookup", "hf-early-exit": "early-exit"}
 PROMPT_LOOKUP_GRID = (3, 10)
@@ -132,11 +132,13 @@ class MethodRunner:
     """Runs any `Variant` on an encoded prompt. `decoders` holds our engine: "specbound-paper"
     (no artifact; also runs `ar`) and, with an artifact, "specbound". mode: greedy (None) or the
     sampling settings every method uses. compiled: the copy of the model that runs
-    "hf-greedy-compiled" (bench.compiled), or None without that method."""
+    "hf-greedy-compiled" (bench.compiled), or None without that method; ort: the ONNX Runtime
+    GenAI peer (bench.peers.OrtPeer) that runs "ort-genai" and "ort-genai-ngram", or None."""
 
-    def __init__(self, model, eos, decoders: dict, mode=None, compiled=None):
+    def __init__(self, model, eos, decoders: dict, mode=None, compiled=None, ort=None):
         self.model = model
         self.compiled = compiled
+        self.ort = ort
         self.eos = tuple(eos)
         self.decoders = decoders
         self.mode = mode if mode is not None and mode.do_sample else None
@@ -157,6 +159,13 @@ class MethodRunner:
             if self.compiled is None or mode is not None:
                 raise ValueError("hf-greedy-compiled runs in a greedy bench, on the compiled copy of the model")
             return _hf_generate(self.compiled, encoded.ids, n, self.eos, None)
+        if m in ("ort-genai", "ort-genai-ngram"):
+            if self.ort is None or mode is not None:
+                raise ValueError(f"{m} runs in a greedy bench, with ONNX Runtime GenAI installed")
+            tokens = tuple(self.ort.generate(encoded.ids, n, ngram=m == "ort-genai-ngram"))
+            if m == "ort-genai":  # plain decoding: one pass per token
+                return Generation(tokens, (1,) * len(tokens), len(tokens), 0, (), ())
+            return Generation(tokens, None, None, None)  # its passes are not counted from outside
         if m == "hf-prompt-lookup":
             return _hf_generate(self.model, encoded.ids, n, self.eos, HF_DRAFT_SOURCE[m], mode, seed, prompt_lookup_num_tokens=variant.value)
         if m == "hf-early-exit":

@@ -91,7 +91,9 @@ def outcome(tiny):
 def test_every_method_runs_and_our_methods_are_exact(outcome):
     s = outcome.results["summary"]
     assert list(s) == ["mt-bench", "qa", "overall"]
-    assert set(s["overall"]) == set(METHODS) - {"hf-sample"}  # hf-sample is a sampling bench's reference
+    # hf-sample is a sampling bench's reference; ONNX Runtime cannot run this tiny model (head size 8,
+    # skipped with a warning; test_onnx_runtime_genai_peers_run_on_their_own_cached_export runs it)
+    assert set(s["overall"]) == set(METHODS) - {"hf-sample", "ort-genai", "ort-genai-ngram"}
     # mt-bench: one question, both turns; qa: two prompts
     assert s["mt-bench"]["hf-greedy"]["answers"] == 2 and s["qa"]["hf-greedy"]["answers"] == 2
     for m in ("hf-greedy", "ar", "hf-prompt-lookup", "hf-early-exit", "specbound-paper", "specbound"):
@@ -585,3 +587,42 @@ def test_compiled_reference_is_skipped_with_one_line_where_it_cannot_compile(tin
     assert "warning: skipping hf-greedy-compiled: torch.compile failed on this machine (RuntimeError: InvalidCxxCompiler" in err
     assert set(result.results["summary"]["overall"]) == {"hf-greedy", "ar"}
     assert result.results["compiled_warm_up"] is None
+
+
+def test_onnx_runtime_genai_peers_run_on_their_own_cached_export(tiny, monkeypatch, tmp_path):
+    """ort-genai and ort-genai-ngram: ONNX Runtime GenAI on an fp32 export of the same checkpoint,
+    made once and cached; their tokens are compared with generate()'s, never assumed equal."""
+    from helpers import make_tiny_model_folder
+
+    monkeypatch.setenv("SPECBOUND_CACHE", str(tmp_path / "cache"))
+    # ONNX Runtime's attention wants a head size that is a multiple of 16 (the shared tiny model's is 8)
+    model = make_tiny_model_folder(tmp_path / "model", vocab_size=64, num_layers=2, hidden_size=64, seed=3)
+    run = lambda out, methods, n: H.run_bench(H.BenchOptions(  # noqa: E731
+        model=str(model), max_new_tokens=TOKENS, out=out, tasks=("qa",), methods=methods, repeats=1, prompts_per_task=n,
+    ), show_progress=False)
+    built = _install(monkeypatch, CountingRunner)
+    first = run(tmp_path / "ort", ("ort-genai", "ort-genai-ngram"), 2)
+    s = first.results["summary"]["overall"]
+    assert set(s) == {"hf-greedy", "ort-genai", "ort-genai-ngram"}
+    warm = first.results["peers_warm_up"]["ort-genai"]
+    assert warm["export_s"] > 0 and (tmp_path / "cache" / "peers").is_dir() and warm["export"].startswith(str(tmp_path / "cache"))
+    assert sorted(built[0].timed) == ["hf-greedy"] * 2 + ["ort-genai"] * 2 + ["ort-genai-ngram"] * 2
+    for m in ("ort-genai", "ort-genai-ngram"):
+        assert 1 <= s[m]["new_tokens"] <= TOKENS * 2 and s[m]["exact"] is not None
+    # other kernels (and, on this random tiny model, a position table of 256 that the long qa prompts
+    # outrun): their tokens are compared with generate()'s, and every difference located and measured
+    for m in ("ort-genai", "ort-genai-ngram"):
+        assert len(s[m]["divergences"]) == round((1 - s[m]["exact"]) * 2)
+        assert all(d["margin"] is not None and d["position"] < TOKENS for d in s[m]["divergences"])
+    again = run(tmp_path / "ort-again", ("ort-genai",), 1)
+    assert again.results["peers_warm_up"]["ort-genai"]["export_s"] == 0  # the cached export
+
+
+def test_peers_are_skipped_with_one_line_where_their_wheels_are_missing(tiny, monkeypatch, capsys):
+    from specbound.bench import peers as P
+
+    monkeypatch.setattr(P, "ort_missing", lambda: "onnxruntime_genai not installed (pip install 'specbound[peers]')")
+    result = _bench(tiny, tiny[0] / "no-ort", tasks=("qa",), methods=("ar", "ort-genai", "ort-genai-ngram"), repeats=1, prompts_per_task=1)
+    err = capsys.readouterr().err
+    assert "warning: skipping ort-genai, ort-genai-ngram: onnxruntime_genai not installed (pip install 'specbound[peers]')" in err
+    assert set(result.results["summary"]["overall"]) == {"hf-greedy", "ar"} and result.results["peers_warm_up"] is None
