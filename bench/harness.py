@@ -26,8 +26,11 @@ best layer: ~2.6 T (0.39x). The oracle's teacher-forced recording: ~0.05 T; the 
 the answers' lengths. So ~23 T ~ 104 s per answer. With `DEFAULT_PROMPTS_PER_TASK` = 1 answer per
 task (an MT-Bench category: its first question's first turn), the 13 `DEFAULT_TASKS` give 13
 answers ~ 22.5 min, plus the early-exit grid on the first answer (layers 15, 19, 22 and 26 of 30
-at 0.17x-0.39x: ~16 T ~ 72 s), warm-up (~5 s) and loading: ~24 min < 30 min. Two per task would
-give 26 answers ~ 46 min. Answers that stop at EOS earlier only make it shorter.
+at 0.17x-0.39x: ~16 T ~ 72 s), warm-up (~5 s) and loading: ~24 min < 30 min. The peers add per
+answer and repeat hf-greedy-compiled ~0.93 T, ort-genai ~0.5 T and ort-genai-ngram ~0.4 T (their
+speeds in docs/results.md, fifth session): ~5.5 T x 13 ~ 5.5 min, plus hf-greedy-compiled's
+warm-up (1-3 min) and the ONNX export (once, ~10 s): ~31 min by default. Two per task would
+give 26 answers ~ 60 min. Answers that stop at EOS earlier only make it shorter.
 """
 
 from __future__ import annotations

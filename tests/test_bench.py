@@ -49,7 +49,9 @@ def tiny(tmp_path_factory, one_thread):
     policy = ExitPolicy(NUM_LAYERS, (2, 3), (0.5, 0.5), (0.025, 0.0), d_max=3, w_max=3)
     cost = CostModel(num_layers=NUM_LAYERS, layer_base=0.2, layer_extra=0.01, head_base=0.05, head_extra=0.01, check=0.02, round_overhead=0.3)
     artifact = save_tiny_artifact(loaded, root / "tiny.safetensors", policy, weights, {"cost_model": json.dumps(cost.to_dict(), sort_keys=True)})
-    return root, model, artifact
+    with pytest.MonkeyPatch.context() as patch:  # exports for the peers go here, not to the user's cache
+        patch.setenv("SPECBOUND_CACHE", str(root / "cache"))
+        yield root, model, artifact
 
 
 def _bench(tiny, out, **options):
