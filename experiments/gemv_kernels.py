@@ -6,25 +6,44 @@ weight from memory, as a pass over 30 layers does, not from the 32 MB L3. Prints
 and the read rate it implies. Usage: .venv/bin/python experiments/gemv_kernels.py (about a minute).
 """
 
-import torch, time, statistics
+import statistics
+import time
+
+import torch
 import torch.nn.functional as F
-torch.manual_seed(0)
-shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
-def t(fn, reps=200):
-    for _ in range(10): fn()
-    s = []
-    for _ in range(reps):
-        a = time.perf_counter(); fn(); s.append(time.perf_counter() - a)
-    return statistics.median(s) * 1e3
-# several copies of each weight so that a pass reads from memory, not L3 (30 layers)
-for name, (o, i) in shapes.items():
-    copies = 30 if name != "head" else 1
-    W = [torch.randn(o, i) for _ in range(copies)]
-    P = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in W]
-    for rows in (1, 4):
-        x = torch.randn(rows, i)
-        lin = t(lambda: [F.linear(x, w) for w in W]) / copies
-        pk = t(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in P]) / copies
-        mv = t(lambda: [torch.mv(w, x[0]) for w in W]) / copies if rows == 1 else float("nan")
-        mb = o * i * 4 / 1e6
-        print(f"{name:8s} rows={rows} MB={mb:6.2f}  F.linear {lin:.3f} ms ({mb/lin:.1f} GB/s)  onednn {pk:.3f} ({mb/pk:.1f})  mv {mv:.3f} ({mb/mv:.1f})")
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
+
+
+def median_ms(fn, repeats: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for name, (rows_out, cols) in SHAPES.items():
+        copies = 1 if name == "head" else 30
+        weights = [torch.randn(rows_out, cols) for _ in range(copies)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+        megabytes = rows_out * cols * 4 / 1e6
+        for rows in (1, 4):
+            x = torch.randn(rows, cols)
+            timings = {
+                "F.linear": median_ms(lambda: [F.linear(x, w) for w in weights]) / copies,
+                "onednn": median_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]) / copies,
+            }
+            if rows == 1:
+                timings["torch.mv"] = median_ms(lambda: [torch.mv(w, x[0]) for w in weights]) / copies
+            line = "  ".join(f"{k} {ms:.3f} ms ({megabytes / ms:.1f} GB/s)" for k, ms in timings.items())
+            print(f"{name:8s} rows={rows} {megabytes:6.2f} MB  {line}")
+
+
+if __name__ == "__main__":
+    main()
