@@ -16,6 +16,7 @@ exporter, which this bench does not install.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def ort_peer(source: str, fingerprint, cache: Path) -> OrtPeer:
         if done.returncode != 0 or not (partial / "genai_config.json").is_file():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise PeerUnavailable(f"ONNX Runtime GenAI's model builder failed on this model: {last[:200]}")
-        _drop_cache(partial / "cache")
+        shutil.rmtree(partial / "cache", ignore_errors=True)  # the builder's temporary files
         partial.rename(folder)
         export_s = time.perf_counter() - started
     config = json.loads((folder / "genai_config.json").read_text())
@@ -122,9 +123,3 @@ def ort_peer(source: str, fingerprint, cache: Path) -> OrtPeer:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PeerUnavailable(f"ONNX Runtime GenAI cannot run this model: {first[:200]}") from exc
     return peer
-
-
-def _drop_cache(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
