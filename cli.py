@@ -198,12 +198,14 @@ def decode(
     min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of sampling: prompt i of a file is seeded from (seed, i), so each output is reproducible alone (default: a fresh random seed per run)."),
     kernels: str = typer.Option("auto", "--kernels", help=_KERNELS_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", help="Decode this many prompts of the file at once (left-padded, one shared verification pass a round, single-turn prompts). Each prompt gives the tokens it gives alone; the text is printed when its batch ends, and a statistics line per batch reports throughput, per-row latency and peak memory. Sampling draws from one generator per batch, seeded from (--seed, the batch's first prompt index)."),
 ):
     """Generate with bounded early-exit self-speculation: greedy output equals plain greedy
     decoding token for token; sampled output (--temperature, --top-k, --top-p) is distributed
     exactly as generate(do_sample=True)'s.
 
-    Text streams to stdout as it is accepted; statistics go to stderr."""
+    Text streams to stdout as it is accepted (with --batch-size above 1, per batch); statistics
+    go to stderr."""
     with _one_error_path():
         from specbound_runtime.guard import PassCostWatch
         from specbound_runtime.sampling import PromptSampling
@@ -217,7 +219,11 @@ def decode(
             raise UsageError("--seed seeds sampling; give --temperature (or --top-k, --top-p, --min-p) too")
         if seed is not None and seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         prompts = _prompts(prompt, prompt_file)
+        if batch_size > 1 and any(len(p.turns or ()) > 1 for p in prompts):
+            raise UsageError("--batch-size above 1 decodes single-turn prompts; this file has multi-turn ones (decode them with --batch-size 1)")
         decoder = _load_decoder(model, artifact, device, dtype, kernels)
         if artifact is None and not no_speculation:
             _err(
@@ -227,6 +233,13 @@ def decode(
         use_chat = decoder.has_chat_template if chat is None else chat
         watch = None if no_speculation else PassCostWatch.for_artifact(decoder.m.policy, decoder.m.artifact_metadata)
         failures = 0
+        if batch_size > 1:
+            for first in range(0, len(prompts), batch_size):
+                failures += _decode_batch(
+                    decoder, prompts[first : first + batch_size], first, use_chat, max_new_tokens,
+                    not no_speculation, check_exact, as_json, PromptSampling.of(mode, seed, first),
+                )
+            prompts = []
         for index, p in enumerate(prompts):
             messages: list[dict] = []
             sampling = PromptSampling.of(mode, seed, index)
@@ -240,6 +253,43 @@ def decode(
             from specbound_runtime.errors import ExactnessError
 
             raise ExactnessError(f"{failures} output(s) differed from generate(); see the lines above")
+
+
+def _decode_batch(decoder, prompts, first, chat, max_new_tokens, speculation, check_exact, as_json, sampling):
+    """Prompts first.. decoded as one batch: a record (or the text) per prompt, then the batch's
+    statistics line; returns how many rows differed from generate() (with --check-exact)."""
+    from specbound_runtime.decoder import peak_rss_mb
+    from specbound_runtime.exactness import against_generate
+
+    encoded = [decoder.encode([{"role": "user", "content": p.text}], chat, max_new_tokens) for p in prompts]
+    if any(e.clamped for e in encoded):
+        _err(f"warning: --max-new-tokens clamped to {min(e.max_new_tokens for e in encoded)} to fit the model's context")
+    started = time.perf_counter()
+    batch = decoder.generate_batch(encoded, speculation=speculation, mode=sampling.mode, generator=sampling.generator)
+    call_s = time.perf_counter() - started
+    failed = 0
+    for offset, (e, result) in enumerate(zip(encoded, batch.rows)):
+        index = first + offset
+        text = decoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        record = decoder.turn_record(e, result, text, sampling, index, 0)
+        record["batch"] = {"first_prompt": first, "rows": len(encoded), "latency_s": round(result.wall_time_s, 4)}
+        if check_exact:
+            record.update(against_generate(decoder.model, list(e.ids), list(result.token_ids), min(x.max_new_tokens for x in encoded), decoder.eos_token_ids, call_s / len(encoded)))
+            if not record["exact"]:
+                _err(f"prompt {index}: NOT exact: {record['divergence']}")
+                failed += 1
+        if as_json:
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(text)
+    latencies = sorted(r.wall_time_s for r in batch.rows)
+    _err(
+        f"[batch of prompts {first}-{first + len(encoded) - 1}] {batch.new_tokens} tokens in {batch.wall_time_s:.2f}s "
+        f"= {batch.tokens_per_second:.1f} tok/s | row latency {latencies[0]:.2f}-{latencies[-1]:.2f}s "
+        f"(median {latencies[len(latencies) // 2]:.2f}s) | {batch.verify_passes} shared passes | "
+        f"acceptance {batch.accepted}/{batch.drafted} drafts | peak memory {peak_rss_mb()} MB"
+    )
+    return failed
 
 
 def _decode_one(decoder, messages, chat, max_new_tokens, speculation, check_exact, as_json, index, turn, sampling, watch=None):

@@ -196,6 +196,61 @@ class HFCausalLM:
             position_embeddings=(cos[:, start:end], sin[:, start:end]),
         )
 
+    def batch_pass(self, hidden: torch.Tensor, starts: list[int], cache) -> torch.Tensor:
+        """Every layer over a batch's pending blocks in one pass (batch.py): hidden [B, W, H], row
+        b's positions starts[b]..starts[b]+W-1, its keys written at those slots of `cache` (a
+        batch.BatchKVCache). Positions past a row's real block are padding: they see only their own
+        row's earlier keys, and no real position sees them. Returns the final states [B, W, H]."""
+        rows, width = hidden.shape[:2]
+        if len(starts) != rows:
+            raise ValueError(f"{len(starts)} starts for {rows} rows")
+        positions = to_device(list(starts), self.device)[:, None] + torch.arange(width, device=self.device)[None]
+        end = max(starts) + width
+        cache.begin(starts, width)
+        tables, masks = {}, {}
+        for layer in range(self.num_layers):
+            layer_type, window = self._layer_types[layer], self._windows[layer]
+            if layer_type not in tables:
+                cos, sin = self._rope_table(layer_type, end)
+                tables[layer_type] = (cos[0][positions], sin[0][positions])
+            if window not in masks:
+                masks[window] = self._batch_mask(positions, end, window)
+            fast = None if self.kernels is None else self.kernels.layer(layer)
+            if fast is not None:
+                hidden = fast(hidden, masks[window], tables[layer_type], cache)
+            else:
+                hidden = self._layers[layer](
+                    hidden,
+                    attention_mask=masks[window],
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    position_embeddings=tables[layer_type],
+                )
+        return hidden
+
+    def _batch_mask(self, positions: torch.Tensor, end: int, window: int | None) -> torch.Tensor:
+        """[B, 1, W, end]: query (b, i) at positions[b, i] sees its row's keys 0..positions[b, i]
+        (inside the window)."""
+        q = positions[:, :, None]
+        kv = torch.arange(end, device=self.device)[None, None, :]
+        allowed = kv <= q
+        if window is not None:
+            allowed = allowed & (kv > q - window)
+        if self._sdpa:
+            return allowed[:, None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None]
+
+    def embed_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, W] on the device -> hidden [B, W, H]."""
+        return self._embed(token_ids)
+
+    def rows_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own head over any rows of final states: [..., H] -> [..., V]."""
+        return self._head(self._norm(hidden))
+
     def layer_states(self, token_ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Teacher-forced pass over a whole sequence through the same layer path as decoding.
 
@@ -230,7 +285,7 @@ class HFCausalLM:
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own head: final norm, LM head, soft-capping. hidden [1, k, H] -> [k, V]."""
-        return self._head(self._norm(hidden))[0]
+        return self.rows_logits(hidden)[0]
 
     def exit_logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """Draft logits at check layer `layer` (1-based): the model's own head, or a fitted exit

@@ -3,7 +3,8 @@
     import torch, specbound_runtime as sb
 
     m = sb.load("smollm2-135m", artifact="artifacts/smollm2-135m.safetensors")
-    ids = m.generate(input_ids, max_new_tokens=128)            # LongTensor [1, n + new]
+    ids = m.generate(input_ids, max_new_tokens=128)            # LongTensor [B, n + new]
+    ids = m.generate(batch.input_ids, attention_mask=batch.attention_mask)  # left-padded batch
     out = m.generate_with_stats(input_ids, max_new_tokens=128)  # .sequences, .stats
     hf_model.generate(input_ids, custom_generate=m.custom_generate, max_new_tokens=128)
     ids = m.generate(input_ids, do_sample=True, temperature=0.7, top_p=0.9, generator=g)
@@ -32,6 +33,7 @@ import torch
 
 from .adapter import HFCausalLM
 from .drafters import Speculator
+from .batch import BatchResult
 from .engine import GenerationResult, NoDrafter
 from .errors import ModelError, SpecBoundWarning, UsageError
 from .generation import SpecBoundOutput, custom_generate_for
@@ -46,8 +48,10 @@ log = logging.getLogger(__name__)
 class Generated:
     """What `generate_with_stats` returns: the ids `generate()` would return, and how the run went."""
 
-    sequences: torch.Tensor  # LongTensor [1, prompt + new]
-    stats: GenerationResult  # accepted lengths, exit layers, drafts, wall time (engine.py)
+    sequences: torch.Tensor  # LongTensor [batch, prompt + new]
+    # accepted lengths, exit layers, drafts, wall time (engine.py); for a batch of several rows a
+    # batch.BatchResult (one GenerationResult per row, and the shared passes)
+    stats: "GenerationResult | BatchResult"
 
 
 class SpecBound:
@@ -178,7 +182,7 @@ class SpecBound:
         """Like `generate`, and also the run's statistics. on_tokens(list of ids) is called with
         each accepted run of new tokens (a lighter streamer). speculation=False decodes plainly
         through the same engine (the fair baseline)."""
-        input_ids = _as_batch_of_one(input_ids)
+        input_ids = _as_batch(input_ids)
         custom = self._custom_generate(speculation, on_tokens)
         stream = None if streamer is None else _EndsOnce(streamer)
         try:
@@ -197,6 +201,10 @@ class SpecBound:
             raise UsageError("generate() returned without decoding (nothing to generate: check max_new_tokens/max_length)")
         return Generated(sequences=out.sequences.to(input_ids.device), stats=out.specbound_stats)
 
+    def batch_width(self, rows: int) -> int:
+        """Each row's draft bound in a batch of `rows` under this policy (ExitPolicy.batch_width)."""
+        return self.policy.batch_width(rows)
+
     @property
     def custom_generate(self):
         """For `hf_model.generate(ids, custom_generate=m.custom_generate, ...)` (transformers 5.24's
@@ -211,7 +219,12 @@ class SpecBound:
         def make_drafter(eos):
             return Speculator.for_policy(policy, frozenset(eos)) if speculation else NoDrafter()
 
-        return custom_generate_for(self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None)
+        def make_batch_drafter(eos, rows: int):
+            return Speculator.for_batch(policy, frozenset(eos), policy.batch_width(rows)) if speculation else NoDrafter()
+
+        return custom_generate_for(
+            self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None, make_batch_drafter
+        )
 
 
 def _same_mode(a: DecodingMode, b: DecodingMode) -> bool:
@@ -239,13 +252,13 @@ class _EndsOnce:
             self.streamer.end()
 
 
-def _as_batch_of_one(input_ids) -> torch.Tensor:
+def _as_batch(input_ids) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.tensor(input_ids)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise UsageError(f"batch size {input_ids.shape[0]} is not supported yet; pass one sequence ([1, n] ids)")
+    if input_ids.ndim != 2 or input_ids.shape[0] < 1:
+        raise UsageError(f"input_ids must be [batch, length] (a left-padded batch with its attention_mask), got {list(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise UsageError("the prompt is empty; pass at least one token id")
     return input_ids.long()

@@ -87,6 +87,29 @@ class Decoder:
             speculation=speculation,
         ).stats
 
+    def generate_batch(self, batch: list[Encoded], speculation: bool = True, mode: DecodingMode | None = None, generator=None):
+        """Several encoded prompts decoded together (left-padded, one shared pass a round), each
+        answered as if alone: a batch.BatchResult, rows in order. Every row gets the batch's
+        smallest clamped max_new_tokens (one limit for the batch, as generate() has)."""
+        if len(batch) == 1:  # a batch of one is the one-sequence engine's
+            from .batch import BatchResult
+
+            r = self.generate(batch[0], speculation, mode=mode, generator=generator)
+            return BatchResult((r,), r.wall_time_s, (1,) * len(r.pass_widths), r.pass_widths, r.pass_seconds)
+        width = max(len(e.ids) for e in batch)
+        pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        ids = torch.tensor([[pad] * (width - len(e.ids)) + list(e.ids) for e in batch])
+        mask = torch.tensor([[0] * (width - len(e.ids)) + [1] * len(e.ids) for e in batch])
+        max_new = min(e.max_new_tokens for e in batch)
+        check_batch_memory(self.lm, len(batch), width + max_new)
+        return self.m.generate_with_stats(
+            ids,
+            attention_mask=mask,
+            **generate_arguments(max_new, self.eos_token_ids, mode),
+            generator=generator,
+            speculation=speculation,
+        ).stats
+
     def turn_record(self, encoded: Encoded, result: GenerationResult, text: str, sampling: PromptSampling, index: int, turn: int) -> dict:
         """What `specbound decode --json` prints for turn `turn` of prompt `index`."""
         kernels = self.m.kernels.report
@@ -180,6 +203,57 @@ def turn_line(result: GenerationResult, record: dict, sampled: bool) -> str:
             f" | exact: {'yes' if record['exact'] else 'NO'}"
         )
     )
+
+
+def batch_memory_bytes(lm, rows: int, length: int) -> int:
+    """About what decoding `rows` prompts of up to `length` positions (prompt and new tokens)
+    needs beyond the weights: every row's keys and values at every layer, and the prefill's
+    largest activations (attention scores, the MLP's widest product, the head's logits)."""
+    config = lm.model.config
+    size = torch.finfo(lm.dtype).bits // 8
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    cache = lm.num_layers * 2 * rows * kv_heads * length * head_dim * size
+    per_position = heads * length + 3 * int(config.intermediate_size) + 4 * int(config.hidden_size)
+    return cache + rows * length * per_position * size + rows * lm.vocab_size * size * 16
+
+
+def check_batch_memory(lm, rows: int, length: int) -> None:
+    """Refuse, before any work, a batch whose cache and activations would not fit in the memory
+    this machine has free (CPU: MemAvailable; CUDA: the device's free memory)."""
+    need = batch_memory_bytes(lm, rows, length)
+    free = _free_memory(lm.device)
+    if free is not None and need > free:
+        raise InputError(
+            f"a batch of {rows} prompts up to {length} positions needs about {need / 2**30:.1f} GiB for its cache "
+            f"and activations, and {free / 2**30:.1f} GiB is free; use a smaller --batch-size or fewer new tokens"
+        )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (Linux VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 
 def _rss_mb() -> float | None:

@@ -31,7 +31,66 @@ from .host import read, to_device
 from .sampling import Sampler, exact_dtype, probabilities
 
 
-class DecodeState:
+class DraftChain:
+    """A round's drafts on one sequence, as verification needs them: the tokens, where each came
+    from (source and exit layer) and, under sampling, q of each. `DecodeState` (one sequence,
+    layered cache) and batch.py's rows (one row of a shared pass) keep their drafts in one."""
+
+    tokens: list[int]  # committed tokens (prompt and accepted output)
+    sampler: Sampler | None
+    logits_processor: "LogitsProcessor | None"
+    lm: LayerModel
+
+    def _clear_drafts(self) -> None:
+        self.drafts: list[int] = []
+        self.draft_exit_layers: list[int] = []
+        self.draft_sources: list[str] = []  # which drafter proposed each draft ("lookup", "head", "early-exit", ...)
+        self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
+
+    def extend(self, proposal, eos_token_ids: frozenset[int] = frozenset()) -> tuple[int, bool]:
+        """Push a proposal's drafts (a drafters.Proposal), stopping after an end-of-sequence token:
+        (how many were pushed, whether one was). Only chains are verified: a proposal whose
+        parents branch is refused."""
+        if not proposal.is_chain:
+            raise ValueError(
+                f"{proposal.source} proposed a tree (parents {list(proposal.parents)}); verification takes chains only"
+            )
+        for i, token in enumerate(proposal.tokens):
+            q = proposal.q[i] if proposal.q else None
+            self.push_draft(token, proposal.depths[i], q, proposal.source)
+            if token in eos_token_ids:
+                return i + 1, True
+        return len(proposal.tokens), False
+
+    def push_draft(
+        self, token: int, exit_layer: int, probs: torch.Tensor | None = None, source: str | None = None
+    ) -> None:
+        """Add a draft. probs: under sampling, the distribution over the vocabulary ([V]) the
+        token was drawn from; None for a deterministic proposal (q is one-hot). source: the name of
+        what proposed it, reported per token in the result; None: "lookup" at exit layer 0 (a
+        draft that cost no layers), "early-exit" at any other layer."""
+        self.drafts.append(token)
+        self.draft_exit_layers.append(exit_layer)
+        self.draft_sources.append(source if source is not None else ("lookup" if exit_layer == 0 else "early-exit"))
+        self.draft_probs.append(probs)
+
+    def prefix_ids(self) -> torch.Tensor:
+        """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
+        return to_device([self.tokens + self.drafts], self.lm.device)
+
+    def draft_matrix(self) -> torch.Tensor:
+        """q of every draft as rows [k, V] (one-hot rows for deterministic proposals)."""
+        V = self.lm.vocab_size
+        out = torch.zeros(len(self.drafts), V, dtype=exact_dtype(self.lm.device), device=self.lm.device)
+        for i, (token, q) in enumerate(zip(self.drafts, self.draft_probs)):
+            if q is None:
+                out[i, token] = 1.0
+            else:
+                out[i] = q
+        return out
+
+
+class DecodeState(DraftChain):
     """One generation: committed tokens, the layered KV cache and the pending positions."""
 
     def __init__(
@@ -52,10 +111,7 @@ class DecodeState:
         self.pending_start = 0  # position of the first pending token
         self.pending_hidden = lm.embed(list(prompt_ids))
         self.pending_depth = [0] * len(prompt_ids)
-        self.drafts: list[int] = []
-        self.draft_exit_layers: list[int] = []
-        self.draft_sources: list[str] = []  # which drafter proposed each draft ("lookup", "head", "early-exit", ...)
-        self.draft_probs: list[torch.Tensor | None] = []  # under sampling: q of each draft, None = one-hot
+        self._clear_drafts()
         # [1, 1, H]: the final state (before the final norm) of the row that predicted the last
         # committed token, kept from its verification pass; None before the first one
         self.verified_state: torch.Tensor | None = None
@@ -86,32 +142,11 @@ class DecodeState:
         self.advance_to(layer)
         return self.lm.exit_logits(self.frontier_hidden(), layer)[-1]
 
-    def extend(self, proposal, eos_token_ids: frozenset[int] = frozenset()) -> tuple[int, bool]:
-        """Push a proposal's drafts (a drafters.Proposal), stopping after an end-of-sequence token:
-        (how many were pushed, whether one was). Only chains are verified: a proposal whose
-        parents branch is refused."""
-        if not proposal.is_chain:
-            raise ValueError(
-                f"{proposal.source} proposed a tree (parents {list(proposal.parents)}); verification takes chains only"
-            )
-        for i, token in enumerate(proposal.tokens):
-            q = proposal.q[i] if proposal.q else None
-            self.push_draft(token, proposal.depths[i], q, proposal.source)
-            if token in eos_token_ids:
-                return i + 1, True
-        return len(proposal.tokens), False
-
     def push_draft(
         self, token: int, exit_layer: int, probs: torch.Tensor | None = None, source: str | None = None
     ) -> None:
-        """Add a draft. probs: under sampling, the distribution over the vocabulary ([V]) the
-        token was drawn from; None for a deterministic proposal (q is one-hot). source: the name of
-        what proposed it, reported per token in the result; None: "lookup" at exit layer 0 (a
-        draft that cost no layers), "early-exit" at any other layer."""
-        self.drafts.append(token)
-        self.draft_exit_layers.append(exit_layer)
-        self.draft_sources.append(source if source is not None else ("lookup" if exit_layer == 0 else "early-exit"))
-        self.draft_probs.append(probs)
+        """DraftChain.push_draft, and the draft's embedding as a pending position at depth 0."""
+        super().push_draft(token, exit_layer, probs, source)
         hidden = self.lm.embed([token])
         self.pending_hidden = torch.cat([self.pending_hidden, hidden], dim=1)
         self.pending_depth.append(0)
@@ -119,10 +154,7 @@ class DecodeState:
     def discard_drafts(self) -> None:
         """Drop every draft and every layer's work on pending positions; start them from depth 0."""
         self.cache.truncate(self.pending_start)
-        self.drafts.clear()
-        self.draft_exit_layers.clear()
-        self.draft_sources.clear()
-        self.draft_probs.clear()
+        self._clear_drafts()
         ids = self.tokens[self.pending_start :]
         self.pending_hidden = self.lm.embed(ids)
         self.pending_depth = [0] * len(ids)
@@ -144,10 +176,7 @@ class DecodeState:
         self.pending_start = last_kept + 1
         self.pending_hidden = self.lm.embed([acceptance.next_token])
         self.pending_depth = [0]
-        self.drafts = []
-        self.draft_exit_layers = []
-        self.draft_sources = []
-        self.draft_probs = []
+        self._clear_drafts()
         return new
 
     def next_token_draft(self) -> int | None:
@@ -157,21 +186,6 @@ class DecodeState:
         if self.verified_state is None or self.drafts:
             return None
         return self.lm.next_token_draft(self.verified_state, self.pending_hidden)
-
-    def prefix_ids(self) -> torch.Tensor:
-        """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
-        return to_device([self.tokens + self.drafts], self.lm.device)
-
-    def draft_matrix(self) -> torch.Tensor:
-        """q of every draft as rows [k, V] (one-hot rows for deterministic proposals)."""
-        V = self.lm.vocab_size
-        out = torch.zeros(len(self.drafts), V, dtype=exact_dtype(self.lm.device), device=self.lm.device)
-        for i, (token, q) in enumerate(zip(self.drafts, self.draft_probs)):
-            if q is None:
-                out[i, token] = 1.0
-            else:
-                out[i] = q
-        return out
 
 
 class Drafter(Protocol):

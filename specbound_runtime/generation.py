@@ -101,15 +101,29 @@ class SpecBoundOutput(ModelOutput):
     specbound_stats: Any = None
 
 
-def check_model_kwargs(input_ids: torch.Tensor, model_kwargs: dict) -> None:
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise UsageError(f"batch size {input_ids.shape[0] if input_ids.ndim == 2 else '?'} is not supported; pass one sequence")
-    mask = model_kwargs.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        raise UsageError("padding (an attention_mask with zeros) is not supported; pass the sequence unpadded")
+def prompt_rows(input_ids: torch.Tensor, model_kwargs: dict) -> list[list[int]]:
+    """Each row's prompt without its padding, from a left-padded batch as generate() takes it
+    (attention_mask zeros before the row's tokens). Right padding is refused."""
+    if input_ids.ndim != 2:
+        raise UsageError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
         raise UsageError("a pre-filled cache is not supported; SpecBound keeps its own cache")
+    mask = model_kwargs.get("attention_mask")
+    ids = input_ids.tolist()
+    if mask is None or bool((mask == 1).all()):
+        return ids
+    keep = (mask != 0).tolist()
+    rows = []
+    for b, (row, kept) in enumerate(zip(ids, keep)):
+        first = kept.index(True) if True in kept else len(kept)
+        if not all(kept[first:]) or first == len(kept):
+            raise UsageError(
+                f"row {b} of the batch is not left-padded (its attention_mask must be zeros, then ones, "
+                f"ending in a one); pad on the left (tokenizer.padding_side = 'left')"
+            )
+        rows.append(row[first:])
+    return rows
 
 
 def generate_arguments(max_new_tokens: int, eos_token_ids, mode: DecodingMode | None = None) -> dict:
@@ -143,11 +157,15 @@ def prepared_by_generate(model, mode: DecodingMode | None = None) -> tuple[Decod
 
 
 def custom_generate_for(
-    model, lm, make_drafter: Callable, on_tokens: Callable | None = None, on_mode: Callable | None = None
+    model, lm, make_drafter: Callable, on_tokens: Callable | None = None, on_mode: Callable | None = None,
+    make_batch_drafter: Callable | None = None,
 ):
     """The callable for `model.generate(..., custom_generate=...)`: SpecBound's decode loop over
     `lm` (the model's layer adapter), with the drafter make_drafter(eos_token_ids) returns.
     on_mode(DecodingMode), when given, hears the mode generate() resolved before decoding starts.
+    A left-padded batch of several rows decodes in shared passes (batch.py) with the drafters
+    make_batch_drafter(eos_token_ids, rows) returns (None: batches are refused); its statistics
+    are a batch.BatchResult.
 
     With return_dict_in_generate=True it returns a SpecBoundOutput (sequences and the run's
     statistics), else the sequences. Extra keyword arguments it takes from generate(): generator
@@ -176,18 +194,40 @@ def custom_generate_for(
         if on_mode is not None:
             on_mode(mode)
         check_processors(logits_processor)
-        check_model_kwargs(input_ids, model_kwargs)
+        prompts = prompt_rows(input_ids, model_kwargs)
         if input_ids.device != lm.device:
             raise UsageError(
                 f"input_ids are on {input_ids.device}, the model on {lm.device}; pass them on the model's device"
             )
-        prompt = input_ids[0].tolist()
         # The length and end-of-sequence limits of the criteria generate() prepared (a user's own
         # MaxLengthCriteria or EosTokenCriteria replaces the default one there), applied natively.
+        # On a batch the limit counts from the padded width, as in generate().
         max_length, eos, other_criteria = _native_limits(stopping_criteria, generation_config)
-        max_new = max_length - len(prompt)
+        max_new = max_length - input_ids.shape[1]
+        as_dict = getattr(generation_config, "return_dict_in_generate", False)
         if max_new < 1:  # nothing to generate: no run, no statistics
-            return SpecBoundOutput(sequences=input_ids) if getattr(generation_config, "return_dict_in_generate", False) else input_ids
+            return SpecBoundOutput(sequences=input_ids) if as_dict else input_ids
+        sampler = Sampler(generator, lm.device) if mode.do_sample else None
+        if len(prompts) > 1:
+            if specbound_streamer is not None or on_tokens is not None:
+                raise UsageError("streaming serves one sequence; decode a batch without a streamer")
+            if make_batch_drafter is None:
+                raise UsageError(f"batch size {len(prompts)} is not supported here; pass one sequence")
+            from .batch import generate_batch
+
+            rows = len(prompts)
+            batch = generate_batch(
+                lm, prompts, max_new, lambda: make_batch_drafter(eos, rows), eos,
+                logits_processor=logits_processor or None,
+                stopping_criteria=_criteria(other_criteria),
+                sampler=sampler,
+            )
+            _deprecated_stats(specbound_stats, batch)
+            pad = _pad_token(generation_config, eos)
+            longest = max(r.new_tokens for r in batch.rows)
+            new = [list(r.token_ids) + [pad] * (longest - r.new_tokens) for r in batch.rows]
+            sequences = torch.cat([input_ids, torch.tensor(new, dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+            return SpecBoundOutput(sequences=sequences, specbound_stats=batch) if as_dict else sequences
         if specbound_streamer is not None:
             specbound_streamer.put(input_ids.cpu())  # as generate() does: the prompt first
 
@@ -196,30 +236,44 @@ def custom_generate_for(
 
         try:
             result = generate(
-                lm, prompt, max_new, make_drafter(eos), eos,
+                lm, prompts[0], max_new, make_drafter(eos), eos,
                 _fan_out([f for f in (on_tokens, streamed if specbound_streamer is not None else None) if f]),
                 logits_processor=logits_processor or None,
                 stopping_criteria=_criteria(other_criteria),
-                sampler=Sampler(generator, lm.device) if mode.do_sample else None,
+                sampler=sampler,
             )
         finally:
             if specbound_streamer is not None:
                 specbound_streamer.end()  # also on an error: a reader never hangs
-        if specbound_stats is not None:
-            warnings.warn(
-                "specbound_stats= is deprecated and goes in a later release: pass return_dict_in_generate=True "
-                "and read the output's specbound_stats",
-                FutureWarning,
-                stacklevel=3,
-            )
-            specbound_stats.append(result)
+        _deprecated_stats(specbound_stats, result)
         new = torch.tensor([list(result.token_ids)], dtype=input_ids.dtype, device=input_ids.device)
         sequences = torch.cat([input_ids, new], dim=1)
-        if getattr(generation_config, "return_dict_in_generate", False):
+        if as_dict:
             return SpecBoundOutput(sequences=sequences, specbound_stats=result)
         return sequences
 
     return custom_generate
+
+
+def _deprecated_stats(specbound_stats: list | None, result) -> None:
+    if specbound_stats is not None:
+        warnings.warn(
+            "specbound_stats= is deprecated and goes in a later release: pass return_dict_in_generate=True "
+            "and read the output's specbound_stats",
+            FutureWarning,
+            stacklevel=4,
+        )
+        specbound_stats.append(result)
+
+
+def _pad_token(generation_config, eos: tuple[int, ...]) -> int:
+    """What generate() pads a finished row with: the pad token, else the first EOS (its rule)."""
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    if pad is not None:
+        return int(torch.as_tensor(pad).reshape(-1)[0])
+    if generation_config.pad_token_id is not None:
+        return int(generation_config.pad_token_id)
+    return eos[0] if eos else 0
 
 
 def _fan_out(listeners: list):

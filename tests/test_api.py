@@ -85,13 +85,15 @@ def test_load_refuses_bad_input_with_library_errors(tiny, tmp_path):
     assert issubclass(ArtifactError, SpecBoundError) and issubclass(UsageError, SpecBoundError)
 
 
-def test_batches_larger_than_one_are_refused_clearly(tiny):
+def test_an_unpadded_batch_gives_every_row_the_alone_output_and_odd_shapes_are_refused(tiny):
     folder, loaded, artifact = tiny
-    m = sb.load(loaded.model, tokenizer=loaded.tokenizer)
-    with pytest.raises(UsageError, match="batch size 2"):
-        m.generate(torch.tensor(PROMPT * 2), max_new_tokens=4)
-    with pytest.raises(UsageError, match="batch size 2"):
-        loaded.model.generate(torch.tensor(PROMPT * 2), custom_generate=m.custom_generate, max_new_tokens=4)
+    m = sb.load(loaded.model, tokenizer=loaded.tokenizer, artifact=artifact)
+    alone = _reference(loaded.model, PROMPT, max_new_tokens=12)
+    assert m.generate(torch.tensor(PROMPT * 2), max_new_tokens=12).tolist() == alone.tolist() * 2
+    via = loaded.model.generate(torch.tensor(PROMPT * 2), custom_generate=m.custom_generate, max_new_tokens=12)
+    assert via.tolist() == alone.tolist() * 2
+    with pytest.raises(UsageError, match=r"\[batch, length\]"):
+        m.generate(torch.tensor([PROMPT]), max_new_tokens=4)
 
 
 def test_custom_generate_returns_exactly_what_generate_returns(tiny):
