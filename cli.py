@@ -489,6 +489,7 @@ def bench(
     top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
     min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling: answer i is seeded from (seed, i), the same for every method and repeat."),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Bench batches instead: comma-separated batch sizes (e.g. 1,4,16). The first turns of --prompts-per-task prompts of each task, cut into batches in advance (the same for every method, listed in results.json); transformers' batched generate() (hf-greedy), SpecBound's plain batched decoding (ar) and SpecBound (specbound, needs --artifact) on each; tokens/s counts tokens up to each row's EOS, and every row is checked against generate() on its prompt alone. Greedy only."),
 ):
     """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
 
@@ -508,9 +509,12 @@ def bench(
         from specbound.bench.methods import METHODS
         from specbound.data.tasks import DEFAULT_TASKS, TASKS
 
-        _sampling_mode(temperature, top_k, top_p, min_p)  # flag-worded errors before anything loads
+        mode = _sampling_mode(temperature, top_k, top_p, min_p)  # flag-worded errors before anything loads
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
+        if batch_size is not None:
+            _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json)
+            return
 
         opts = BenchOptions(
             model=model, artifact=artifact, tasks=DEFAULT_TASKS if tasks is None else parse_names(tasks, TASKS, "--tasks"),
@@ -523,6 +527,36 @@ def bench(
             outcome = run_bench(opts)
         typer.echo(json.dumps(outcome.results, sort_keys=True) if as_json else outcome.table, nl=as_json)
         _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
+
+
+def _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json) -> None:
+    from specbound.bench.harness import parse_names
+    from specbound.data.tasks import DEFAULT_TASKS, TASKS
+
+    try:
+        sizes = [int(x) for x in batch_size.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-size takes comma-separated whole numbers, got {batch_size!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-size must list sizes >= 1, got {batch_size!r}")
+    if mode.do_sample:
+        raise UsageError("bench --batch-size runs greedy batches; drop the sampling flags")
+    if methods is not None:
+        raise UsageError("bench --batch-size runs its own methods (hf-greedy, ar, specbound); drop --methods")
+    if max_new_tokens < 1 or prompts_per_task < 1:
+        raise UsageError("--max-new-tokens and --prompts-per-task must be >= 1")
+    if artifact is not None and not artifact.exists():
+        from specbound_runtime.errors import ArtifactError
+
+        raise ArtifactError(f"artifact not found: {artifact}; make one with `specbound calibrate`")
+    chosen = DEFAULT_TASKS if tasks is None else parse_names(tasks, TASKS, "--tasks")
+    out = out or Path("runs") / f"bench-batches-{model.replace('/', '_')}"
+    with _requires_extra("calibrate", "bench"):
+        from specbound.bench.batches import batch_table, run_batch_bench
+
+        results = run_batch_bench(model, artifact, chosen, prompts_per_task, max_new_tokens, sizes, out)
+    typer.echo(json.dumps(results, sort_keys=True) if as_json else batch_table(results), nl=as_json)
+    _err(f"wrote results.json, table.md and alone.jsonl to {out}")
 
 
 def main() -> None:

@@ -202,8 +202,11 @@ class SpecBound:
         return Generated(sequences=out.sequences.to(input_ids.device), stats=out.specbound_stats)
 
     def batch_width(self, rows: int) -> int:
-        """Each row's draft bound in a batch of `rows` under this policy (ExitPolicy.batch_width)."""
-        return self.policy.batch_width(rows)
+        """Each row's draft bound in a batch of `rows`: the policy's w_max for one row, narrower as
+        the batch grows, priced by the artifact's cost model (batch.batch_draft_width)."""
+        from .batch import PassPrices, batch_draft_width
+
+        return batch_draft_width(self.policy.w_max, PassPrices.from_metadata(self.artifact_metadata), rows)
 
     @property
     def custom_generate(self):
@@ -220,7 +223,7 @@ class SpecBound:
             return Speculator.for_policy(policy, frozenset(eos)) if speculation else NoDrafter()
 
         def make_batch_drafter(eos, rows: int):
-            return Speculator.for_batch(policy, frozenset(eos), policy.batch_width(rows)) if speculation else NoDrafter()
+            return Speculator.for_batch(policy, frozenset(eos), self.batch_width(rows)) if speculation else NoDrafter()
 
         return custom_generate_for(
             self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None, make_batch_drafter

@@ -28,9 +28,70 @@ from typing import Callable, Sequence
 
 import torch
 
+import json
+
 from .engine import DraftChain, GenerationResult, LogitsProcessor, StoppingCriteria, first_stop, verify
 from .host import to_device
 from .sampling import Sampler
+
+
+@dataclass(frozen=True)
+class PassPrices:
+    """What a verification pass over n positions in all costs, read from an artifact's cost model
+    (calibrate's CostModel, measured on the calibrating machine): every layer and the LM head
+    over n positions, each at its measured price for that width, base plus a per-position extra
+    beyond the widths measured."""
+
+    num_layers: int
+    layer_widths: tuple[float, ...]
+    head_widths: tuple[float, ...]
+    layer: tuple[float, float]  # (base, extra per further position)
+    head: tuple[float, float]
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "PassPrices | None":
+        raw = (metadata or {}).get("cost_model")
+        if not raw:
+            return None
+        c = json.loads(raw)
+        return cls(
+            int(c["num_layers"]), tuple(c.get("layer_widths", ())), tuple(c.get("head_widths", ())),
+            (float(c["layer_base"]), float(c["layer_extra"])), (float(c["head_base"]), float(c["head_extra"])),
+        )
+
+    @staticmethod
+    def _call(widths: tuple[float, ...], base_extra: tuple[float, float], n: int) -> float:
+        if n <= len(widths):
+            return float(widths[n - 1])
+        known = len(widths)
+        start = float(widths[-1]) if known else base_extra[0]
+        return start + base_extra[1] * (n - max(known, 1))
+
+    def pass_ms(self, n: int) -> float:
+        return self.num_layers * self._call(self.layer_widths, self.layer, n) + self._call(self.head_widths, self.head, n)
+
+
+def batch_draft_width(w_max: int, prices: PassPrices | None, rows: int) -> int:
+    """Each row's draft bound in a batch of `rows`. A shared pass is priced by its rows times
+    positions: rows (1 + w) positions in all for w drafts a row (the longest row's block sets the
+    pass's width). The bound is the widest w <= w_max whose pass costs, relative to a plain
+    batched step (`rows` positions), no more than the policy's own width costs one row relative
+    to a plain step: w drafts a row pay for themselves at batch `rows` wherever w_max paid at
+    batch 1. So speculation shrinks as the batch grows, and is off (0) where even one draft a row
+    costs more. One row: w_max. Without prices (an artifact without a cost model): 0."""
+    if rows < 1:
+        raise ValueError(f"a batch has at least one row, got {rows}")
+    if rows == 1:
+        return w_max
+    if prices is None or w_max < 1:
+        return 0
+    allowed = prices.pass_ms(1 + w_max) / prices.pass_ms(1)
+    plain = prices.pass_ms(rows)
+    width = 0
+    for w in range(1, w_max + 1):
+        if prices.pass_ms(rows * (1 + w)) / plain <= allowed:
+            width = w
+    return width
 
 
 class BatchKVCache:

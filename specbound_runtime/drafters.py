@@ -149,7 +149,7 @@ class Speculator:
     def for_batch(cls, policy: ExitPolicy, eos_token_ids=frozenset(), width: int | None = None) -> "Speculator":
         """A batch row's drafter (batch.py): the policy's sources that cost no layers, in its
         order, with its guard; early exit is not a batch source. width: the row's draft bound in
-        this batch (policy.batch_width); None: the policy's own w_max."""
+        this batch (SpecBound.batch_width); None: the policy's own w_max."""
         full = cls.for_policy(policy, eos_token_ids)
         return cls(full.opening, None, policy.w_max if width is None else width, full.eos_token_ids, full.guard)
 

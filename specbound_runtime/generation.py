@@ -228,6 +228,10 @@ def custom_generate_for(
             new = [list(r.token_ids) + [pad] * (longest - r.new_tokens) for r in batch.rows]
             sequences = torch.cat([input_ids, torch.tensor(new, dtype=input_ids.dtype, device=input_ids.device)], dim=1)
             return SpecBoundOutput(sequences=sequences, specbound_stats=batch) if as_dict else sequences
+        if len(prompts[0]) < input_ids.shape[1]:  # one left-padded row: decoded without its padding
+            from .batch import row_processors
+
+            logits_processor = row_processors(logits_processor, 0, len(prompts[0]))
         if specbound_streamer is not None:
             specbound_streamer.put(input_ids.cpu())  # as generate() does: the prompt first
 

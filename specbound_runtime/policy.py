@@ -176,21 +176,6 @@ class ExitPolicy:
         """Prompt lookup's match rule: (longest tail, shortest tail it backs off to; 0: no backoff)."""
         return self.lookup_ngram, self.lookup_min
 
-    def batch_width(self, rows: int) -> int:
-        """The draft bound of each row in a batch of `rows` (batch.py; w_max for one row). A pass
-        is priced by its rows times positions: with c(n) = base + e (n - 1) for n positions in
-        all and r = e / base (guard_costs[0]: what one draft adds to a one-row pass, in plain
-        steps), w drafts a row cost a batch pass B w r / (1 + (B - 1) r) plain batch steps. The
-        bound is the widest w whose price stays within what the tuner accepted for one row,
-        w_max r: w <= w_max (1 + (B - 1) r) / B. Speculation shrinks as the batch grows and stops
-        (0) where even one draft a row would cost more. Without prices (no guard), r = 0."""
-        if rows < 1:
-            raise ValueError(f"a batch has at least one row, got {rows}")
-        if rows == 1:
-            return self.w_max
-        r = float(self.guard_costs[0]) if self.guard_costs else 0.0
-        return min(self.w_max, int(self.w_max * (1.0 + (rows - 1) * r) / rows + 1e-9))
-
     def guard(self) -> DraftGuard | None:
         """A fresh run-time guard on the no-layer sources (guard.DraftGuard) at this policy's
         prices; None for a policy without them."""

@@ -19,7 +19,7 @@ import specbound_runtime as sb
 from clitools import assert_one_error, invoke, save_tiny_artifact
 from helpers import make_tiny_model_folder
 from specbound_runtime.adapter import HFCausalLM
-from specbound_runtime.batch import BatchKVCache, generate_batch
+from specbound_runtime.batch import BatchKVCache, PassPrices, batch_draft_width, generate_batch
 from specbound_runtime.drafters import Speculator
 from specbound_runtime.engine import NoDrafter
 from specbound_runtime.errors import InputError, UsageError
@@ -248,11 +248,18 @@ def test_sampled_rows_follow_each_prompts_exact_distribution():
 
 
 def test_batch_draft_width_shrinks_as_the_batch_grows_and_turns_off():
-    policy = ExitPolicy(30, (), (), (), d_max=29, w_max=8, lookup_ngram=3, lookup_max=8)
-    widths = [policy.batch_width(rows) for rows in (1, 2, 4, 8, 16, 64)]
-    assert widths[0] == 8
-    assert widths == sorted(widths, reverse=True)
-    assert widths[-1] == 0
+    """Priced by rows times positions: where positions are nearly free up to a knee (a pass over
+    1-8 positions costs about one over 1) and then cost in proportion, a row's bound shrinks as
+    the batch grows and is 0 where the batch alone passes the knee."""
+    flat_then_linear = PassPrices(num_layers=1, layer_widths=(10.0,) * 8, head_widths=(0.0,), layer=(10.0, 10 / 8), head=(0.0, 0.0))
+    widths = [batch_draft_width(7, flat_then_linear, rows) for rows in (1, 2, 4, 8, 16, 64)]
+    assert widths[0] == 7 and widths[1] == 3 and widths[2] == 1  # 2 x 4 and 4 x 2 positions stay within the knee
+    assert widths == sorted(widths, reverse=True) and widths[-1] == 0
+    # where every position costs the same (no knee), one draft a row costs as much at any batch size
+    # as at one row: the bound keeps the width whose price the policy accepted
+    linear = PassPrices(num_layers=1, layer_widths=(), head_widths=(), layer=(1.0, 1.0), head=(0.0, 0.0))
+    assert batch_draft_width(3, linear, 4) == 3
+    assert batch_draft_width(3, None, 4) == 0 and batch_draft_width(3, None, 1) == 3
 
 
 def test_a_batch_too_big_for_memory_is_refused_before_it_starts(folder):
@@ -279,3 +286,32 @@ def test_decode_cli_batch_gives_each_prompt_its_alone_tokens(folder, tmp_path):
     assert all(r["exact"] for r in b) and [r["batch"]["rows"] for r in b] == [3, 3, 3, 2, 2]
     assert batched.stderr.count("tok/s | row latency") == 2 and "peak memory" in batched.stderr
     assert_one_error(invoke(*common, "--batch-size", "0"), 2, "--batch-size must be >= 1")
+
+
+@pytest.mark.parametrize("kind", ["right", "wrong"])
+def test_the_fitted_head_drafts_per_row_from_each_rows_verified_state(kind):
+    """The next-token head in a batch reads each row's own verified state: a head fitted to the
+    rows' answers is always accepted, one that drafts a token no answer holds never is, and every
+    row equals generate() alone."""
+    from test_head_draft import NEW_TOKENS, PROMPTS, head_weights
+
+    model = tiny_model("llama")
+    refs = {tuple(p): greedy_reference(model, p, NEW_TOKENS, eos_token_id=None) for p in PROMPTS}
+    lm = HFCausalLM(model, exit_weights=head_weights(kind, HFCausalLM(model), refs))
+    policy = ExitPolicy(lm.num_layers, (), (), (), lm.num_layers, 1, head_draft=True)
+    prompts = [list(p) for p in PROMPTS]
+    result = generate_batch(lm, prompts, NEW_TOKENS, lambda: Speculator.for_batch(policy), ())
+    for p, r in zip(prompts, result.rows):
+        assert list(r.token_ids) == refs[tuple(p)]
+        assert r.drafted_sources and set(r.drafted_sources) == {"head"}
+        assert r.accepted == (r.drafted if kind == "right" else 0)
+
+
+def test_one_left_padded_row_with_a_repetition_penalty_is_decoded_as_its_prompt_alone(folder):
+    path, artifact = folder
+    m = sb.load(str(path), artifact=artifact)
+    prompt = [1, 58, 28, 52, 60, 30]  # a prompt whose answer changes when 3 of its tokens go unpenalized
+    ids, mask = _left_padded([prompt, [1] * 9])
+    settings = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=0, repetition_penalty=1.5)
+    out = m.generate(ids[:1], attention_mask=mask[:1], **settings)
+    assert out[0, ids.shape[1]:].tolist() == _alone(m.model, prompt, **settings)

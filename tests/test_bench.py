@@ -628,3 +628,31 @@ def test_peers_are_skipped_with_one_line_where_their_wheels_are_missing(tiny, mo
     err = capsys.readouterr().err
     assert "warning: skipping ort-genai, ort-genai-ngram: onnxruntime_genai not installed (pip install 'specbound[peers]')" in err
     assert set(result.results["summary"]["overall"]) == {"hf-greedy", "ar"} and result.results["peers_warm_up"] is None
+
+
+def test_batch_bench_runs_every_method_on_the_same_batches_and_checks_rows_alone(tiny, tmp_path):
+    from specbound.bench.batches import run_batch_bench
+
+    root, model, artifact = tiny
+    results = run_batch_bench(str(model), artifact, ("writing", "coding", "translation"), 2, TOKENS, [1, 4], tmp_path, show_progress=False)
+    assert [p["label"].split("/")[0] for p in results["prompts"]] == ["writing", "coding", "translation"] * 2
+    four = results["sizes"]["4"]
+    assert [len(b) for b in four["batches"]] == [4, 2]  # formed in advance, in prompt order
+    for size in ("1", "4"):
+        methods = results["sizes"][size]["methods"]
+        assert set(methods) == {"hf-greedy", "ar", "specbound"}
+        assert methods["specbound"]["identity_rate"] == 1.0 and methods["ar"]["identity_rate"] == 1.0
+        assert len({m["tokens"] for m in methods.values()}) == 1  # the same tokens counted for every exact method
+        assert methods["hf-greedy"]["speedup_vs_hf"] == 1.0
+    alone = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
+    assert len(alone) == 6
+    assert "| 4 | specbound |" in (tmp_path / "table.md").read_text()
+
+
+def test_batch_bench_flags_are_checked_before_anything_loads(tiny):
+    root, model, artifact = tiny
+    from clitools import assert_one_error, invoke
+
+    assert_one_error(invoke("bench", "--model", str(model), "--artifact", str(artifact), "--batch-size", "0"), 2, "sizes >= 1")
+    assert_one_error(invoke("bench", "--model", str(model), "--artifact", str(artifact), "--batch-size", "4", "--temperature", "0.7"), 2, "greedy")
+    assert_one_error(invoke("bench", "--model", str(model), "--artifact", str(root / "none.safetensors"), "--batch-size", "4"), 5, "not found")
