@@ -225,8 +225,11 @@ class SpecBound:
         def make_batch_drafter(eos, rows: int):
             return Speculator.for_batch(policy, frozenset(eos), self.batch_width(rows)) if speculation else NoDrafter()
 
+        from .batch import PassPrices
+
         return custom_generate_for(
-            self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None, make_batch_drafter
+            self.model, self.lm, make_drafter, on_tokens, self._check_mode if speculation else None, make_batch_drafter,
+            PassPrices.from_metadata(self.artifact_metadata),
         )
 
 

@@ -22,6 +22,7 @@ as `generate(do_sample=True)` on it alone.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -92,6 +93,53 @@ def batch_draft_width(w_max: int, prices: PassPrices | None, rows: int) -> int:
         if prices.pass_ms(rows * (1 + w)) / plain <= allowed:
             width = w
     return width
+
+
+def round_width(draft_lengths: Sequence[int], acceptance: float, prices: PassPrices | None) -> int:
+    """How many positions a batch round's shared pass runs per row (1 + drafts kept): the width
+    W that maximises the expected tokens per millisecond, sum over rows of 1 + p + ... + p^d
+    (d = min(the row's drafts, W - 1), p the run's acceptance rate so far) over the pass's price
+    for rows x W positions. Rows with fewer drafts are padded to W, so a lone long draft does not
+    widen everyone's pass unless it pays. Without prices, every draft is kept."""
+    longest = max(draft_lengths, default=0)
+    if prices is None or longest == 0:
+        return 1 + longest
+    rows = len(draft_lengths)
+    best, best_rate = 1, rows / prices.pass_ms(rows)
+    for width in range(2, longest + 2):
+        tokens = sum(sum(acceptance**i for i in range(min(d, width - 1) + 1)) for d in draft_lengths)
+        rate = tokens / prices.pass_ms(rows * width)
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
+
+
+class RoundClock:
+    """Whether the next batch round drafts, by what rounds cost on this machine: the seconds per
+    emitted token of rounds that drafted (drafting included) against rounds that did not. Until
+    each kind has `SAMPLES` rounds, they alternate; then the cheaper kind runs, and every
+    `PROBE`-th round runs the other, so a change (rows finishing, longer contexts) is seen. The
+    cost model picks each round's width; this guard keeps a batch from ever paying for drafts
+    that, on this machine, cost more than they give."""
+
+    SAMPLES = 3
+    PROBE = 12
+
+    def __init__(self) -> None:
+        self.costs: dict[bool, list[float]] = {True: [], False: []}
+        self.rounds = 0
+
+    def drafts_next(self) -> bool:
+        self.rounds += 1
+        spec, plain = self.costs[True], self.costs[False]
+        if len(spec) < self.SAMPLES or len(plain) < self.SAMPLES:
+            return len(spec) <= len(plain)
+        better = statistics.median(spec[-8:]) < statistics.median(plain[-8:])
+        return (not better) if self.rounds % self.PROBE == 0 else better
+
+    def record(self, drafted: bool, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            self.costs[drafted].append(seconds / tokens)
 
 
 class BatchKVCache:
@@ -272,11 +320,14 @@ def generate_batch(
     logits_processor: LogitsProcessor | None = None,
     stopping_criteria: StoppingCriteria | None = None,
     sampler: Sampler | None = None,
+    prices: PassPrices | None = None,
 ) -> BatchResult:
     """Speculative decoding of several prompts in shared passes. make_drafter(): a fresh drafter
     per row (a drafters.Speculator without a layer source, or engine.NoDrafter); its width bound
     is the round's per-row bound. Each row gets up to max_new_tokens, stops on its own EOS or
-    stopping criteria, and is answered as if decoded alone (see the module's docstring)."""
+    stopping criteria, and is answered as if decoded alone (see the module's docstring). prices:
+    the artifact's pass prices; with them each round's width is chosen (`round_width`) from the
+    drafts the rows proposed and the acceptance rate so far."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     eos = frozenset(eos_token_ids)
@@ -296,12 +347,25 @@ def generate_batch(
         cache = BatchKVCache(lm.num_layers, len(rows), longest + max_new_tokens + width_bound + 1)
         active = list(range(len(rows)))
         first = True
+        clock = RoundClock()
         while active:
-            if not first:
+            round_started = time.perf_counter()
+            drafting = False
+            if not first and clock.drafts_next():
                 for i in active:
                     budget = max_new_tokens - len(rows[i].out) - 1
                     if budget > 0:
                         drafters[i].draft(rows[i], budget)
+                lengths = [len(rows[i].drafts) for i in active]
+                drafting = any(lengths)
+                if drafting:
+                    rate = (sum(r.accepted for r in rows) + 1) / (sum(r.drafted for r in rows) + 2)
+                    keep = round_width(lengths, rate, prices) - 1
+                    for i, n in zip(active, lengths):
+                        if n > keep:
+                            rows[i].keep_drafts(keep)
+                            if hasattr(drafters[i], "trim"):
+                                drafters[i].trim(keep)
             blocks = [rows[i].block() for i in active]
             width = max(len(b) for b in blocks)
             ids = to_device([b + [b[-1]] * (width - len(b)) for b in blocks], lm.device)
@@ -314,6 +378,7 @@ def generate_batch(
             finite = torch.isfinite(logits).all(-1)
             offset = 0
             done = []
+            emitted = 0
             for (n, k, size), i in zip(spans, active):
                 row = rows[i]
                 acceptance = verify(row, logits[offset : offset + k], finite[offset : offset + k])
@@ -348,6 +413,7 @@ def generate_batch(
                         new, stop = new[: fired + 1], True
                 row.out.extend(new)
                 row.accept_lengths.append(len(new))
+                emitted += len(new)
                 if stop:
                     row.finished_s = time.perf_counter()
                     done.append(i)
@@ -355,6 +421,7 @@ def generate_batch(
                 pass_rows.append(len(active))
                 pass_widths.append(width)
                 pass_seconds.append(time.perf_counter() - pass_started)
+                clock.record(drafting, time.perf_counter() - round_started, emitted)
             first = False
             if done:
                 keep = [n for n, i in enumerate(active) if i not in done]

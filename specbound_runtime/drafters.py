@@ -176,6 +176,12 @@ class Speculator:
             if proposal is None or seq.extend(proposal, self.eos_token_ids)[1]:
                 return
 
+    def trim(self, kept: int) -> None:
+        """Only the round's first `kept` drafts go to verification (a batch round narrower than
+        what was drafted): the guard counts those alone."""
+        if self._round is not None:
+            self._round = (self._round[0], min(self._round[1], kept))
+
     def observe(self, acceptance: Acceptance) -> None:
         """The guard learns what verification kept of the round's opening drafts (they come first
         in a round, so it kept min(accepted, drafted) of them)."""

@@ -74,6 +74,11 @@ class DraftChain:
         self.draft_sources.append(source if source is not None else ("lookup" if exit_layer == 0 else "early-exit"))
         self.draft_probs.append(probs)
 
+    def keep_drafts(self, n: int) -> None:
+        """Keep only the first n drafts (a chain's prefix is a chain)."""
+        for chain in (self.drafts, self.draft_exit_layers, self.draft_sources, self.draft_probs):
+            del chain[n:]
+
     def prefix_ids(self) -> torch.Tensor:
         """[1, n]: the committed tokens and the drafts so far (what a processor sees next)."""
         return to_device([self.tokens + self.drafts], self.lm.device)

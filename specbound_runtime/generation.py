@@ -158,14 +158,14 @@ def prepared_by_generate(model, mode: DecodingMode | None = None) -> tuple[Decod
 
 def custom_generate_for(
     model, lm, make_drafter: Callable, on_tokens: Callable | None = None, on_mode: Callable | None = None,
-    make_batch_drafter: Callable | None = None,
+    make_batch_drafter: Callable | None = None, batch_prices=None,
 ):
     """The callable for `model.generate(..., custom_generate=...)`: SpecBound's decode loop over
     `lm` (the model's layer adapter), with the drafter make_drafter(eos_token_ids) returns.
     on_mode(DecodingMode), when given, hears the mode generate() resolved before decoding starts.
     A left-padded batch of several rows decodes in shared passes (batch.py) with the drafters
-    make_batch_drafter(eos_token_ids, rows) returns (None: batches are refused); its statistics
-    are a batch.BatchResult.
+    make_batch_drafter(eos_token_ids, rows) returns (None: batches are refused), each round as
+    wide as batch_prices (batch.PassPrices) say pays; its statistics are a batch.BatchResult.
 
     With return_dict_in_generate=True it returns a SpecBoundOutput (sequences and the run's
     statistics), else the sequences. Extra keyword arguments it takes from generate(): generator
@@ -221,6 +221,7 @@ def custom_generate_for(
                 logits_processor=logits_processor or None,
                 stopping_criteria=_criteria(other_criteria),
                 sampler=sampler,
+                prices=batch_prices,
             )
             _deprecated_stats(specbound_stats, batch)
             pad = _pad_token(generation_config, eos)

@@ -203,10 +203,11 @@ class FastDecoderLayer:
         cos, sin = position_embeddings
         q, k = self.rope(q, k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx)
-        if self.masked_gqa and attention_mask is not None and q.shape[2] > 1:
+        if self.masked_gqa and attention_mask is not None and (q.shape[2] > 1 or q.shape[0] > 1):
             # transformers' SDPA path repeats every cached key and value per query group when a
             # mask is given (a copy of the whole cache, per layer and pass, that grows with the
-            # context); SDPA's own grouped attention reads them in place: the same products
+            # context); SDPA's own grouped attention reads them in place: the same products. A batch
+            # (batch.py) is masked even for one query a row, so it takes this path too
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True)
             out = out.transpose(1, 2)
         else:

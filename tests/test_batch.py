@@ -142,7 +142,9 @@ def folder(tmp_path_factory):
     path = make_tiny_model_folder(root / "model", num_layers=4, seed=3)
     loaded = resolve_model(str(path))
     policy = ExitPolicy(4, (), (), (), d_max=3, w_max=4, lookup_ngram=2, lookup_max=3, lookup_min=1)
-    artifact = save_tiny_artifact(loaded, root / "lookup.safetensors", policy=policy)
+    # a pass over up to 16 positions costs one over 1: drafts pay at these batch sizes
+    cost = {"num_layers": 4, "layer_base": 1.0, "layer_extra": 0.1, "head_base": 1.0, "head_extra": 0.1, "layer_widths": [1.0] * 16, "head_widths": [1.0] * 16}
+    artifact = save_tiny_artifact(loaded, root / "lookup.safetensors", policy=policy, metadata={"cost_model": json.dumps(cost)})
     return path, artifact
 
 
@@ -315,3 +317,33 @@ def test_one_left_padded_row_with_a_repetition_penalty_is_decoded_as_its_prompt_
     settings = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=0, repetition_penalty=1.5)
     out = m.generate(ids[:1], attention_mask=mask[:1], **settings)
     assert out[0, ids.shape[1]:].tolist() == _alone(m.model, prompt, **settings)
+
+
+def test_a_round_is_as_wide_as_pays_for_the_drafts_the_rows_proposed():
+    from specbound_runtime.batch import round_width
+
+    knee = PassPrices(num_layers=1, layer_widths=(10.0,) * 8, head_widths=(0.0,), layer=(10.0, 10 / 8), head=(0.0, 0.0))
+    assert round_width([3, 3], 0.9, knee) == 4  # 2 x 4 positions cost one position: keep every draft
+    assert round_width([5, 0, 0, 0, 0, 0, 0, 0], 0.9, knee) == 1  # one row's drafts would double eight rows' pass
+    assert round_width([5] * 4, 0.9, knee) == 2  # 4 x 2 positions still cost one; 4 x 3 cost more than they give
+    assert round_width([5] * 4, 0.05, knee) == 2  # under the knee even drafts rarely right are free
+    assert round_width([5] * 8, 0.9, knee) == 1  # past it, a second position doubles the price for 1.9x the tokens
+    assert round_width([2, 4], 0.5, None) == 5 and round_width([0, 0], 0.5, knee) == 1
+
+
+def test_the_round_clock_drafts_only_where_drafting_rounds_cost_less_per_token():
+    from specbound_runtime.batch import RoundClock
+
+    def run(spec_cost: float, plain_cost: float, rounds: int = 60) -> list[bool]:
+        clock, kinds = RoundClock(), []
+        for _ in range(rounds):
+            drafted = clock.drafts_next()
+            kinds.append(drafted)
+            clock.record(drafted, spec_cost if drafted else plain_cost, 1)
+        return kinds
+
+    slow_drafts = run(1.2, 1.0)
+    assert slow_drafts[:6].count(True) == 3  # both kinds measured first
+    assert slow_drafts[6:].count(True) == len(slow_drafts[6:]) // RoundClock.PROBE + 1  # then only probes
+    cheap_drafts = run(0.7, 1.0)
+    assert cheap_drafts[6:].count(False) <= len(cheap_drafts[6:]) // RoundClock.PROBE + 1
