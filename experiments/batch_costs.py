@@ -1,11 +1,13 @@
 """What a shared verification pass costs by batch rows and positions per row (SmolLM2, fp32).
 
-    .venv/bin/python experiments/batch_costs.py [--context 256] [--repeats 5]
+    .venv/bin/python experiments/batch_costs.py [--context 256] [--repeats 5] [--artifact A]
 
 Times `HFCausalLM.batch_pass` plus the LM head over each row's positions, for batch sizes 1, 2,
 4, 8, 16 and 1-8 positions per row, every row at the same context. Prints milliseconds per pass
 and the cost relative to a one-position pass at that batch size (what one extra drafted position
-per row costs there). The batch engine's width rule (drafters.batch_width) comes from this table."""
+per row costs there). With --artifact, the same ratios as the artifact's cost model predicts them
+(batch.PassPrices: a pass priced by rows times positions), which the batch engine's width rule
+(batch.batch_draft_width) and each round's width (batch.round_width) use."""
 
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--widths", default="1,2,3,4,5,6,8")
+    ap.add_argument("--artifact", default=None)
     args = ap.parse_args()
-    m = sb.load("smollm2-135m")
+    m = sb.load("smollm2-135m", artifact=args.artifact)
+    from specbound_runtime.batch import PassPrices
+
+    prices = PassPrices.from_metadata(m.artifact_metadata)
     lm = m.lm
     print(m.kernels.report.describe())
     widths = [int(w) for w in args.widths.split(",")]
@@ -48,6 +54,12 @@ def main() -> None:
                 cells.append(statistics.median(times[1:]) * 1e3)
             slope = (cells[-1] - cells[0]) / (widths[-1] - widths[0]) / cells[0]
             print(f"{rows} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {slope:.1%} of a 1-position pass")
+            ratios = " | ".join(f"{c / cells[0]:.2f}" for c in cells)
+            line = f"  measured / W=1: {ratios}"
+            if prices is not None:
+                line += "; predicted: " + " | ".join(f"{prices.pass_ms(rows * w) / prices.pass_ms(rows):.2f}" for w in widths)
+                line += f"; draft bound a row: {m.batch_width(rows)}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ class SpecBound:
         each accepted run of new tokens (a lighter streamer). speculation=False decodes plainly
         through the same engine (the fair baseline)."""
         input_ids = _as_batch(input_ids)
+        kwargs = self._stop_strings_as_criteria(kwargs)
         custom = self._custom_generate(speculation, on_tokens)
         stream = None if streamer is None else _EndsOnce(streamer)
         try:
@@ -200,6 +201,25 @@ class SpecBound:
         if not isinstance(out, SpecBoundOutput) or out.specbound_stats is None:
             raise UsageError("generate() returned without decoding (nothing to generate: check max_new_tokens/max_length)")
         return Generated(sequences=out.sequences.to(input_ids.device), stats=out.specbound_stats)
+
+    def _stop_strings_as_criteria(self, kwargs: dict) -> dict:
+        """Stop strings (the call's, or the generation config's) as a StopStringCriteria built
+        here: transformers 5.24 drops the `tokenizer` argument on its way to a callable
+        custom_generate, and then refuses stop strings for want of one."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        stops = kwargs.get("stop_strings", getattr(config, "stop_strings", None))
+        if not stops:
+            return kwargs
+        from transformers import StopStringCriteria, StoppingCriteriaList
+
+        tokenizer = kwargs.get("tokenizer") or self.tokenizer
+        if tokenizer is None:
+            raise UsageError("stop_strings need the model's tokenizer: pass tokenizer=")
+        kwargs = {k: v for k, v in kwargs.items() if k != "tokenizer"}
+        own = list(kwargs.get("stopping_criteria") or [])
+        kwargs["stopping_criteria"] = StoppingCriteriaList(own + [StopStringCriteria(tokenizer=tokenizer, stop_strings=stops)])
+        kwargs["stop_strings"] = None  # built above; generate() must not look for a tokenizer
+        return kwargs
 
     def batch_width(self, rows: int) -> int:
         """Each row's draft bound in a batch of `rows`: the policy's w_max for one row, narrower as

@@ -117,25 +117,39 @@ def round_width(draft_lengths: Sequence[int], acceptance: float, prices: PassPri
 class RoundClock:
     """Whether the next batch round drafts, by what rounds cost on this machine: the seconds per
     emitted token of rounds that drafted (drafting included) against rounds that did not. Until
-    each kind has `SAMPLES` rounds, they alternate; then the cheaper kind runs, and every
-    `PROBE`-th round runs the other, so a change (rows finishing, longer contexts) is seen. The
-    cost model picks each round's width; this guard keeps a batch from ever paying for drafts
-    that, on this machine, cost more than they give."""
+    each kind has `SAMPLES` rounds, they alternate; then the cheaper kind runs, and now and then
+    a round of the other kind probes whether that still holds (rows finish, contexts grow). Each
+    probe that confirms the choice doubles the wait for the next one (from `PROBE` rounds up to
+    `MAX_PROBE`), so a settled batch pays for few probes; a probe that flips the choice starts
+    over. The cost model picks each round's width; this guard keeps a batch from paying for
+    drafts that, on this machine, cost more than they give."""
 
     SAMPLES = 3
     PROBE = 12
+    MAX_PROBE = 96
 
     def __init__(self) -> None:
         self.costs: dict[bool, list[float]] = {True: [], False: []}
-        self.rounds = 0
+        self.interval = self.PROBE
+        self.since_probe = 0
+        self.choice: bool | None = None
+
+    def _cheaper(self) -> bool:
+        return statistics.median(self.costs[True][-8:]) < statistics.median(self.costs[False][-8:])
 
     def drafts_next(self) -> bool:
-        self.rounds += 1
         spec, plain = self.costs[True], self.costs[False]
         if len(spec) < self.SAMPLES or len(plain) < self.SAMPLES:
             return len(spec) <= len(plain)
-        better = statistics.median(spec[-8:]) < statistics.median(plain[-8:])
-        return (not better) if self.rounds % self.PROBE == 0 else better
+        better = self._cheaper()
+        if better != self.choice:  # a new choice (or the first): probe again soon
+            self.choice, self.interval, self.since_probe = better, self.PROBE, 0
+        self.since_probe += 1
+        if self.since_probe >= self.interval:
+            self.since_probe = 0
+            self.interval = min(2 * self.interval, self.MAX_PROBE)
+            return not better
+        return better
 
     def record(self, drafted: bool, seconds: float, tokens: int) -> None:
         if tokens > 0:
@@ -263,7 +277,7 @@ class BatchResult:
     wall_time_s: float
     pass_rows: tuple[int, ...]  # active rows in each pass (after the prefill)
     pass_widths: tuple[int, ...]  # positions per row in each pass (the longest row's block)
-    pass_seconds: tuple[float, ...]
+    pass_seconds: tuple[float, ...]  # (a batch of one: its timed passes only, see GenerationResult)
 
     @property
     def new_tokens(self) -> int:
@@ -275,7 +289,8 @@ class BatchResult:
 
     @property
     def verify_passes(self) -> int:
-        return len(self.pass_widths)
+        """Shared passes after the prefill."""
+        return len(self.pass_rows)
 
     @property
     def drafted(self) -> int:
@@ -321,13 +336,15 @@ def generate_batch(
     stopping_criteria: StoppingCriteria | None = None,
     sampler: Sampler | None = None,
     prices: PassPrices | None = None,
+    adaptive: bool = True,
 ) -> BatchResult:
     """Speculative decoding of several prompts in shared passes. make_drafter(): a fresh drafter
     per row (a drafters.Speculator without a layer source, or engine.NoDrafter); its width bound
     is the round's per-row bound. Each row gets up to max_new_tokens, stops on its own EOS or
     stopping criteria, and is answered as if decoded alone (see the module's docstring). prices:
     the artifact's pass prices; with them each round's width is chosen (`round_width`) from the
-    drafts the rows proposed and the acceptance rate so far."""
+    drafts the rows proposed and the acceptance rate so far. adaptive=False drafts every round
+    (no RoundClock): for tests that need drafts whatever they cost."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     eos = frozenset(eos_token_ids)
@@ -351,7 +368,7 @@ def generate_batch(
         while active:
             round_started = time.perf_counter()
             drafting = False
-            if not first and clock.drafts_next():
+            if not first and (not adaptive or clock.drafts_next()):
                 for i in active:
                     budget = max_new_tokens - len(rows[i].out) - 1
                     if budget > 0:

@@ -95,7 +95,7 @@ class Decoder:
             from .batch import BatchResult
 
             r = self.generate(batch[0], speculation, mode=mode, generator=generator)
-            return BatchResult((r,), r.wall_time_s, (1,) * len(r.pass_widths), r.pass_widths, r.pass_seconds)
+            return BatchResult((r,), r.wall_time_s, (1,) * (r.verify_passes - 1), r.pass_widths, r.pass_seconds)
         width = max(len(e.ids) for e in batch)
         pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         ids = torch.tensor([[pad] * (width - len(e.ids)) + list(e.ids) for e in batch])
@@ -234,24 +234,24 @@ def check_batch_memory(lm, rows: int, length: int) -> None:
 def _free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    kib = _proc_kib("/proc/meminfo", "MemAvailable:")
+    return None if kib is None else kib * 1024
 
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory so far (Linux VmHWM)."""
+    kib = _proc_kib("/proc/self/status", "VmHWM:")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "key: N kB" line of a Linux /proc file, in KiB; None where there is none."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         return None
     return None
 

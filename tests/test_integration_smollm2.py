@@ -146,3 +146,40 @@ def test_the_gguf_loaded_by_hand_accepts_an_artifact_for_the_builtin_and_decodes
         out = m.generate_with_stats(ids, max_new_tokens=48)
     assert torch.equal(out.sequences, ref)
     assert out.stats.drafted > 0  # the artifact's policy really drafted
+
+
+def test_a_left_padded_batch_gives_every_prompt_its_alone_tokens(smollm2, mt_bench_prompts):
+    """Four prompts of different lengths in one batch, through the API and the model's own
+    generate(): every row equals greedy generate() on its prompt alone, padded after its end."""
+    import json
+
+    import specbound_runtime as sb
+    from specbound_runtime.exactness import reference_greedy
+
+    m, eos = smollm2
+    policy = ExitPolicy(30, (), (), (), 25, 4, lookup_ngram=2, lookup_max=4)
+    flat = {"num_layers": 30, "layer_base": 1.0, "layer_extra": 0.0, "head_base": 1.0, "head_extra": 0.0}  # drafts look free
+    batched = sb.SpecBound(m.model, m.tokenizer, policy, source=m.source, kernels=m.kernels, artifact_metadata={"cost_model": json.dumps(flat)})
+    m.tokenizer.padding_side = "left"
+    texts = [m.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False) for t in mt_bench_prompts[4:8]]
+    batch = m.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    run = batched.generate_with_stats(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=64)
+    assert len({int(n) for n in batch.attention_mask.sum(1)}) == 4  # four prompt lengths: real padding
+    assert run.stats.drafted > 0
+    width = batch.input_ids.shape[1]
+    for b in range(4):
+        prompt = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+        ref = reference_greedy(m.model, prompt, 64, eos)
+        row = run.sequences[b, width:].tolist()
+        assert row[: len(ref)] == ref, _report(m.model, prompt, row[: len(ref)], ref)
+        assert list(run.stats.rows[b].token_ids) == ref
+    # stop strings end each row where they end it alone (the tiny tokenizers cannot hold them)
+    stop = dict(max_new_tokens=32, stop_strings=["."], tokenizer=m.tokenizer)
+    run = batched.generate_with_stats(batch.input_ids, attention_mask=batch.attention_mask, **stop)
+    lengths = []
+    for b in range(4):
+        prompt = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+        ref = reference_greedy(m.model, prompt, 32, eos, stop_strings=["."], tokenizer=m.tokenizer)
+        assert list(run.stats.rows[b].token_ids) == ref
+        lengths.append(len(ref))
+    assert min(lengths) < 32  # some row stopped on the string
