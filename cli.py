@@ -489,7 +489,7 @@ def bench(
     top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
     min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling: answer i is seeded from (seed, i), the same for every method and repeat."),
-    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Bench batches instead: comma-separated batch sizes (e.g. 1,4,16). The first turns of --prompts-per-task prompts of each task, cut into batches in advance (the same for every method, listed in results.json); transformers' batched generate() (hf-greedy), SpecBound's plain batched decoding (ar) and SpecBound (specbound, needs --artifact) on each; tokens/s counts tokens up to each row's EOS, and every row is checked against generate() on its prompt alone. Greedy only."),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Bench batches instead: comma-separated batch sizes (e.g. 1,4,16). The first turns of --prompts-per-task prompts of each task, cut into batches in advance (the same for every method, listed in results.json); transformers' batched generate() (hf-greedy), SpecBound's plain batched decoding (ar) and SpecBound (specbound, needs --artifact) on each, one timed run per batch and method (--repeats does not apply); tokens/s counts tokens up to each row's EOS, and every row is checked against generate() on its prompt alone. Greedy only."),
 ):
     """Benchmark every decoding method on the same task prompts, interleaved, on this machine.
 
@@ -513,7 +513,7 @@ def bench(
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
         if batch_size is not None:
-            _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json)
+            _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json, device, dtype)
             return
 
         opts = BenchOptions(
@@ -529,7 +529,7 @@ def bench(
         _err(f"wrote {', '.join(p.name for p in outcome.files)} to {outcome.out_dir}")
 
 
-def _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json) -> None:
+def _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompts_per_task, out, batch_size, as_json, device, dtype) -> None:
     from specbound.bench.harness import parse_names
     from specbound.data.tasks import DEFAULT_TASKS, TASKS
 
@@ -554,7 +554,7 @@ def _bench_batches(model, artifact, tasks, methods, mode, max_new_tokens, prompt
     with _requires_extra("calibrate", "bench"):
         from specbound.bench.batches import batch_table, run_batch_bench
 
-        results = run_batch_bench(model, artifact, chosen, prompts_per_task, max_new_tokens, sizes, out)
+        results = run_batch_bench(model, artifact, chosen, prompts_per_task, max_new_tokens, sizes, out, device=device, dtype=dtype)
     typer.echo(json.dumps(results, sort_keys=True) if as_json else batch_table(results), nl=as_json)
     _err(f"wrote results.json, table.md and alone.jsonl to {out}")
 

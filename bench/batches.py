@@ -95,7 +95,10 @@ def _alone(model, path: Path, encoded: dict[int, list[int]], max_new_tokens: int
     return done
 
 
-def run_batch_bench(model: str, artifact: Path | None, tasks, per_task: int, max_new_tokens: int, sizes: list[int], out: Path, seed: int = 0, show_progress: bool = True) -> dict:
+def run_batch_bench(
+    model: str, artifact: Path | None, tasks, per_task: int, max_new_tokens: int, sizes: list[int], out: Path,
+    seed: int = 0, show_progress: bool = True, device: str | None = None, dtype: str | None = None,
+) -> dict:
     """Every batch size in `sizes`, every method on the same batches; writes results.json and
     table.md into `out` and returns the results."""
     from tqdm import tqdm
@@ -108,7 +111,7 @@ def run_batch_bench(model: str, artifact: Path | None, tasks, per_task: int, max
     if artifact is None:
         raise UsageError("bench --batch-size measures SpecBound's batched speculation: give --artifact (from `specbound calibrate`)")
     prompts = batch_prompts(tuple(tasks), per_task, seed)
-    loaded = sb.load(model)
+    loaded = sb.load(model, device=device, dtype=dtype)
     m = loaded.with_artifact(artifact)
     ours = Decoder(m)
     eos = list(loaded.eos_token_ids)
@@ -116,7 +119,7 @@ def run_batch_bench(model: str, artifact: Path | None, tasks, per_task: int, max
     encodings = {p.index: ours.encode([{"role": "user", "content": p.text}], chat, max_new_tokens) for p in prompts}
     max_new = min(e.max_new_tokens for e in encodings.values())
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(prompts), desc="generate() alone", disable=not show_progress, file=None) as bar:
+    with tqdm(total=len(prompts), desc="generate() alone", disable=not show_progress) as bar:
         alone = _alone(loaded.model, out / "alone.jsonl", {i: list(e.ids) for i, e in encodings.items()}, max_new, eos, bar)
     results: dict = {
         "model": model,

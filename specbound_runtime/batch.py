@@ -31,7 +31,7 @@ import torch
 
 import json
 
-from .engine import DraftChain, GenerationResult, LogitsProcessor, StoppingCriteria, first_stop, verify
+from .engine import DraftChain, GenerationResult, LogitsProcessor, StoppingCriteria, emitted, verify
 from .host import to_device
 from .sampling import Sampler
 
@@ -233,6 +233,7 @@ class BatchRow(DraftChain):
         self.sampler = sampler
         self.logits_processor = logits_processor
         self.cached = 0  # positions in the cache; tokens[cached:] are pending (the prompt, then one)
+        self.redo = False  # the last pass's decision rested on non-finite values: next pass without drafts
         self.verified_state: torch.Tensor | None = None  # [1, 1, H], as DecodeState keeps it
         self._clear_drafts()
         # what the row's result reports
@@ -371,7 +372,7 @@ def generate_batch(
             if not first and (not adaptive or clock.drafts_next()):
                 for i in active:
                     budget = max_new_tokens - len(rows[i].out) - 1
-                    if budget > 0:
+                    if budget > 0 and not rows[i].redo:
                         drafters[i].draft(rows[i], budget)
                 lengths = [len(rows[i].drafts) for i in active]
                 drafting = any(lengths)
@@ -395,15 +396,17 @@ def generate_batch(
             finite = torch.isfinite(logits).all(-1)
             offset = 0
             done = []
-            emitted = 0
+            round_tokens = 0
             for (n, k, size), i in zip(spans, active):
                 row = rows[i]
+                row.redo = False
                 acceptance = verify(row, logits[offset : offset + k], finite[offset : offset + k])
                 offset += k
                 if not acceptance.trusted:
                     # Never trust a token chosen from non-finite values: this row redoes the
                     # step without drafts in the next pass (its cached length does not move).
                     row.fallbacks += 1
+                    row.redo = True
                     row._clear_drafts()
                     drafters[i].observe(acceptance)
                     continue
@@ -418,19 +421,12 @@ def generate_batch(
                 row.cached = len(row.tokens) + acceptance.accepted_length
                 row.tokens.extend(kept + [acceptance.next_token])
                 row._clear_drafts()
-                new = (kept + [acceptance.next_token])[: max_new_tokens - len(row.out)]
-                stop = len(row.out) + len(new) >= max_new_tokens
-                for j, token in enumerate(new):
-                    if token in eos:
-                        new, stop = new[: j + 1], True
-                        break
-                if stopping_criteria is not None and new:
-                    fired = first_stop(stopping_criteria, row.prompt + row.out + new, len(new), lm.device)
-                    if fired is not None:
-                        new, stop = new[: fired + 1], True
+                new, stop = emitted(
+                    kept + [acceptance.next_token], row.prompt + row.out, max_new_tokens - len(row.out), eos, stopping_criteria, lm.device
+                )
                 row.out.extend(new)
                 row.accept_lengths.append(len(new))
-                emitted += len(new)
+                round_tokens += len(new)
                 if stop:
                     row.finished_s = time.perf_counter()
                     done.append(i)
@@ -438,7 +434,7 @@ def generate_batch(
                 pass_rows.append(len(active))
                 pass_widths.append(width)
                 pass_seconds.append(time.perf_counter() - pass_started)
-                clock.record(drafting, time.perf_counter() - round_started, emitted)
+                clock.record(drafting, time.perf_counter() - round_started, round_tokens)
             first = False
             if done:
                 keep = [n for n, i in enumerate(active) if i not in done]

@@ -295,6 +295,24 @@ def first_stop(stopping_criteria, sequence: list[int], new: int, device) -> int 
     return hits[0] if hits else None
 
 
+def emitted(verified: list[int], sequence: list[int], room: int, eos: frozenset[int], stopping_criteria, device) -> tuple[list[int], bool]:
+    """What a verification pass emits of its verified tokens, after `sequence` (prompt and output
+    so far), with `room` new tokens left, as generate() would stop token by token: at the limit,
+    after an end-of-sequence token, or after the first token on which the stopping criteria
+    fire. Returns (the tokens, whether generation stops)."""
+    new = verified[:room]
+    stop = len(new) >= room
+    for i, token in enumerate(new):
+        if token in eos:
+            new, stop = new[: i + 1], True
+            break
+    if stopping_criteria is not None and new:
+        fired = first_stop(stopping_criteria, sequence + new, len(new), device)
+        if fired is not None:
+            new, stop = new[: fired + 1], True
+    return new, stop
+
+
 def generate(
     lm: LayerModel,
     prompt_ids: list[int],
@@ -353,16 +371,7 @@ def generate(
             drafted += len(seq.drafts)
             accepted += acceptance.accepted_length
             drafter.observe(acceptance)
-            new = seq.commit(acceptance)[: max_new_tokens - len(out)]
-            stop = len(out) + len(new) >= max_new_tokens
-            for i, token in enumerate(new):
-                if token in eos:
-                    new, stop = new[: i + 1], True
-                    break
-            if stopping_criteria is not None and new:
-                fired = first_stop(stopping_criteria, list(prompt_ids) + out + new, len(new), lm.device)
-                if fired is not None:
-                    new, stop = new[: fired + 1], True
+            new, stop = emitted(seq.commit(acceptance), list(prompt_ids) + out, max_new_tokens - len(out), eos, stopping_criteria, lm.device)
             out.extend(new)
             accept_lengths.append(len(new))  # what this pass emitted, after any stop
             if on_tokens is not None and new:

@@ -351,3 +351,30 @@ def test_the_round_clock_drafts_only_where_drafting_rounds_cost_less_per_token()
     cheap_drafts = run(0.7, 1.0, rounds=6 + 12 + 24 + 48)
     assert cheap_drafts[6:].count(False) == 3
 
+
+
+def test_a_row_whose_logits_go_non_finite_redoes_its_step_without_drafts_and_stays_exact():
+    """Non-finite logits in one verification (injected once into the LM head's output): the rows
+    whose decision rested on them emit nothing from it, redo the step without drafts, and every
+    row still equals generate() alone."""
+    model = tiny_model("llama")
+    prompts = _prompts(4, 3)
+    alone = [greedy_reference(model, p, 16) for p in prompts]
+    lm = HFCausalLM(model)
+    calls = {"n": 0}
+
+    def poison_third_call(module, args, output):
+        calls["n"] += 1
+        return output.fill_(float("nan")) if calls["n"] == 3 else output
+
+    handle = model.lm_head.register_forward_hook(poison_third_call)
+    try:
+        result = generate_batch(lm, prompts, 16, lambda: ScriptedRows(alone, 1.0, 3, 0), (EOS,), adaptive=False)
+    finally:
+        handle.remove()
+    assert [list(r.token_ids) for r in result.rows] == alone
+    assert sum(r.fallbacks for r in result.rows) == len(prompts)
+    # drafts always right, 3 a round: every pass but the prefill, the redone step and the last
+    # emits 4 tokens; the redone step ran without drafts and emitted 1
+    for r in result.rows:
+        assert list(r.accept_lengths[:3]) == [1, 4, 1], r.accept_lengths
