@@ -447,7 +447,9 @@ def costs(
     on this machine and write it to a file, so that a job can pin it: every machine that runs the
     job then tunes against the same costs. Measured in 5 rounds (medians of repeats); the file keeps
     the rounds' median and every round, and tuning scores a policy by its least speedup over the
-    rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported)."""
+    rounds. Rounds that disagree by more than 25% are measured again (a busy machine is reported).
+    The batch engine's shared pass is timed too, at 1, 4 and 16 rows of 1-6 positions each: the
+    prices the tuner's batch simulator and each batch round's width use."""
     with _one_error_path():
         with _requires_extra("calibrate", "costs"):
             from specbound.calibrate.costs import costs_report, kernel_path, measure_costs, measure_roofline, pinned_costs

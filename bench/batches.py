@@ -104,6 +104,7 @@ def run_batch_bench(
     from tqdm import tqdm
 
     import specbound_runtime as sb
+    from specbound_runtime.batch_policy import predicted_speedup
     from specbound_runtime.decoder import Decoder, peak_rss_mb
     from specbound_runtime.errors import UsageError
     from specbound_runtime.exactness import divergence, first_divergence
@@ -181,6 +182,7 @@ def run_batch_bench(
             e["speedup_vs_ar"] = round(e["tokens_per_s"] / plain, 3)
         entry["specbound"] = {
             "draft_width_bound": m.batch_width(size),
+            "predicted_vs_ar": predicted_speedup(m.artifact_metadata, size),
             "shared_passes": passes,
             "drafted": drafted,
             "accepted": accepted,
@@ -196,15 +198,16 @@ def run_batch_bench(
 
 def batch_table(results: dict) -> str:
     lines = [
-        "| batch size | method | tokens/s | vs hf-greedy (batched) | vs ar (batched) | rows identical to alone | SpecBound draft bound, passes, accepted/drafted |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| batch size | method | tokens/s | vs hf-greedy (batched) | vs ar (batched) | predicted vs ar | rows identical to alone | SpecBound draft bound, passes, accepted/drafted |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for size, entry in results["sizes"].items():
         s = entry["specbound"]
         for name, e in entry["methods"].items():
             extra = f"{s['draft_width_bound']} a row, {s['shared_passes']} passes, {s['accepted']}/{s['drafted']}" if name == "specbound" else ""
+            predicted = s.get("predicted_vs_ar") if name == "specbound" else None
             lines.append(
                 f"| {size} | {name} | {e['tokens_per_s']:.1f} | {e['speedup_vs_hf']:.2f}x | {e['speedup_vs_ar']:.2f}x | "
-                f"{e['identity_rate']:.0%} | {extra} |"
+                f"{'' if predicted is None else f'{predicted:.2f}x'} | {e['identity_rate']:.0%} | {extra} |"
             )
     return "\n".join(lines) + "\n"

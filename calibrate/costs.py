@@ -47,6 +47,8 @@ ROUNDS = 5  # independent measurement rounds; the cost model is their component-
 STABLE_SPREAD = 0.25  # rounds whose plain per-token cost spreads wider than this are remeasured
 MAX_ATTEMPTS = 3
 FAR_CONTEXT = 1024  # a second context, for what each token of context adds to a layer call
+BATCH_ROWS = (1, 4, 16)  # batch sizes whose shared passes are timed (the tuner's batch sizes)
+BATCH_WIDTHS = 6  # ... over W = 1..BATCH_WIDTHS positions a row
 WIDTHS = 13  # layer calls and LM-head reads are timed over 1..WIDTHS positions (the tuner's widest pass)
 
 
@@ -70,14 +72,48 @@ def measure_costs(
         if best is None or cost.spread < best.spread:
             best = cost
         if best.spread <= STABLE_SPREAD:
-            return _priced_by_context(lm, best, context, far, repeats)
+            return with_batch_passes(lm, _priced_by_context(lm, best, context, far, repeats), context, repeats)
     if warn is not None:
         warn(
             f"warning: the cost measurement is unsteady (plain decoding's per-token cost spreads "
             f"{best.spread:.0%} over {rounds} rounds): the machine is busy; tuning prefers policies that "
             "win under every round, and a cost file measured on a quiet machine (specbound costs) pins it"
         )
-    return _priced_by_context(lm, best, context, far, repeats)
+    return with_batch_passes(lm, _priced_by_context(lm, best, context, far, repeats), context, repeats)
+
+
+def with_batch_passes(lm: HFCausalLM, cost: CostModel, context: int = 256, repeats: int = 5) -> CostModel:
+    """`cost` with the batch engine's shared passes measured (`batch_passes`)."""
+    return cost.with_batch_passes(*batch_passes(lm, context, repeats))
+
+
+def batch_passes(
+    lm: HFCausalLM, context: int = 256, repeats: int = 5, rows: tuple[int, ...] = BATCH_ROWS, widths: int = BATCH_WIDTHS
+) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...]]:
+    """A shared verification pass as the batch engine runs it (the rows' embeddings, every layer
+    over rows x W positions with each row's own cache, the LM head over every position), for each
+    batch size in `rows` at W = 1..`widths` positions a row, every row after `context` tokens, in
+    ms. The widths take turns, repeat by repeat; a wider pass costs at least a narrower one."""
+    from specbound_runtime.batch import BatchKVCache
+
+    limit = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0) or context + widths + 1
+    context = max(1, min(context, limit - widths - 1))
+    ids = _ids(lm, context)
+    measured = []
+    with torch.inference_mode():
+        for r in rows:
+            cache = BatchKVCache(lm.num_layers, r, context + widths + 1)
+            prompt = torch.tensor([ids] * r, device=lm.device)
+            lm.batch_pass(lm.embed_rows(prompt), [0] * r, cache)
+
+            def shared(w: int, r=r, cache=cache, prompt=prompt) -> None:
+                h = lm.batch_pass(lm.embed_rows(prompt[:, :w]), [context] * r, cache)
+                lm.rows_logits(h.reshape(-1, h.shape[-1]))[-1, 0].item()
+
+            shared(widths)  # warm-up
+            measured.append(tuple(_rising(_interleaved([lambda w=w: shared(w) for w in range(1, widths + 1)], repeats))))
+            del cache
+    return tuple(rows), tuple(measured)
 
 
 def _priced_by_context(lm: HFCausalLM, cost: CostModel, context: int, far: int | None, repeats: int) -> CostModel:
@@ -280,9 +316,17 @@ def cached_costs(
     path = cache_root / "costs" / f"{key}.json"
     if path.exists() and not remeasure:
         try:
-            return CostModel(**json.loads(path.read_text()))
+            cost = CostModel(**json.loads(path.read_text()))
         except (ValueError, TypeError):
             pass  # unreadable cache entry: measure again
+        else:
+            if cost.batch_rows:
+                return cost
+            # measured before batches were: keep its one-sequence costs (the same tuning as
+            # before), add the batch passes once
+            cost = with_batch_passes(lm, cost)
+            atomic_write_bytes(path, json.dumps(cost.to_dict(), sort_keys=True).encode())
+            return CostModel(**json.loads(path.read_text()))
     cost = measure_costs(lm, shortlist_size, warpers=warpers, warn=warn)
     atomic_write_bytes(path, json.dumps(cost.to_dict(), sort_keys=True).encode())
     return CostModel(**json.loads(path.read_text()))
@@ -369,7 +413,23 @@ def costs_report(cost: CostModel, roofline: Roofline, document: dict) -> str:
             f"token of context over 1 position, {cost.context_slope(len(cost.context_slopes)) * 1000:.2f} us over "
             f"{len(cost.context_slopes)}"
         )
-    return "\n".join([*lines, roofline_table(cost, roofline, document)])
+    return "\n".join([*lines, roofline_table(cost, roofline, document), *batch_table(cost)])
+
+
+def batch_table(cost: CostModel) -> list[str]:
+    """The batch engine's shared passes by rows and positions a row, and what one more position a
+    row costs relative to a plain batched step (what the batch tuner weighs drafts against)."""
+    if not cost.batch_rows:
+        return []
+    widths = max(len(p) for p in cost.batch_passes)
+    lines = [
+        f"shared batch passes (ms, every row after {cost.context or 256} tokens), by positions a row:",
+        "| rows |" + "".join(f" W={w} |" for w in range(1, widths + 1)) + " W=2 / W=1 |",
+        "| ---: |" + " ---: |" * (widths + 1),
+    ]
+    for rows, p in zip(cost.batch_rows, cost.batch_passes):
+        lines.append(f"| {rows} |" + "".join(f" {x:.1f} |" for x in p) + (f" {p[1] / p[0]:.2f} |" if len(p) > 1 else " |"))
+    return lines
 
 
 def roofline_table(cost, roofline, document) -> str:

@@ -17,7 +17,8 @@ from . import collect as C
 from .live import collection_throughput, kind_by_kind, measure
 from .record import held_out_kinds
 from .report import next_head_report, pareto_png, reliability_png
-from .space import candidate_words, evaluate, evaluate_oracle, guard_metadata, paper_candidate, score
+from .batches import tune_batches
+from .space import candidate_exits, candidate_words, evaluate, evaluate_oracle, guard_metadata, paper_candidate, score
 
 if TYPE_CHECKING:
     from .pipeline import Collected, Plan
@@ -55,6 +56,8 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
     if opts.multi_objective:
         (work / "pareto.json").write_text(json.dumps(result.pareto, indent=1, sort_keys=True))
         pareto_png(result.pareto, work / "pareto.png")
+    fit_traj = records.select(own & ~records.held_out)
+    batches = tune_batches(fit_traj, policy, cost, held_traj, candidate_exits(fit_traj, best, schedules, cost))
     weights = collected.weights
     keep = {l: weights.lens[l] for l, _, _ in policy.active_checks} if best.head == "lens" else {}
     head = ExitHeadWeights(shortlist=weights.shortlist, lens=keep, next_head=weights.next_head if "head" in policy.sources else None)
@@ -85,6 +88,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
             sort_keys=True,
         ),
         "calibration": json.dumps(collected.calibration, sort_keys=True),
+        "batch_policy": json.dumps(batches, sort_keys=True),
         "shortlist_coverage": f"{collected.coverage:.4f}",
         "candidate_layers": json.dumps(list(records.layers)),
         "library_versions": json.dumps(library_versions(ARTIFACT_LIBRARIES), sort_keys=True),
@@ -114,6 +118,7 @@ def export(plan: Plan, collected: Collected) -> CalibrationOutcome:
         "calibration": collected.calibration,
         "reliability_png": str(work / "reliability.png"),
         "decoding_mode": (plan.mode or opts.mode()).describe(),
+        "batch_policy": batches,
         "next_token_head": next_head_report(records, "head" in policy.sources),
     }
     # 5. measure on held-out prompts, for real (timed, so it goes beside the artifact, not in it)

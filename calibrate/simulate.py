@@ -64,6 +64,12 @@ class CostModel:
     # is priced at `context`, as cost models written before it were.
     context: int = 0
     context_slopes: tuple[float, ...] = ()
+    # batches: a shared pass over batch_rows[i] rows of W = 1, 2, ... positions each costs
+    # batch_passes[i][W - 1] ms, as the batch engine runs it (calibrate.costs.batch_passes; priced
+    # by specbound_runtime.batch_policy.PassPrices). None measured: rows x positions priced as one
+    # sequence's pass, as cost models written before batches were.
+    batch_rows: tuple[int, ...] = ()
+    batch_passes: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for k in COST_FIELDS:
@@ -85,6 +91,9 @@ class CostModel:
         if not all(np.isfinite(x) for x in slopes) or (slopes and self.context < 1):
             raise ValueError(f"context_slopes need a measured context >= 1 and finite values, got {self.context}, {list(slopes)}")
         object.__setattr__(self, "context_slopes", slopes)
+        object.__setattr__(self, "batch_rows", tuple(int(r) for r in self.batch_rows))
+        object.__setattr__(self, "batch_passes", tuple(tuple(float(x) for x in p) for p in self.batch_passes))
+        self.pass_prices()  # validates the batch prices
 
     @classmethod
     def from_rounds(cls, num_layers: int, rounds: list[dict]) -> "CostModel":
@@ -112,6 +121,20 @@ class CostModel:
             CostModel._from_row(self.num_layers, row, len(self.layer_widths), context=self.context, slopes=self.context_slopes)
             for row in self.samples
         ]
+
+    def with_batch_passes(self, rows: tuple[int, ...], passes: tuple[tuple[float, ...], ...]) -> "CostModel":
+        """This cost model with measured batch passes (see batch_rows)."""
+        return replace(self, batch_rows=tuple(rows), batch_passes=tuple(tuple(p) for p in passes))
+
+    def pass_prices(self):
+        """The runtime's prices of one sequence's and of a batch's passes, from this cost model
+        (what the artifact's cost model gives the batch engine)."""
+        from specbound_runtime.batch_policy import PassPrices
+
+        return PassPrices(
+            self.num_layers, self.layer_widths, self.head_widths, (self.layer_base, self.layer_extra),
+            (self.head_base, self.head_extra), self.batch_rows, self.batch_passes,
+        )
 
     def with_context(self, context: int, slopes: tuple[float, ...]) -> "CostModel":
         """This cost model with per-context pricing: measured after `context` tokens, `slopes` ms
@@ -177,6 +200,9 @@ class CostModel:
         if self.context_slopes:  # written only with per-context pricing: older cost files are unchanged
             out["context"] = self.context
             out["context_slopes"] = [round(x, 8) for x in self.context_slopes]
+        if self.batch_rows:  # written only where batches were measured: older cost files are unchanged
+            out["batch_rows"] = list(self.batch_rows)
+            out["batch_passes"] = [[round(x, 6) for x in p] for p in self.batch_passes]
         return out
 
 
@@ -461,3 +487,127 @@ def simulate(
     if not cost.samples:
         return result
     return replace(result, robust_speedup=min(result.speedup_under(c) for c in cost.variants()))
+
+
+@dataclass(frozen=True)
+class BatchSimResult:
+    """A batch replay: speedup over plain batched decoding of the same batches (both without
+    their prefills), and what the speculative replay did."""
+
+    rows: int
+    width: int
+    speedup: float
+    tokens: int
+    passes: int
+    drafted: int
+    accepted: int
+    cost_ms: float
+    plain_ms: float
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def simulate_batch(
+    free: Sequence[Replay],
+    bounds: list[tuple[int, int]],
+    prices,
+    rows: int,
+    width: int,
+    guard: tuple[float, ...] = (),
+    check_ms: float = 0.0,
+    overhead_ms: float = 0.0,
+    exits: Exits | None = None,
+    num_layers: int = 0,
+) -> BatchSimResult:
+    """Replay the batch engine (specbound_runtime.batch.generate_batch) over the recorded
+    sequences, taken `rows` at a time in order: every round, each active row drafts from the
+    no-layer sources (the first that proposes, in the policy's order, under the row's own guard)
+    up to `width`; the round's shared pass runs W positions a row (batch_policy.round_width, from
+    the drafts and the acceptance rate so far, as the engine chooses it) and costs
+    prices.batch_ms(active rows, W); each row keeps its leading right drafts plus one token; a row
+    leaves the batch at its sequence's end. Plain batched decoding of the same batches: one
+    position a row per pass. Each row also costs `overhead_ms` a round (its acceptance and
+    bookkeeping) and `check_ms` per short-list head product its drafts read. prices: a
+    batch_policy.PassPrices (CostModel.pass_prices()).
+
+    exits (with the model's `num_layers`): early exit as a batch source, as the shared pass would
+    run it: after its no-layer drafts, a row drafts on while each next position exits (the
+    policy's exit rule over the records), one draft step at a time for all drafting rows
+    together, each step a partial batch pass over those rows up to the deepest exit layer among
+    them (priced as that share of a one-position pass) plus its exit checks; the verification
+    pass then runs every position through every layer (a shared pass starts all rows at layer
+    0: the drafts' shallow layers are computed again). The batch engine does not draft this way;
+    the tuner uses it to judge whether it would pay."""
+    from specbound_runtime.batch_policy import round_width
+
+    if rows < 1 or width < 0:
+        raise ValueError(f"a batch replay needs rows >= 1 and width >= 0, got {rows}, {width}")
+    sources = [(f.source, f.proposed.tolist(), f.right.tolist(), f.reads) for f in free]
+    if exits is not None:
+        if num_layers < 1:
+            raise ValueError("early exit in a batch replay needs the model's num_layers")
+        exit_layer, exit_right, exit_checks = exits.layer.tolist(), exits.right.tolist(), exits.checks.tolist()
+    tokens = passes = drafted = accepted = 0
+    spec = plain = 0.0
+    for g in range(0, len(bounds), rows):
+        group = bounds[g : g + rows]
+        # after the prefill (the same in both, left out of both), each row stands at start + 1
+        t = {i: s + 1 for i, (s, e) in enumerate(group) if s + 1 < e}
+        tokens += len(group)
+        ends = {i: e for i, (s, e) in enumerate(group)}
+        watch = {i: DraftGuard(guard) if guard else None for i in t}
+        lengths = [e - s - 1 for s, e in group]  # tokens after the first
+        for step in range(max(lengths, default=0)):
+            n = sum(1 for x in lengths if x > step)
+            plain += prices.batch_ms(n, 1) + overhead_ms * n
+        while t:
+            proposals = {}
+            reads = checks = 0
+            steps: dict[int, list[int]] = {}  # early-exit draft step -> the exit layers of the rows drafting at it
+            steps_of: dict[int, list[int]] = {}
+            for i, at in t.items():
+                limit = min(width, ends[i] - 1 - at)
+                k = a = 0
+                first = None
+                if limit > 0:
+                    open_ = watch[i].open_sources() if watch[i] is not None else SOURCES
+                    for source, proposed, proposed_right, n_reads in sources:
+                        if source in SOURCES and source not in open_ or not proposed[at]:
+                            continue
+                        k = min(proposed[at], limit)
+                        a = min(k, proposed_right[at])
+                        reads += n_reads
+                        first = source
+                        break
+                    while exits is not None and k < limit:
+                        j = at + k
+                        checks += int(exit_checks[j])
+                        if exit_layer[j] < 0:  # a hard token ends the row's drafting
+                            break
+                        steps.setdefault(len(steps_of.setdefault(i, [])), []).append(exit_layer[j])
+                        steps_of[i].append(exit_layer[j])
+                        if a == k and exit_right[j]:
+                            a += 1
+                        k += 1
+                proposals[i] = (k, a, first)
+            rate = (accepted + 1) / (drafted + 2)
+            w = round_width([k for k, _, _ in proposals.values()], rate, prices)
+            spec += prices.batch_ms(len(t), w) + overhead_ms * len(t) + check_ms * (reads + checks)
+            for layers in steps.values():  # each early-exit draft step: a partial pass of the rows drafting
+                spec += prices.batch_ms(len(layers), 1) * max(layers) / num_layers
+            passes += 1
+            for i, (k, a, first) in proposals.items():
+                d = min(k, w - 1)
+                a = min(a, d)
+                if watch[i] is not None and first in SOURCES:
+                    watch[i].record(first, d, a)
+                drafted += d
+                accepted += a
+                tokens += a + 1
+                t[i] += a + 1
+            t = {i: at for i, at in t.items() if at < ends[i]}
+    return BatchSimResult(
+        rows=rows, width=width, speedup=plain / spec if spec > 0 else 1.0, tokens=tokens, passes=passes,
+        drafted=drafted, accepted=accepted, cost_ms=spec, plain_ms=plain,
+    )

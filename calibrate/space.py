@@ -24,7 +24,7 @@ from specbound_runtime.policy import (
 
 from .collect import HEADS, LOOKUP_MAX, LOOKUP_RULES, Records
 from .replay import replays
-from .simulate import CostModel, SimResult, decide_exits, guard_prices, oracle_exits, simulate
+from .simulate import CostModel, Exits, SimResult, decide_exits, guard_prices, oracle_exits, simulate
 
 SCHEDULES = ("fitted", "paper-fitted", "paper")
 # the search space's version, part of every study's key: a study holding another space's trials
@@ -225,13 +225,19 @@ def score(result: SimResult) -> float:
     return round(result.speedup if result.robust_speedup is None else result.robust_speedup, 6)
 
 
-def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
+def candidate_exits(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> Exits:
+    """The candidate's exit rule applied to every recorded position."""
     h = HEADS.index(candidate.head)
     policy = candidate.policy(schedules, cost)
     columns = [records.layers.index(l) for l in policy.check_layers]
-    exits = decide_exits(
+    return decide_exits(
         records.conf[:, h], records.draft_right(h), columns, list(policy.check_layers), list(policy.temperatures), list(policy.thresholds)
     )
+
+
+def evaluate(records: Records, candidate: Candidate, schedules: Schedules, cost: CostModel) -> SimResult:
+    policy = candidate.policy(schedules, cost)
+    exits = candidate_exits(records, candidate, schedules, cost)
     return simulate(exits, records.bounds(), cost, policy.d_max, policy.w_max, replays(records, policy), policy.guard_costs, records.context)
 
 

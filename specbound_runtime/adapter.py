@@ -302,10 +302,16 @@ class HFCausalLM:
         verified position's final state (before the final norm), and embedded [1, 1, H], the
         input embedding of the token it predicted -> the token id drafted after that token. One
         host read."""
+        return self.next_token_drafts(final_hidden.reshape(-1, final_hidden.shape[-1])[-1:], embedded[0, -1:])[0]
+
+    def next_token_drafts(self, final_hidden: torch.Tensor, embedded: torch.Tensor) -> list[int]:
+        """The next-token head's drafts for n sequences at once (a batch's rows): final_hidden
+        [n, H] and embedded [n, H], as next_token_draft takes them a row each -> n token ids, in
+        one product over the head's weights and one host read."""
         if not self.has_next_token_head:
             raise ValueError("this model's exit head holds no fitted next-token head")
-        logits = self._exit_head.next_logits(self._norm(final_hidden)[0, -1], embedded[0, -1])
-        return self.exit_token(int(read(logits.argmax().view(1))[0]))
+        logits = self._exit_head.next_logits(self._norm(final_hidden), embedded)
+        return [self.exit_token(int(i)) for i in read(logits.argmax(-1))]
 
 
 def sdpa_skips_mask(start: int, k: int, window: int | None) -> bool:

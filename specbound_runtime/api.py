@@ -222,10 +222,17 @@ class SpecBound:
         return kwargs
 
     def batch_width(self, rows: int) -> int:
-        """Each row's draft bound in a batch of `rows`: the policy's w_max for one row, narrower as
-        the batch grows, priced by the artifact's cost model (batch.batch_draft_width)."""
-        from .batch import PassPrices, batch_draft_width
+        """Each row's draft bound in a batch of `rows`: the policy's w_max for one row; for more,
+        what calibration tuned for that batch size, or its rule between the sizes tuned
+        (batch_policy.BatchPolicy); for an artifact made before batches were tuned, priced by its
+        cost model (batch_policy.batch_draft_width)."""
+        from .batch_policy import BatchPolicy, PassPrices, batch_draft_width
 
+        if rows == 1:
+            return self.policy.w_max
+        tuned = BatchPolicy.from_metadata(self.artifact_metadata)
+        if tuned is not None:
+            return min(tuned.width(rows), self.policy.w_max)
         return batch_draft_width(self.policy.w_max, PassPrices.from_metadata(self.artifact_metadata), rows)
 
     @property

@@ -53,6 +53,7 @@ def describe_lines(info: dict) -> list[str]:
         )
     lines.append(f"tuned for: {_tuned_for(meta)}")
     lines += _cost_lines(meta)
+    lines += _batch_lines(meta)
     for key in ("predicted_speedup", "seed", "study_name", "trials", "corpus", "shortlist_coverage"):
         if key in meta:
             lines.append(f"{key}: {meta[key] if isinstance(meta[key], str) else json.dumps(meta[key])}")
@@ -100,6 +101,22 @@ def _cost_lines(metadata: dict) -> list[str]:
         "--work-dir <its work folder>` retunes from the recorded statistics"
     )
     return lines
+
+
+def _batch_lines(metadata: dict) -> list[str]:
+    """The tuned draft bound a row per batch size, with the batch simulator's predictions."""
+    doc = metadata.get("batch_policy")
+    if not isinstance(doc, dict) or not doc.get("tuned"):
+        return ["batches: no tuned batch policy (made before batches were tuned); a batch's draft bound is priced by rows x positions"]
+    parts = []
+    for t in doc["tuned"]:
+        if t["rows"] == 1:  # one row runs the one-sequence engine; its tuned bound anchors the rule
+            parts.append(f"1 row: the policy above (lookup and head alone would draft {t['width']})")
+            continue
+        predicted = t.get("held_out_speedup", t.get("predicted_speedup"))
+        parts.append(f"{t['rows']} rows: " + (f"{t['width']} drafts a row (predicted {predicted}x over plain batched)" if t["width"] else "plain batched decoding"))
+    checked = "; ".join(f"{c['rows']} rows: rule {c['rule_width']}, best {c['best_width']}" for c in doc.get("checked", []))
+    return [f"batches ({doc.get('priced_by')}): " + "; ".join(parts) + (f"; rule checked at {checked}" if checked else "")]
 
 
 def _tuned_for(metadata: dict) -> str:

@@ -466,10 +466,31 @@ def test_pipeline_is_byte_identical_and_decodes_exactly(tiny_setup, monkeypatch)
     _exports_the_best_trial(art, root / "work-a", a.report)
     _reports_the_next_token_head(art, a.report)
     tuned = Decoder(sb.load(str(model), artifact=a.artifact))
+    _records_the_batch_policy(art, a.report, tuned.m)
     plain = Decoder(tuned.m.uncalibrated())
     for text in ("w5 w6 w7", "w30 w31 w9 w9 w12"):
         enc = tuned.encode([{"role": "user", "content": text}], True, 24)
         assert tuned.generate(enc).token_ids == plain.generate(enc, speculation=False).token_ids
+
+
+def _records_the_batch_policy(art, report, m) -> None:
+    """The artifact holds a draft bound a row for 1, 4 and 16 rows, each the fastest of its
+    simulated bounds (or 0 where none pays), the rule checked at 2 and 8 rows; the runtime's batch
+    width is the rule's (one row: the policy's own)."""
+    doc = json.loads(art.metadata["batch_policy"])
+    assert doc == report["batch_policy"] and [t["rows"] for t in doc["tuned"]] == [1, 4, 16]
+    for t in doc["tuned"]:
+        by_width = {int(w): v for w, v in t["by_width"].items()}
+        assert set(by_width) == set(range(1, art.policy.w_max + 1))
+        if t["width"]:
+            assert by_width[t["width"]] == max(by_width.values()) == t["predicted_speedup"]
+        else:
+            assert max(by_width.values()) < 1.02
+    assert [c["rows"] for c in doc["checked"]] == [2, 8]
+    widths = {t["rows"]: t["width"] for t in doc["tuned"]}
+    assert m.batch_width(1) == art.policy.w_max
+    assert m.batch_width(4) == min(widths[4], art.policy.w_max) and m.batch_width(16) == min(widths[16], art.policy.w_max)
+    assert [m.batch_width(c["rows"]) for c in doc["checked"]] == [c["rule_width"] for c in doc["checked"]]
 
 
 def _reports_the_next_token_head(art, report) -> None:
