@@ -54,7 +54,7 @@ WIDTHS = 13  # layer calls and LM-head reads are timed over 1..WIDTHS positions 
 
 def measure_costs(
     lm: HFCausalLM, shortlist_size: int, context: int = 256, repeats: int = 5, warpers=None,
-    rounds: int = ROUNDS, warn=None, far: int | None = FAR_CONTEXT,
+    rounds: int = ROUNDS, warn=None, far: int | None = FAR_CONTEXT, batch_rows: tuple[int, ...] = BATCH_ROWS,
 ) -> CostModel:
     """The cost model: `rounds` independent rounds, each the median of `repeats` timings per
     component, combined by their median and kept as samples (`CostModel.samples`). When the rounds
@@ -64,7 +64,8 @@ def measure_costs(
     With a sampling mode's warpers, an exit check includes drawing the draft from q and a
     decoding step includes speculative acceptance: both are timed that way. With `far`, each
     layer call is timed again after that many tokens (or as many as the model holds), for
-    per-context pricing (`context_slopes`); None: priced at `context` alone."""
+    per-context pricing (`context_slopes`); None: priced at `context` alone. The batch engine's
+    shared passes are timed for each batch size in `batch_rows` (none: batches unpriced)."""
     best = None
     for attempt in range(MAX_ATTEMPTS):
         measured = [_measure_round(lm, shortlist_size, context, repeats, warpers) for _ in range(rounds)]
@@ -72,19 +73,22 @@ def measure_costs(
         if best is None or cost.spread < best.spread:
             best = cost
         if best.spread <= STABLE_SPREAD:
-            return with_batch_passes(lm, _priced_by_context(lm, best, context, far, repeats), context, repeats)
-    if warn is not None:
+            break
+    if warn is not None and best.spread > STABLE_SPREAD:
         warn(
             f"warning: the cost measurement is unsteady (plain decoding's per-token cost spreads "
             f"{best.spread:.0%} over {rounds} rounds): the machine is busy; tuning prefers policies that "
             "win under every round, and a cost file measured on a quiet machine (specbound costs) pins it"
         )
-    return with_batch_passes(lm, _priced_by_context(lm, best, context, far, repeats), context, repeats)
+    best = _priced_by_context(lm, best, context, far, repeats)
+    return with_batch_passes(lm, best, context, rows=batch_rows) if batch_rows else best
 
 
-def with_batch_passes(lm: HFCausalLM, cost: CostModel, context: int = 256, repeats: int = 5) -> CostModel:
+def with_batch_passes(
+    lm: HFCausalLM, cost: CostModel, context: int = 256, repeats: int = 7, rows: tuple[int, ...] = BATCH_ROWS
+) -> CostModel:
     """`cost` with the batch engine's shared passes measured (`batch_passes`)."""
-    return cost.with_batch_passes(*batch_passes(lm, context, repeats))
+    return cost.with_batch_passes(*batch_passes(lm, context, repeats, rows))
 
 
 def batch_passes(
@@ -93,7 +97,8 @@ def batch_passes(
     """A shared verification pass as the batch engine runs it (the rows' embeddings, every layer
     over rows x W positions with each row's own cache, the LM head over every position), for each
     batch size in `rows` at W = 1..`widths` positions a row, every row after `context` tokens, in
-    ms. The widths take turns, repeat by repeat; a wider pass costs at least a narrower one."""
+    ms. The widths take turns, repeat by repeat; a wider pass costs at least a narrower one
+    (`_monotone`)."""
     from specbound_runtime.batch import BatchKVCache
 
     limit = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0) or context + widths + 1
@@ -111,7 +116,7 @@ def batch_passes(
                 lm.rows_logits(h.reshape(-1, h.shape[-1]))[-1, 0].item()
 
             shared(widths)  # warm-up
-            measured.append(tuple(_rising(_interleaved([lambda w=w: shared(w) for w in range(1, widths + 1)], repeats))))
+            measured.append(tuple(_monotone(_interleaved([lambda w=w: shared(w) for w in range(1, widths + 1)], repeats))))
             del cache
     return tuple(rows), tuple(measured)
 
@@ -232,6 +237,20 @@ def _interleaved(fns: list, repeats: int) -> list[float]:
             fn()
             samples[i].append(time.perf_counter() - t)
     return [statistics.median(x) * 1000.0 for x in samples]
+
+
+def _monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pooling adjacent violators): a wider
+    pass costs at least a narrower one, and one noisy timing is averaged with its neighbours
+    instead of lifting every wider width to it (as the running maximum would)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
 
 
 def _rising(values: list[float]) -> list[float]:

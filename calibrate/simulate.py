@@ -519,6 +519,7 @@ def simulate_batch(
     overhead_ms: float = 0.0,
     exits: Exits | None = None,
     num_layers: int = 0,
+    packed: bool = True,
 ) -> BatchSimResult:
     """Replay the batch engine (specbound_runtime.batch.generate_batch) over the recorded
     sequences, taken `rows` at a time in order: every round, each active row drafts from the
@@ -538,7 +539,11 @@ def simulate_batch(
     them (priced as that share of a one-position pass) plus its exit checks; the verification
     pass then runs every position through every layer (a shared pass starts all rows at layer
     0: the drafts' shallow layers are computed again). The batch engine does not draft this way;
-    the tuner uses it to judge whether it would pay."""
+    the tuner uses it to judge whether it would pay.
+
+    packed: the shared pass runs each row's real positions only (the engine on the fast
+    kernels: adapter.batch_pass with lengths), priced by prices.packed_ms; False: every row is
+    padded to the round's width."""
     from specbound_runtime.batch_policy import round_width
 
     if rows < 1 or width < 0:
@@ -592,8 +597,12 @@ def simulate_batch(
                         k += 1
                 proposals[i] = (k, a, first)
             rate = (accepted + 1) / (drafted + 2)
-            w = round_width([k for k, _, _ in proposals.values()], rate, prices)
-            spec += prices.batch_ms(len(t), w) + overhead_ms * len(t) + check_ms * (reads + checks)
+            w = round_width([k for k, _, _ in proposals.values()], rate, prices, packed)
+            if packed:
+                shared = prices.packed_ms(len(t), sum(1 + min(k, w - 1) for k, _, _ in proposals.values()))
+            else:
+                shared = prices.batch_ms(len(t), w)
+            spec += shared + overhead_ms * len(t) + check_ms * (reads + checks)
             for layers in steps.values():  # each early-exit draft step: a partial pass of the rows drafting
                 spec += prices.batch_ms(len(layers), 1) * max(layers) / num_layers
             passes += 1

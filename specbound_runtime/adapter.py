@@ -196,14 +196,31 @@ class HFCausalLM:
             position_embeddings=(cos[:, start:end], sin[:, start:end]),
         )
 
-    def batch_pass(self, hidden: torch.Tensor, starts: list[int], cache) -> torch.Tensor:
+    @property
+    def packs_batches(self) -> bool:
+        """Whether batch_pass runs a batch's projections over its real positions only (every
+        layer on the compact fast forward); else over every padded slot."""
+        return self.kernels is not None and all(self.kernels.layer(i) is not None for i in range(self.num_layers))
+
+    def batch_pass(self, hidden: torch.Tensor, starts: list[int], cache, lengths: list[int] | None = None) -> torch.Tensor:
         """Every layer over a batch's pending blocks in one pass (batch.py): hidden [B, W, H], row
         b's positions starts[b]..starts[b]+W-1, its keys written at those slots of `cache` (a
         batch.BatchKVCache). Positions past a row's real block are padding: they see only their own
-        row's earlier keys, and no real position sees them. Returns the final states [B, W, H]."""
+        row's earlier keys, and no real position sees them. Returns the final states [B, W, H].
+
+        lengths: each row's real block (the rest of its W slots is padding). Where the layers run
+        on the fast forward (`packs_batches`), the norms, projections and MLP then run over the
+        real positions only, packed: a row with 5 drafts does not make the other rows' pass 6
+        positions wide. Padding slots of the result are zeros there."""
         rows, width = hidden.shape[:2]
         if len(starts) != rows:
             raise ValueError(f"{len(starts)} starts for {rows} rows")
+        packed = None
+        if lengths is not None and sum(lengths) < rows * width and self.packs_batches:
+            if len(lengths) != rows or not all(1 <= n <= width for n in lengths):
+                raise ValueError(f"each of {rows} rows needs a real block of 1..{width} positions, got {list(lengths)}")
+            packed = to_device([b * width + i for b, n in enumerate(lengths) for i in range(n)], self.device)
+            hidden = hidden.reshape(rows * width, -1).index_select(0, packed)[None]
         positions = to_device(list(starts), self.device)[:, None] + torch.arange(width, device=self.device)[None]
         end = max(starts) + width
         cache.begin(starts, width)
@@ -217,7 +234,7 @@ class HFCausalLM:
                 masks[window] = self._batch_mask(positions, end, window)
             fast = None if self.kernels is None else self.kernels.layer(layer)
             if fast is not None:
-                hidden = fast(hidden, masks[window], tables[layer_type], cache)
+                hidden = fast(hidden, masks[window], tables[layer_type], cache, packed)
             else:
                 hidden = self._layers[layer](
                     hidden,
@@ -227,6 +244,8 @@ class HFCausalLM:
                     use_cache=True,
                     position_embeddings=tables[layer_type],
                 )
+        if packed is not None:
+            return hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy_(0, packed, hidden[0]).view(rows, width, -1)
         return hidden
 
     def _batch_mask(self, positions: torch.Tensor, end: int, window: int | None) -> torch.Tensor:

@@ -4,19 +4,21 @@ share one verification pass.
 Each row keeps its own committed tokens, drafts and KV length (`BatchKVCache` holds every row's
 keys at the row's own positions, so rows of different prompt lengths need no left padding inside
 the cache). A round: every active row drafts from the sources that cost no layers (prompt lookup,
-the fitted next-token head), up to the round's width bound; the rows' pending blocks (the
-committed token not yet cached, then the drafts) are padded to the longest and run through every
-layer in one pass (`HFCausalLM.batch_pass`); each row then accepts its longest agreeing prefix
-(greedy) or runs speculative sampling, exactly as the one-sequence engine does, and moves its own
-length. A finished row (end-of-sequence, a stop criterion, its token limit) leaves the batch: its
-keys are dropped and it costs no more work.
+the fitted next-token head: one product for all rows, `HeadDrafts`), up to its draft bound; the
+round keeps as many drafts a row as pay for their positions (`batch_policy.round_width`); the
+rows' pending blocks (the committed token not yet cached, then the drafts) run through every
+layer in one pass (`HFCausalLM.batch_pass`): on the fast kernels the projections run over the
+real positions only (packed), elsewhere padded to the longest block. Each row then accepts its
+longest agreeing prefix (greedy) or runs speculative sampling, exactly as the one-sequence engine
+does, and moves its own length. A finished row (end-of-sequence, a stop criterion, its token
+limit) leaves the batch: its keys are dropped and it costs no more work.
 
-Early exit is not a batch source: a row drafting at a shallow layer would need the other rows'
-pending positions run to other depths, one partial pass per depth, and on the models measured
-the batch pass is where the time goes (docs/results.md). Every row is answered as if it were
-decoded alone: greedy rows are token-identical to `generate()` on that prompt alone up to the
-rounding of a batched pass (measured as an identity rate), sampled rows are distributed exactly
-as `generate(do_sample=True)` on it alone.
+Early exit is not a batch source: a row drafting at a shallow layer would need partial passes
+of its own before the shared one, which would run its drafts' shallow layers again; calibration
+prices that (calibrate.batches, `early_exit` in the artifact's batch policy) to say whether it
+would pay. Every row is answered as if it were decoded alone: greedy rows are token-identical to
+`generate()` on that prompt alone up to the rounding of a batched pass (measured as an identity
+rate), sampled rows are distributed exactly as `generate(do_sample=True)` on it alone.
 """
 
 from __future__ import annotations
@@ -310,6 +312,7 @@ def generate_batch(
         active = list(range(len(rows)))
         first = True
         clock = RoundClock()
+        packs = bool(getattr(lm, "packs_batches", False))  # a pass costs by its real positions
         while active:
             round_started = time.perf_counter()
             drafting = False
@@ -326,7 +329,7 @@ def generate_batch(
                 drafting = any(lengths)
                 if drafting:
                     rate = (sum(r.accepted for r in rows) + 1) / (sum(r.drafted for r in rows) + 2)
-                    keep = round_width(lengths, rate, prices) - 1
+                    keep = round_width(lengths, rate, prices, packs) - 1
                     for i, n in zip(active, lengths):
                         if n > keep:
                             rows[i].keep_drafts(keep)
@@ -336,7 +339,7 @@ def generate_batch(
             width = max(len(b) for b in blocks)
             ids = to_device([b + [b[-1]] * (width - len(b)) for b in blocks], lm.device)
             pass_started = time.perf_counter()
-            final = lm.batch_pass(lm.embed_rows(ids), [rows[i].cached for i in active], cache)
+            final = lm.batch_pass(lm.embed_rows(ids), [rows[i].cached for i in active], cache, [len(b) for b in blocks])
             # the head only over the positions verification reads: each row's last k + 1
             spans = [(n, len(rows[i].drafts) + 1, len(b)) for n, (i, b) in enumerate(zip(active, blocks))]
             picked = torch.cat([final[n, size - k : size] for n, k, size in spans])

@@ -91,6 +91,19 @@ class PassPrices:
         f = (rows - lo) / (hi - lo)
         return (1 - f) * self._measured(above - 1, width) + f * self._measured(above, width)
 
+    def packed_ms(self, rows: int, positions: int) -> float:
+        """A shared pass over `rows` rows of `positions` real positions in all, packed (no padding:
+        adapter.batch_pass with its rows' lengths): priced as a padded pass of positions / rows
+        positions a row, linear between the whole widths around it (the projections' work
+        follows the positions; attention, by rows, changes little with the width)."""
+        if positions < rows:
+            raise ValueError(f"a pass over {rows} rows has at least {rows} positions, got {positions}")
+        lo, hi = positions // rows, -(-positions // rows)
+        if lo == hi:
+            return self.batch_ms(rows, lo)
+        f = positions / rows - lo
+        return (1 - f) * self.batch_ms(rows, lo) + f * self.batch_ms(rows, hi)
+
     def _measured(self, i: int, width: int) -> float:
         p = self.batch_passes[i]
         if width <= len(p):
@@ -121,20 +134,23 @@ def batch_draft_width(w_max: int, prices: PassPrices | None, rows: int) -> int:
     return width
 
 
-def round_width(draft_lengths: Sequence[int], acceptance: float, prices: PassPrices | None) -> int:
-    """How many positions a batch round's shared pass runs per row (1 + drafts kept): the width
-    W that maximises the expected tokens per millisecond, sum over rows of 1 + p + ... + p^d
-    (d = min(the row's drafts, W - 1), p the run's acceptance rate so far) over the pass's price
-    for rows x W positions. Rows with fewer drafts are padded to W, so a lone long draft does not
-    widen everyone's pass unless it pays. Without prices, every draft is kept."""
+def round_width(draft_lengths: Sequence[int], acceptance: float, prices: PassPrices | None, packed: bool = False) -> int:
+    """How many positions a batch round's shared pass runs per row at most (1 + drafts kept):
+    the width W that maximises the expected tokens per millisecond, sum over rows of
+    1 + p + ... + p^d (d = min(the row's drafts, W - 1), p the run's acceptance rate so far) over
+    the pass's price. Padded (packed=False): every row runs W positions, so a lone long draft
+    does not widen everyone's pass unless it pays. Packed (adapter.batch_pass with lengths): the
+    pass costs by the positions the rows really run, 1 + d each. Without prices, every draft is
+    kept."""
     longest = max(draft_lengths, default=0)
     if prices is None or longest == 0:
         return 1 + longest
     rows = len(draft_lengths)
     best, best_rate = 1, rows / prices.batch_ms(rows, 1)
     for width in range(2, longest + 2):
-        tokens = sum(sum(acceptance**i for i in range(min(d, width - 1) + 1)) for d in draft_lengths)
-        rate = tokens / prices.batch_ms(rows, width)
+        kept = [min(d, width - 1) for d in draft_lengths]
+        tokens = sum(sum(acceptance**i for i in range(d + 1)) for d in kept)
+        rate = tokens / (prices.packed_ms(rows, rows + sum(kept)) if packed else prices.batch_ms(rows, width))
         if rate > best_rate:
             best, best_rate = width, rate
     return best

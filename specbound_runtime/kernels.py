@@ -190,12 +190,21 @@ class FastDecoderLayer:
     def parts(self) -> tuple[PackedLinear, ...]:
         return (self.qkv, self.o, self.gate_up, self.down)
 
-    def __call__(self, hidden, attention_mask, position_embeddings, cache) -> torch.Tensor:
+    def __call__(self, hidden, attention_mask, position_embeddings, cache, packed: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, W, H] -> [B, W, H]. packed: a batch pass without padding (adapter.batch_pass):
+        hidden is then [1, T, H], the T real positions of a pass laid out as [B, W] slots, and
+        `packed` [T] holds each one's flat slot index. The norms, projections and MLP run over
+        the T positions; RoPE, the cache and attention over the slots (padding slots hold zeros:
+        later positions than any real one of their row, so causality hides them)."""
         layer, attn = self.layer, self.attn
-        shape = (*hidden.shape[:-1], -1, self.head_dim)
         residual = hidden
         x = layer.input_layernorm(hidden)
-        q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
+        qkv = self.qkv(x)
+        if packed is not None:
+            rows, width = position_embeddings[0].shape[:2]
+            qkv = qkv.new_zeros(rows * width, qkv.shape[-1]).index_copy_(0, packed, qkv[0]).view(rows, width, -1)
+        shape = (*qkv.shape[:-1], -1, self.head_dim)
+        q, k, v = qkv.split(self.qkv.splits, dim=-1)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -214,8 +223,10 @@ class FastDecoderLayer:
             out, _ = self.attention(
                 attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.attention_kwargs
             )
-        out = out.reshape(*hidden.shape[:-1], -1).contiguous()
-        hidden = residual + self.o(out)
+        out = out.reshape(*qkv.shape[:-1], -1)
+        if packed is not None:
+            out = out.reshape(-1, out.shape[-1]).index_select(0, packed)[None]
+        hidden = residual + self.o(out.contiguous())
         residual = hidden
         x = layer.post_attention_layernorm(hidden)
         gate, up = self.gate_up(x).split(self.gate_up.splits, dim=-1)

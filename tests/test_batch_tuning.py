@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from specbound.calibrate import costs as costs_module
@@ -138,3 +139,71 @@ def test_early_exit_as_a_batch_source_is_priced_and_judged(right):
     # where a partial pass costs what a full one does, early exit's drafts cost more than they save
     dear = tune_batches(records, policy, COST.with_batch_passes((1, 4, 16), DEAR), exits=exits)["early_exit"]
     assert 4 not in dear["pays_at"] and 16 not in dear["pays_at"]
+
+
+@pytest.mark.parametrize("kernels", ["eager", "onednn"])
+def test_the_simulator_prices_padded_and_packed_passes_as_the_engine_runs_them(kernels):
+    """Rows that draft 0, 1, 2 or 3 tokens a round (always right) under prices where each
+    position a row costs: on the fast kernels the engine packs a pass (a row's drafts do not
+    widen the others) and keeps drafts that padding would trim; the simulator, told which, makes
+    the same rounds."""
+    from specbound_runtime.kernels import Kernels
+
+    model = tiny_model("llama")
+    lm = HFCausalLM(model, kernels=Kernels(model, kernels))
+    assert lm.packs_batches == (kernels == "onednn")
+    prompts, new = _prompts(7, 5), 24
+    continuations = [list(r.token_ids) for r in generate_batch(lm, prompts, new, NoDrafter, ()).rows]
+    widths = [0, 3, 1, 2, 3]
+    prices = PassPrices(1, (10.0,), (0.0,), (10.0, 0.0), (0.0, 0.0), (1, 5), ((10.0,) * 6, (20.0, 25.0, 30.0, 35.0, 40.0, 45.0)))
+    made = iter(range(len(prompts)))
+    ran = generate_batch(
+        lm, prompts, new, lambda: ScriptedRows(continuations, 1.0, widths[next(made)], 0), (), prices=prices, adaptive=False
+    )
+    assert [list(r.token_ids) for r in ran.rows] == continuations
+    positions = 100 * len(prompts)
+    proposed = np.repeat(np.asarray(widths), 100)
+    drafts = Replay("lookup", proposed, proposed)
+    bounds = [(i * 100, i * 100 + new) for i in range(len(prompts))]
+    sims = {p: simulate_batch([drafts], bounds, prices, len(prompts), 3, packed=p) for p in (False, True)}
+    assert sims[True].cost_ms < sims[False].cost_ms and sims[True].drafted > 0  # packed: the positions the rows run
+    sim = sims[lm.packs_batches]
+    assert (sim.passes, sim.drafted, sim.accepted) == (ran.verify_passes, ran.drafted, ran.accepted)
+    assert positions == len(proposed)
+
+
+def test_a_packed_batch_pass_gives_the_padded_passes_states_on_every_real_position():
+    from specbound_runtime.batch import BatchKVCache
+    from specbound_runtime.kernels import Kernels
+
+    model = tiny_model("llama")
+    lm = HFCausalLM(model, kernels=Kernels(model, "onednn"))
+    prompts = _prompts(8, 4)
+    lengths = [1, 3, 2, 4]
+    ids = torch.randint(4, 100, (4, 4))
+    out = {}
+    with torch.inference_mode():
+        for packed in (False, True):
+            cache = BatchKVCache(lm.num_layers, 4, 32)
+            width = max(len(p) for p in prompts)
+            first = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts])
+            lm.batch_pass(lm.embed_rows(first), [0] * 4, cache)
+            out[packed] = lm.batch_pass(lm.embed_rows(ids), [width] * 4, cache, lengths if packed else None)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[True][b, :n], out[False][b, :n], rtol=1e-5, atol=1e-5)
+        assert (out[True][b, n:] == 0).all()
+
+
+def test_a_packed_round_keeps_a_lone_rows_drafts_that_a_padded_round_trims():
+    prices = PassPrices(1, (10.0,), (0.0,), (10.0, 0.0), (0.0, 0.0), (1, 4), ((10.0,) * 4, (12.0, 16.0, 20.0, 24.0)))
+    assert round_width([3, 0, 0, 0], 0.9, prices) == 1  # padded: 4 x 4 positions for 2.4 more tokens
+    assert round_width([3, 0, 0, 0], 0.9, prices, packed=True) == 4  # packed: 7 positions
+    assert prices.packed_ms(4, 7) == pytest.approx(15.0) and prices.packed_ms(4, 8) == 16.0
+
+
+def test_one_noisy_timing_is_averaged_with_its_neighbours_not_carried_to_every_wider_width():
+    from specbound.calibrate.costs import _monotone
+
+    assert _monotone([10.0, 20.0, 12.0, 13.0]) == pytest.approx([10.0, 15.0, 15.0, 15.0])  # a spike at W=2 is pooled
+    assert _monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert _monotone([3.0, 1.0]) == [2.0, 2.0]

@@ -158,7 +158,7 @@ def test_unsteady_cost_rounds_are_measured_again(monkeypatch):
     attempts = iter([[steady, busy, steady, busy, steady], [steady] * 5])
     monkeypatch.setattr(costs_module, "_measure_round", _rounds_from(attempts))
     warnings = []
-    cost = costs_module.measure_costs(_FakeLM(), 16, warn=warnings.append, far=None)
+    cost = costs_module.measure_costs(_FakeLM(), 16, warn=warnings.append, far=None, batch_rows=())
     assert cost.spread == 0.0 and len(cost.samples) == 5 and warnings == []
 
 
@@ -167,7 +167,7 @@ def test_a_machine_that_stays_busy_is_reported(monkeypatch):
     busy = {**steady, "layer_base": 3.0}
     monkeypatch.setattr(costs_module, "_measure_round", _rounds_from(iter([[steady, busy] * 3] * 3)))
     warnings = []
-    cost = costs_module.measure_costs(_FakeLM(), 16, rounds=5, warn=warnings.append, far=None)
+    cost = costs_module.measure_costs(_FakeLM(), 16, rounds=5, warn=warnings.append, far=None, batch_rows=())
     assert len(warnings) == 1 and "unsteady" in warnings[0] and "specbound costs" in warnings[0]
     assert cost.spread > costs_module.STABLE_SPREAD
     assert cost.layer_base == 1.0  # the median of three steady rounds and two busy ones
