@@ -22,9 +22,11 @@ from .simulate import BatchSimResult, CostModel, Exits, simulate_batch
 SIZES = (1, 4, 16)
 CHECKS = (2, 8)
 # a bound must be predicted this much faster than plain batched decoding: the batch replay
-# over-predicted the bench by 12-15% at 4 and 16 rows (docs/results.md, seventh session; it
-# leaves out the prefill both methods pay, per-row drafting work and the run-time clock)
-MARGIN = 0.10
+# over-predicted the bench by 12-15% at 4 and 16 rows in the seventh session, and by 12% (16 rows)
+# to 26% (4 rows) in the eighth (docs/results.md: the calibration corpus's held-out answers copy
+# more from their prompts than the bench's tasks do, the replay leaves out the prefill both
+# methods pay, and passes wider than one position a row cost 5-10% more than priced)
+MARGIN = 0.15
 
 
 def _replayer(records: Records, policy: ExitPolicy, cost: CostModel, exits: Exits | None = None):
