@@ -9,8 +9,10 @@ agreement with `generate()` like any method's. The export is made once per check
 (`~/.cache/specbound/peers/`); its time and the load are reported apart from every timed answer.
 
 They need the optional wheels (`pip install 'specbound[peers]'`); without them they are skipped
-with one line that says so. OpenVINO GenAI is not wired in: its fp32 export needs optimum-intel's
-exporter, which this bench does not install.
+with one line that says so. OpenVINO GenAI is not a bench method yet: its fp32 export needs
+optimum-intel's exporter, which pins transformers < 5.6, so it runs in an environment of its own
+(scripts/openvino_export.sh), and experiments/openvino_peer.py compares it on a batch bench's
+prompts.
 """
 
 from __future__ import annotations
