@@ -11,8 +11,8 @@ agreement with `generate()` like any method's. The export is made once per check
 They need the optional wheels (`pip install 'specbound[peers]'`); without them they are skipped
 with one line that says so. OpenVINO GenAI is not a bench method yet: its fp32 export needs
 optimum-intel's exporter, which pins transformers < 5.6, so it runs in an environment of its own
-(scripts/openvino_export.sh), and experiments/openvino_peer.py compares it on a batch bench's
-prompts.
+(scripts/openvino_export.sh, which OpenVINO GenAI runs in too), and experiments/openvino_peer.py
+compares it on a batch bench's prompts.
 """
 
 from __future__ import annotations

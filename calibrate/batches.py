@@ -34,7 +34,8 @@ def _replayer(records: Records, policy: ExitPolicy, cost: CostModel, exits: Exit
 
     def run(rows: int, width: int) -> BatchSimResult:
         return simulate_batch(
-            free, bounds, prices, rows, width, policy.guard_costs, cost.check, cost.round_overhead, exits, cost.num_layers
+            free, bounds, prices, rows, width, policy.guard_costs, cost.check, cost.round_overhead, exits, cost.num_layers,
+            packed=cost.batch_packed,
         )
 
     return run

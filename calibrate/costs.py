@@ -87,8 +87,9 @@ def measure_costs(
 def with_batch_passes(
     lm: HFCausalLM, cost: CostModel, context: int = 256, repeats: int = 7, rows: tuple[int, ...] = BATCH_ROWS
 ) -> CostModel:
-    """`cost` with the batch engine's shared passes measured (`batch_passes`)."""
-    return cost.with_batch_passes(*batch_passes(lm, context, repeats, rows))
+    """`cost` with the batch engine's shared passes measured (`batch_passes`), packed where this
+    engine packs them (HFCausalLM.packs_batches)."""
+    return cost.with_batch_passes(*batch_passes(lm, context, repeats, rows), packed=bool(getattr(lm, "packs_batches", False)))
 
 
 def batch_passes(
@@ -320,7 +321,7 @@ def cached_costs(
     lm: HFCausalLM, fingerprint, shortlist_size: int, cache_root: Path, remeasure: bool = False, warpers=None, warn=None
 ) -> CostModel:
     parts = [
-        "r5",  # measured in rounds, with samples, per-width costs of engine passes and per-context slopes (older entries lack them)
+        "r6",  # measured in rounds, with samples, per-width costs of engine passes, per-context slopes and batch passes, packed or not (older entries lack them)
         f"k{kernel_path(lm)}",  # the prepacked path prices wide passes quite differently
         fingerprint.weights_sha256[:16],
         f"s{shortlist_size}",

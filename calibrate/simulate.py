@@ -70,6 +70,10 @@ class CostModel:
     # sequence's pass, as cost models written before batches were.
     batch_rows: tuple[int, ...] = ()
     batch_passes: tuple[tuple[float, ...], ...] = ()
+    # whether the measuring engine packs a shared pass (runs each row's real positions only:
+    # HFCausalLM.packs_batches, the fast CPU kernels) or pads every row to the round's width; the
+    # batch replay runs the passes the same way
+    batch_packed: bool = False
 
     def __post_init__(self) -> None:
         for k in COST_FIELDS:
@@ -93,6 +97,7 @@ class CostModel:
         object.__setattr__(self, "context_slopes", slopes)
         object.__setattr__(self, "batch_rows", tuple(int(r) for r in self.batch_rows))
         object.__setattr__(self, "batch_passes", tuple(tuple(float(x) for x in p) for p in self.batch_passes))
+        object.__setattr__(self, "batch_packed", bool(self.batch_packed))
         self.pass_prices()  # validates the batch prices
 
     @classmethod
@@ -122,9 +127,9 @@ class CostModel:
             for row in self.samples
         ]
 
-    def with_batch_passes(self, rows: tuple[int, ...], passes: tuple[tuple[float, ...], ...]) -> "CostModel":
-        """This cost model with measured batch passes (see batch_rows)."""
-        return replace(self, batch_rows=tuple(rows), batch_passes=tuple(tuple(p) for p in passes))
+    def with_batch_passes(self, rows: tuple[int, ...], passes: tuple[tuple[float, ...], ...], packed: bool = False) -> "CostModel":
+        """This cost model with measured batch passes (see batch_rows), packed or padded."""
+        return replace(self, batch_rows=tuple(rows), batch_passes=tuple(tuple(p) for p in passes), batch_packed=packed)
 
     def pass_prices(self):
         """The runtime's prices of one sequence's and of a batch's passes, from this cost model
@@ -203,6 +208,8 @@ class CostModel:
         if self.batch_rows:  # written only where batches were measured: older cost files are unchanged
             out["batch_rows"] = list(self.batch_rows)
             out["batch_passes"] = [[round(x, 6) for x in p] for p in self.batch_passes]
+            if self.batch_packed:
+                out["batch_packed"] = True
         return out
 
 

@@ -207,3 +207,33 @@ def test_one_noisy_timing_is_averaged_with_its_neighbours_not_carried_to_every_w
     assert _monotone([10.0, 20.0, 12.0, 13.0]) == pytest.approx([10.0, 15.0, 15.0, 15.0])  # a spike at W=2 is pooled
     assert _monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert _monotone([3.0, 1.0]) == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("kernels", ["eager", "onednn"])
+def test_the_tuner_replays_batch_passes_packed_only_where_the_measuring_engine_packs_them(kernels):
+    """The cost model records whether the engine that measured the batch passes packs them (the
+    fast kernels) or pads every row to the round's width, and the batch tuner replays the passes
+    that way: rows whose drafts differ in length cost less packed, so the two predictions differ,
+    and the tuner's is the one of the engine that will run the artifact."""
+    from specbound.calibrate.replay import replays
+    from specbound.calibrate.simulate import CostModel
+    from specbound_runtime.kernels import Kernels
+
+    model = tiny_model("llama")
+    lm = HFCausalLM(model, kernels=Kernels(model, kernels))
+    measured = costs_module.with_batch_passes(lm, COST, context=16, repeats=1, rows=(1, 4))
+    assert measured.batch_packed == lm.packs_batches == (kernels == "onednn")
+    assert CostModel(**json.loads(json.dumps(measured.to_dict()))).batch_packed == measured.batch_packed  # kept in the cache file
+    records = _records(lookup_right=3)
+    records.lookup_proposed[records.seq == 3] = 1  # one row of four drafts 1 token a round, the others 3
+    records.lookup_right[records.seq == 3] = 1
+    policy = _lookup_policy()
+    cost = COST.with_batch_passes((1, 4, 16), ((10.0,) * 4, (12.0, 16.0, 20.0, 24.0), (20.0, 40.0, 60.0, 80.0)), packed=measured.batch_packed)
+    tuned = {t["rows"]: t["by_width"] for t in tune_batches(records, policy, cost)["tuned"]}
+    free, bounds, prices = replays(records, policy), records.bounds(), cost.pass_prices()
+    by_mode = {
+        p: round(simulate_batch(free, bounds, prices, 4, 3, policy.guard_costs, cost.check, cost.round_overhead, packed=p).speedup, 4)
+        for p in (False, True)
+    }
+    assert by_mode[True] > by_mode[False]
+    assert tuned[4]["3"] == by_mode[lm.packs_batches]
