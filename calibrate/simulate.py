@@ -526,7 +526,7 @@ def simulate_batch(
     overhead_ms: float = 0.0,
     exits: Exits | None = None,
     num_layers: int = 0,
-    packed: bool = True,
+    packed: bool = False,
 ) -> BatchSimResult:
     """Replay the batch engine (specbound_runtime.batch.generate_batch) over the recorded
     sequences, taken `rows` at a time in order: every round, each active row drafts from the
@@ -549,8 +549,9 @@ def simulate_batch(
     the tuner uses it to judge whether it would pay.
 
     packed: the shared pass runs each row's real positions only (the engine on the fast
-    kernels: adapter.batch_pass with lengths), priced by prices.packed_ms; False: every row is
-    padded to the round's width."""
+    kernels: adapter.batch_pass with lengths), priced by prices.packed_ms; False (the default, as
+    for a cost model that does not say, CostModel.batch_packed): every row is padded to the
+    round's width."""
     from specbound_runtime.batch_policy import round_width
 
     if rows < 1 or width < 0:
